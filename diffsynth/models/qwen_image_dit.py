@@ -1,0 +1,318 @@
+"""Qwen-Image DiT (MMDiT: an image stream and a text stream meeting in joint attention).
+
+Module names are the official state-dict keys (diffusers' `QwenImageTransformer2DModel` layout), so the released
+`transformer/diffusion_pytorch_model*.safetensors` load with strict key checking. The merged-QKV variant in
+`qwen_image_dit_merged_qkv.py` subclasses the attention and the model; everything else lives here, once.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    # Statistics in fp32; result cast to the weight's dtype when that is half precision (as diffusers does).
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t, dtype):
+        # Sinusoidal features of t * 1000 (t in [0, 1]), cos first (flip_sin_to_cos), computed in fp32.
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None] * 1000  # this order of rounding is diffusers'
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class TimeTextEmbed(nn.Module):
+    # Only a container, so that the keys read `time_text_embed.timestep_embedder.*`.
+    def __init__(self, dim):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+
+    def forward(self, t, dtype):
+        return self.timestep_embedder(t, dtype)
+
+
+class QwenImageRoPE(nn.Module):
+    """3-axis rotary embedding: (frame, height, width) for image tokens, one shared index for text tokens.
+
+    Height and width indices are centred on 0; the frame index of an image is its position in `img_shapes`
+    (target 0, edit images 1, 2, ...). Text positions start after the largest centred image index.
+    """
+
+    def __init__(self, axes_dims=(16, 56, 56), theta=10000):
+        super().__init__()
+        self.axes_dims = tuple(axes_dims)
+        self.theta = theta
+        self._cache = {}
+
+    def _axis(self, positions, dim):
+        inv = 1.0 / torch.pow(self.theta, torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles = torch.outer(positions.float(), inv)
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def _image(self, index, frames, h, w):
+        af, ah, aw = self.axes_dims
+        f = self._axis(torch.arange(index, index + frames), af)
+        y = self._axis(torch.arange(-(h - h // 2), h // 2), ah)
+        x = self._axis(torch.arange(-(w - w // 2), w // 2), aw)
+        return torch.cat([
+            f[:, None, None].expand(frames, h, w, -1),
+            y[None, :, None].expand(frames, h, w, -1),
+            x[None, None, :].expand(frames, h, w, -1),
+        ], dim=-1).reshape(frames * h * w, -1)
+
+    def forward(self, shapes, text_len, device):
+        """shapes: list of (frames, h, w) of one sample -> (image freqs (L, D/2), text freqs (T, D/2)), complex."""
+        key = (tuple(map(tuple, shapes)), int(text_len), str(device))
+        if key not in self._cache:
+            image = torch.cat([self._image(i, *shape) for i, shape in enumerate(shapes)])
+            start = max(max(h // 2, w // 2) for _, h, w in shapes)
+            positions = torch.arange(start, start + text_len)
+            text = torch.cat([self._axis(positions, d) for d in self.axes_dims], dim=-1)
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = (image.to(device), text.to(device))
+        return self._cache[key]
+
+
+def apply_rope(x, freqs):
+    # x: (B, S, H, D); rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers, in fp32.
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
+
+
+class QwenImageAttention(nn.Module):
+    """Joint attention. Subclasses change only how q, k, v are projected (`_make_qkv`, `qkv`)."""
+
+    def __init__(self, dim, num_heads, head_dim, eps=1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self._make_qkv(dim)
+        self.norm_q = RMSNorm(head_dim, eps)
+        self.norm_k = RMSNorm(head_dim, eps)
+        self.norm_added_q = RMSNorm(head_dim, eps)
+        self.norm_added_k = RMSNorm(head_dim, eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def _make_qkv(self, dim):
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def qkv(self, image, text):
+        """-> (image q, k, v), (text q, k, v), each (B, S, dim)."""
+        return (
+            (self.to_q(image), self.to_k(image), self.to_v(image)),
+            (self.add_q_proj(text), self.add_k_proj(text), self.add_v_proj(text)),
+        )
+
+    def forward(self, image, text, rope, attn_mask=None):
+        (iq, ik, iv), (tq, tk, tv) = self.qkv(image, text)
+        heads = lambda x: x.unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731
+        iq, ik, iv, tq, tk, tv = map(heads, (iq, ik, iv, tq, tk, tv))
+        iq, ik = self.norm_q(iq), self.norm_k(ik)
+        tq, tk = self.norm_added_q(tq), self.norm_added_k(tk)
+        image_freqs, text_freqs = rope
+        iq, ik = apply_rope(iq, image_freqs), apply_rope(ik, image_freqs)
+        tq, tk = apply_rope(tq, text_freqs), apply_rope(tk, text_freqs)
+        # Text first, then image; SDPA wants (B, H, S, D).
+        q, k, v = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        text_len = text.shape[1]
+        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        # `net.0.proj`, `net.2`: the official key names (net.1 is a dropout with no weights).
+        self.net = nn.Sequential(GELUProj(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def modulate(x, params, index=None):
+    """x: (B, S, d); params: (B, 3d) as shift, scale, gate -> (modulated x, gate (B|1, S|1, d)).
+
+    With `index` (zero_cond_t), params is (2B, 3d): rows [:B] for tokens whose index is 0 (the noisy target,
+    modulated with t) and rows [B:] for the others (edit images, modulated with t = 0).
+    """
+    if index is None:
+        params = params[:, None]
+    else:
+        first, second = params.chunk(2, dim=0)
+        params = torch.where(index[..., None] == 0, first[:, None], second[:, None])
+    shift, scale, gate = params.chunk(3, dim=-1)
+    return x * (1 + scale) + shift, gate
+
+
+class QwenImageTransformerBlock(nn.Module):
+    def __init__(self, dim, num_heads, head_dim, attention_cls=QwenImageAttention, eps=1e-6):
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.attn = attention_cls(dim, num_heads, head_dim, eps)
+        self.img_mlp = FeedForward(dim)
+        self.txt_mlp = FeedForward(dim)
+
+    def forward(self, image, text, temb, rope, attn_mask=None, modulate_index=None):
+        # With zero_cond_t, temb is (2B, d): the image stream picks per token, the text stream uses t.
+        img_attn_mod, img_mlp_mod = self.img_mod(temb).chunk(2, dim=-1)
+        text_temb = temb if modulate_index is None else temb.chunk(2, dim=0)[0]
+        txt_attn_mod, txt_mlp_mod = self.txt_mod(text_temb).chunk(2, dim=-1)
+
+        img_in, img_gate = modulate(self.img_norm1(image), img_attn_mod, modulate_index)
+        txt_in, txt_gate = modulate(self.txt_norm1(text), txt_attn_mod)
+        img_out, txt_out = self.attn(img_in, txt_in, rope, attn_mask)
+        image = image + img_gate * img_out
+        text = text + txt_gate * txt_out
+
+        img_in, img_gate = modulate(self.img_norm2(image), img_mlp_mod, modulate_index)
+        image = image + img_gate * self.img_mlp(img_in)
+        txt_in, txt_gate = modulate(self.txt_norm2(text), txt_mlp_mod)
+        text = text + txt_gate * self.txt_mlp(txt_in)
+
+        if image.dtype == torch.float16:  # fp16 overflows in the residual stream of the 20B model
+            image, text = image.clip(-65504, 65504), text.clip(-65504, 65504)
+        return image, text
+
+
+class AdaLayerNormOut(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, temb):
+        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=-1)  # scale first, then shift
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class QwenImageDiT(nn.Module):
+    attention_cls = QwenImageAttention
+
+    def __init__(
+        self,
+        num_layers=60,
+        num_attention_heads=24,
+        attention_head_dim=128,
+        in_channels=64,
+        out_channels=16,
+        joint_attention_dim=3584,
+        axes_dims_rope=(16, 56, 56),
+        patch_size=2,
+        zero_cond_t=False,
+    ):
+        super().__init__()
+        if sum(axes_dims_rope) != attention_head_dim:
+            raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must sum to attention_head_dim {attention_head_dim}")
+        self.config = dict(
+            num_layers=num_layers, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=in_channels, out_channels=out_channels, joint_attention_dim=joint_attention_dim,
+            axes_dims_rope=tuple(axes_dims_rope), patch_size=patch_size, zero_cond_t=zero_cond_t,
+        )
+        dim = num_attention_heads * attention_head_dim
+        self.zero_cond_t = zero_cond_t
+        self.pos_embed = QwenImageRoPE(axes_dims_rope)
+        self.time_text_embed = TimeTextEmbed(dim)
+        self.txt_norm = RMSNorm(joint_attention_dim)
+        self.img_in = nn.Linear(in_channels, dim)
+        self.txt_in = nn.Linear(joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList([
+            QwenImageTransformerBlock(dim, num_attention_heads, attention_head_dim, self.attention_cls)
+            for _ in range(num_layers)
+        ])
+        self.norm_out = AdaLayerNormOut(dim)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.gradient_checkpointing = False
+        self.gradient_checkpointing_offload = False
+
+    def enable_gradient_checkpointing(self, offload=False):
+        """Recompute each block in backward; with offload, the saved block inputs wait on the CPU."""
+        self.gradient_checkpointing, self.gradient_checkpointing_offload = True, offload
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+        batch, seq_len = hidden_states.shape[:2]
+        if len(img_shapes) not in (1, batch):
+            raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {batch}")
+        shapes = [list(map(tuple, s)) for s in img_shapes]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(
+                f"All samples of a batch must have the same img_shapes (got {shapes}); batch samples of one size "
+                "together (aspect-ratio buckets) or run them one by one."
+            )
+        shapes = shapes[0]
+        if sum(f * h * w for f, h, w in shapes) != seq_len:
+            raise ValueError(f"img_shapes {shapes} describe {sum(f * h * w for f, h, w in shapes)} tokens, "
+                             f"hidden_states has {seq_len}")
+
+        image = self.img_in(hidden_states)
+        text = self.txt_in(self.txt_norm(encoder_hidden_states))
+        timestep = timestep.to(image.dtype)
+        modulate_index = None
+        if self.zero_cond_t:
+            # Edit-2511: the target tokens see t, the edit-image tokens see t = 0.
+            timestep = torch.cat([timestep, timestep * 0])
+            target_len = math.prod(shapes[0])
+            modulate_index = torch.ones(batch, seq_len, dtype=torch.int, device=image.device)
+            modulate_index[:, :target_len] = 0
+        temb = self.time_text_embed(timestep, image.dtype)
+
+        # A mask keeps SDPA off its fastest kernels: build one only when some text is padded.
+        attn_mask = None
+        if encoder_hidden_states_mask is not None and not bool(encoder_hidden_states_mask.bool().all()):
+            image_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=image.device)
+            attn_mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
+
+        rope = self.pos_embed(shapes, text.shape[1], image.device)
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                image, text = self._checkpointed(block, image, text, temb, rope, attn_mask, modulate_index)
+            else:
+                image, text = block(image, text, temb, rope, attn_mask, modulate_index)
+
+        if self.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]
+        return self.proj_out(self.norm_out(image, temb))
+
+    def _checkpointed(self, block, *args):
+        run = lambda: torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)  # noqa: E731
+        if self.gradient_checkpointing_offload:
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return run()
+        return run()

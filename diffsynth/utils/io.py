@@ -1,0 +1,120 @@
+"""Weight files: resolving file sets, reading safetensors, writing atomically.
+
+Only safetensors are read here; nothing in the project unpickles weights.
+"""
+import contextlib
+import glob
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+class WeightFileError(ValueError):
+    """A weight file or file set that cannot be used as given."""
+
+
+def resolve_safetensors_files(paths) -> list[str]:
+    """One file, a list, a directory or a sharded index json -> the list of .safetensors files, in order.
+
+    A directory holding an index json (e.g. `transformer/`) yields the shards it names; otherwise all the
+    `.safetensors` files in it, sorted. Every file must exist: a missing shard is an error naming it.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+            if indexes:
+                files += resolve_safetensors_files(indexes)
+                continue
+            found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            if not found:
+                raise WeightFileError(f"{path}: directory holds no .safetensors file and no index json")
+            files += found
+        elif path.endswith(".json"):
+            if not os.path.isfile(path):
+                raise WeightFileError(f"{path}: index file not found")
+            with open(path) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not weight_map:
+                raise WeightFileError(f"{path}: not a safetensors index (no 'weight_map')")
+            base = os.path.dirname(path)
+            shards = list(dict.fromkeys(weight_map.values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(base, s))]
+            if missing:
+                raise WeightFileError(
+                    f"{path}: {len(missing)} of {len(shards)} shards are missing: "
+                    + ", ".join(os.path.join(base, s) for s in missing)
+                    + ". Download the complete file set."
+                )
+            files += [os.path.join(base, s) for s in shards]
+        elif path.endswith(".safetensors"):
+            if not os.path.isfile(path):
+                raise WeightFileError(f"{path}: file not found")
+            files.append(path)
+        else:
+            raise WeightFileError(
+                f"{path}: unsupported weight file; only .safetensors files, directories of them and "
+                "*.safetensors.index.json are loaded (pickled .bin/.pt/.ckpt files are refused for safety)"
+            )
+    return list(dict.fromkeys(files))
+
+
+def read_keys_and_shapes(files) -> dict[str, tuple]:
+    """Tensor names and shapes of a file set, read from the headers only (no tensor is loaded)."""
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def read_metadata(file) -> dict:
+    with safe_open(file, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_safetensors(file, device="cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise WeightFileError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
+
+    A crash or an exception never leaves a partial file at `path`.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(state_dict: dict, path, metadata: dict | None = None):
+    """Write a safetensors file atomically; metadata values are stored as strings."""
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def write_json_atomic(obj, path):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)

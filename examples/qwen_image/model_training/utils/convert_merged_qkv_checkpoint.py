@@ -1,0 +1,45 @@
+"""Convert Qwen-Image DiT checkpoints and LoRAs between the standard and the merged-QKV layouts.
+
+    python examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py \
+        --input standard_checkpoint.safetensors --output merged_checkpoint.safetensors --direction to_merged
+
+--input: a .safetensors file, a directory (e.g. transformer/) or a *.safetensors.index.json. A LoRA is recognised
+by its keys and converted with the LoRA rules (exact; --rank compresses standard -> merged by SVD).
+"""
+import argparse
+import sys
+
+from diffsynth.lora import convert_lora_file, is_lora_file
+from diffsynth.models.dit_loader import convert_dit_checkpoint
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="file, directory or index json")
+    parser.add_argument("--output", required=True,
+                        help="a .safetensors file, or a directory for diffusers-style shards + index json")
+    parser.add_argument("--direction", required=True, choices=["to_merged", "to_standard"])
+    parser.add_argument("--max_shard_size", default=None,
+                        help="write shards of at most this size (e.g. 5GB) with an index json (full checkpoints)")
+    parser.add_argument("--format", default=None, choices=["diffusers", "comfyui", "kohya", "diffsynth", "native"],
+                        help="LoRA output key format (default: diffusers keys, which diffusers and ComfyUI load)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="LoRA standard -> merged only: compress to this rank by SVD (default: exact, 3x rank)")
+    args = parser.parse_args(argv)
+    try:
+        if is_lora_file(args.input):
+            for line in convert_lora_file(args.input, args.output, args.direction, format=args.format, rank=args.rank):
+                print(line)
+            return 0
+        if args.format is not None or args.rank is not None:
+            parser.error("--format and --rank apply to LoRA files only; the input is a full DiT checkpoint")
+        for path in convert_dit_checkpoint(args.input, args.output, args.direction, args.max_shard_size):
+            print(f"wrote {path}")
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
