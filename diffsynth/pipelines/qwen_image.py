@@ -1,0 +1,209 @@
+"""Qwen-Image-Edit pipeline: files -> models -> an edited image. Works with the standard or the merged-QKV DiT."""
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import load_qwen_image_dit
+from ..models.qwen_image_text_encoder import QwenImageTextEncoder
+from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_image_vae, pack_latents, unpack_latents
+from ..schedulers import FlowMatchScheduler
+from ..utils.image import VAE_EDIT_AREA, edit_image_size, pil_to_tensor, resize_edit_image, tensor_to_pil
+from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
+
+DEFAULT_MODELS = (
+    "Qwen/Qwen-Image-Edit:transformer/diffusion_pytorch_model*.safetensors,"
+    "Qwen/Qwen-Image:text_encoder/model*.safetensors,"
+    "Qwen/Qwen-Image:vae/diffusion_pytorch_model.safetensors"
+)
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+SIZE_MULTIPLE = 16  # VAE 8x times the DiT's 2x2 patch
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+def _model_id_of(entries: str, subdir: str):
+    """The model id whose entry points into `subdir` (e.g. the text encoder's repo for its tokenizer)."""
+    for entry in entries.split(","):
+        model_id, _, pattern = entry.strip().partition(":")
+        if pattern.startswith(subdir + "/"):
+            return model_id
+    return None
+
+
+def locate_model_files(model_id_with_origin_paths=None, model_paths=None, models_dir=None, tokenizer_path=None,
+                       processor_path=None, download=True, need=("dit", "text_encoder", "vae")) -> dict:
+    """-> {"dit"|"dit_merged_qkv"|"text_encoder"|"vae": files, "tokenizer": dir, "processor": dir}.
+
+    Each file set is recognised by its keys; the tokenizer and processor default to the `tokenizer/` folder of
+    the text encoder's repo and the `processor/` folder of the DiT's repo.
+    """
+    sets = []
+    if model_paths:
+        sets += [p if isinstance(p, list) else [p] for p in (parse_model_paths(model_paths)
+                                                             if isinstance(model_paths, str) else model_paths)]
+    entries = model_id_with_origin_paths or (None if model_paths else DEFAULT_MODELS)
+    if entries:
+        sets += resolve_model_files(entries, models_dir, download=download)
+    found = {}
+    for files in sets:
+        kind = detect_model_kind(files)
+        if kind in found or (kind.startswith("dit") and any(k.startswith("dit") for k in found)):
+            raise ValueError(f"two {kind} file sets given: {found.get(kind)} and {files}; pass each model once")
+        found[kind] = files
+    dit_kind = next((k for k in found if k.startswith("dit")), None)
+    missing = [n for n in need if (n == "dit" and dit_kind is None) or (n != "dit" and n not in found)]
+    if missing:
+        raise ValueError(f"no {' / '.join(missing)} among the model files given ({[f for s in sets for f in s]}); "
+                         "add them to --model_id_with_origin_paths or --model_paths")
+    if "text_encoder" in need:
+        found["tokenizer"] = tokenizer_path or resolve_model_dir(
+            f"{(entries and _model_id_of(entries, 'text_encoder')) or 'Qwen/Qwen-Image'}:tokenizer/", models_dir, download)
+        found["processor"] = processor_path or resolve_model_dir(
+            f"{(entries and _model_id_of(entries, 'transformer')) or 'Qwen/Qwen-Image-Edit'}:processor/", models_dir, download)
+    return found
+
+
+class QwenImagePipeline:
+    def __init__(self, dit, text_encoder=None, vae=None, scheduler=None, device="cpu", torch_dtype=torch.float32):
+        self.dit, self.text_encoder, self.vae = dit, text_encoder, vae
+        self.scheduler = scheduler or FlowMatchScheduler()
+        self.device, self.torch_dtype = torch.device(device), torch_dtype
+        self.offload = False
+
+    @classmethod
+    def from_pretrained(cls, model_id_with_origin_paths=None, model_paths=None, models_dir=None, tokenizer_path=None,
+                        processor_path=None, merged_qkv=True, device="cpu", torch_dtype=torch.float32, download=True,
+                        need=("dit", "text_encoder", "vae"), offload=False):
+        """Locate (downloading what is missing) and load every component; `offload` keeps idle ones on the CPU."""
+        files = locate_model_files(model_id_with_origin_paths, model_paths, models_dir, tokenizer_path,
+                                   processor_path, download, need)
+        load_device = "cpu" if offload else device
+        dit_files = files.get("dit") or files.get("dit_merged_qkv")
+        dit = load_qwen_image_dit(dit_files, merged_qkv, torch_dtype, load_device) if "dit" in need else None
+        text_encoder = None
+        if "text_encoder" in need:
+            text_encoder = QwenImageTextEncoder.from_pretrained(files["text_encoder"], files["tokenizer"],
+                                                               files["processor"], torch_dtype, load_device)
+        vae = load_qwen_image_vae(files["vae"], torch_dtype, load_device) if "vae" in need else None
+        pipe = cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype)
+        pipe.offload = offload
+        return pipe
+
+    @contextlib.contextmanager
+    def _on_device(self, module):
+        """With offload on, a component visits the device only while it is used."""
+        if self.offload and module is not None:
+            module.to(self.device)
+            try:
+                yield
+            finally:
+                module.to("cpu")
+        else:
+            yield
+
+    # ---- conditioning (shared with the trainer) ----------------------------------------------------------------
+
+    def encode_prompt(self, prompts, edit_images=None):
+        """prompts: list of str; edit_images: one list of PIL images per prompt (already resized) or None.
+        -> (embeddings (B, T, D), mask (B, T) or None when nothing is padded).
+
+        One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one.
+        """
+        template = None
+        if edit_images is not None:
+            template = "edit-plus" if any(len(images) > 1 for images in edit_images) else "edit"
+            if template == "edit":
+                edit_images = [images[0] for images in edit_images]
+        with self._on_device(self.text_encoder.text_encoder):
+            emb, mask = self.text_encoder.encode(prompts, edit_images, template=template)
+        return emb.to(self.torch_dtype), mask
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> packed latent tokens (B, H/16 * W/16, 64)."""
+        with self._on_device(self.vae):
+            return pack_latents(encode_latents(self.vae, images.to(self.device, self.torch_dtype)))
+
+    def encode_edit_images(self, edit_images, batch_size=1):
+        """Several PIL images (one size each) -> (packed tokens concatenated along the sequence, their shapes)."""
+        tokens, shapes = [], []
+        for img in edit_images:
+            x = pil_to_tensor(img)[None].expand(batch_size, -1, -1, -1)
+            tokens.append(self.encode_images(x))
+            shapes.append((1, img.height // SIZE_MULTIPLE, img.width // SIZE_MULTIPLE))
+        return torch.cat(tokens, dim=1), shapes
+
+    def predict(self, latents, edit_tokens, shapes, sigma, emb, mask):
+        """The DiT's velocity for the target tokens, with the edit-image tokens appended to the sequence."""
+        x = latents if edit_tokens is None else torch.cat([latents, edit_tokens], dim=1)
+        t = torch.full((latents.shape[0],), float(sigma), device=latents.device, dtype=latents.dtype)
+        return self.dit(x, emb, mask, t, [shapes] * latents.shape[0])[:, : latents.shape[1]]
+
+    # ---- LoRA --------------------------------------------------------------------------------------------------
+
+    def load_lora(self, path, scale=1.0):
+        """Fuse a LoRA of any supported format (ours, diffusers, ComfyUI, kohya, DiffSynth) into the DiT."""
+        from ..lora import fuse_lora
+
+        fuse_lora(self.dit, path, scale=scale)
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, prompt, edit_image=None, negative_prompt=None, cfg_scale=4.0, num_inference_steps=30,
+                 height=None, width=None, seed=None, input_image=None, denoising_strength=1.0,
+                 edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil"):
+        edit_images = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
+                                                     else [edit_image])
+        edit_images = [resize_edit_image(img.convert("RGB"), edit_image_area) for img in edit_images]
+        if height is None or width is None:
+            if edit_images:
+                w, h = edit_images[0].size
+            else:
+                w, h = edit_image_size(1, 1, edit_image_area)
+            width, height = width or w, height or h
+        width, height = width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
+        if width == 0 or height == 0:
+            raise ValueError(f"output size must be at least {SIZE_MULTIPLE}x{SIZE_MULTIPLE}")
+
+        emb, mask = self.encode_prompt([prompt], [edit_images] if edit_images else None)
+        use_cfg = negative_prompt is not None and cfg_scale > 1
+        if use_cfg:
+            neg_emb, neg_mask = self.encode_prompt([negative_prompt], [edit_images] if edit_images else None)
+        edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
+        shapes = [(1, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)] + edit_shapes
+
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if latents is None:
+            latents = torch.randn(1, 16, height // 8, width // 8, generator=generator)
+        noise = pack_latents(latents.to(self.device, self.torch_dtype))
+        self.scheduler.set_timesteps(num_inference_steps, noise.shape[1], denoising_strength)
+        if input_image is not None and denoising_strength < 1:
+            from ..utils.image import resize_and_center_crop
+
+            x0 = self.encode_images(pil_to_tensor(resize_and_center_crop(input_image.convert("RGB"), width, height))[None])
+            x = self.scheduler.add_noise(x0, noise, self.scheduler.sigmas[0])
+        else:
+            x = noise
+
+        with self._on_device(self.dit):
+            for i, sigma in enumerate(tqdm(self.scheduler.sigmas[:-1], desc="denoising", disable=not progress)):
+                pred = self.predict(x, edit_tokens, shapes, sigma, emb, mask)
+                if use_cfg:
+                    neg = self.predict(x, edit_tokens, shapes, sigma, neg_emb, neg_mask)
+                    comb = neg + cfg_scale * (pred - neg)
+                    # keep each token's norm that of the conditional prediction (Qwen-Image's true CFG)
+                    pred = comb * (pred.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+                x = self.scheduler.step(pred, i, x)
+        if output_type == "latent":
+            return x
+        with self._on_device(self.vae):
+            image = decode_latents(self.vae, unpack_latents(x, height // 8, width // 8))
+        return tensor_to_pil(image[0])

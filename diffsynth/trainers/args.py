@@ -1,0 +1,143 @@
+"""Command-line flags of train.py / train_merged_qkv.py (DiffSynth-Studio names), checked before anything loads."""
+import argparse
+
+
+class ArgumentError(ValueError):
+    """Flags that contradict each other or cannot work; the message says which and what to do."""
+
+
+def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
+    arch = "merged-QKV" if merged_qkv else "standard"
+    p = argparse.ArgumentParser(
+        description=f"Train a LoRA (or fully fine-tune) Qwen-Image-Edit on the {arch} DiT. Launch with "
+                    "`accelerate launch` for one or many processes.",
+        allow_abbrev=False,  # an abbreviated or misspelt flag is an error, never a silent match
+    )
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset_base_path", default="", help="folder the metadata's file paths are relative to")
+    d.add_argument("--dataset_metadata_path", required=True, help=".csv, .json or .jsonl with image,edit_image,prompt")
+    d.add_argument("--data_file_keys", default="image,edit_image", help="columns that hold image files")
+    d.add_argument("--extra_inputs", default="edit_image",
+                   help="inputs besides the prompt that condition the model (edit_image for Qwen-Image-Edit)")
+    d.add_argument("--max_pixels", type=int, default=1024 * 1024, help="target images scaled down to this area")
+    d.add_argument("--height", type=int, default=None, help="fixed target height (with --width)")
+    d.add_argument("--width", type=int, default=None, help="fixed target width (with --height)")
+    d.add_argument("--edit_image_area", type=int, default=1024 * 1024,
+                   help="area edit images are resized to for the VAE (the pipeline's default: 1024*1024)")
+    d.add_argument("--dataset_repeat", type=int, default=1)
+    d.add_argument("--dataset_num_workers", type=int, default=0)
+    d.add_argument("--batch_size", type=int, default=1, help="samples per step per process (aspect-ratio buckets)")
+
+    m = p.add_argument_group("models")
+    m.add_argument("--model_paths", default=None, help="JSON list of local files (or lists of shards)")
+    m.add_argument("--model_id_with_origin_paths", default=None,
+                   help="comma list of model_id:pattern, found under --models_dir or downloaded with modelscope")
+    m.add_argument("--models_dir", default=None, help="where model_id:pattern entries live (default ./models or "
+                                                      "$DIFFSYNTH_MODELS_DIR)")
+    m.add_argument("--tokenizer_path", default=None)
+    m.add_argument("--processor_path", default=None)
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--learning_rate", type=float, default=1e-4)
+    o.add_argument("--weight_decay", type=float, default=0.01)
+    o.add_argument("--lr_warmup_steps", type=int, default=0)
+    o.add_argument("--max_grad_norm", type=float, default=1.0)
+    o.add_argument("--num_epochs", type=int, default=1)
+    o.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    o.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--mixed_precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    o.add_argument("--find_unused_parameters", action="store_true", help="DDP: tolerate parameters without grads")
+
+    s = p.add_argument_group("output")
+    s.add_argument("--output_path", default="./models/train", help="checkpoints, logs, loss.png")
+    s.add_argument("--save_steps", type=int, default=None, help="also save every N steps (step-N.safetensors)")
+    s.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep only the last N resumable training states")
+    s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
+    s.add_argument("--export_format", choices=["diffusers", "comfyui", "kohya", "diffsynth"], default=None,
+                   help="also write a standard-layout copy of each LoRA checkpoint in this format")
+    s.add_argument("--report_to", choices=["csv", "tensorboard", "none"], default="csv")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
+    lo.add_argument("--lora_target_modules",
+                    default="to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,"
+                            "txt_mlp.net.0.proj,txt_mlp.net.2" if merged_qkv else
+                    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,"
+                    "img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2")
+    lo.add_argument("--lora_rank", type=int, default=32)
+    lo.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1)")
+    lo.add_argument("--lora_checkpoint", default=None, help="continue training this LoRA")
+    lo.add_argument("--lora_fused", default=None, help="fuse this pretrained LoRA (any format) into the DiT first")
+
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--use_gradient_checkpointing", action="store_true")
+    mem.add_argument("--use_gradient_checkpointing_offload", action="store_true",
+                     help="also keep the checkpointed block inputs on the CPU")
+    mem.add_argument("--enable_fp8_training", action="store_true",
+                     help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
+    mem.add_argument("--cache_conditioning", nargs="?", const="", default=None, metavar="DIR",
+                     help="precompute text embeddings and latents once (default DIR: <output_path>/cache); "
+                          "training then loads only the DiT")
+
+    v = p.add_argument_group("validation")
+    v.add_argument("--validation_prompt", default=None)
+    v.add_argument("--validation_edit_image", action="append", default=None,
+                   help="image to edit for validation (repeat for several)")
+    v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
+    v.add_argument("--validation_inference_steps", type=int, default=20)
+    return p
+
+
+def parse_args(argv=None, merged_qkv=True):
+    parser = build_parser(merged_qkv)
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ArgumentError as e:
+        parser.error(str(e))
+    args.merged_qkv = merged_qkv
+    return args
+
+
+def check_args(args):
+    problems = []
+    if (args.height is None) != (args.width is None):
+        problems.append("--height and --width go together (or neither, to size by --max_pixels)")
+    for name in ("batch_size", "dataset_repeat", "num_epochs", "gradient_accumulation_steps", "lora_rank",
+                 "max_pixels", "edit_image_area"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    for name in ("max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be >= 1 (got {value})")
+    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0:
+        problems.append("--dataset_num_workers and --lr_warmup_steps must be >= 0")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
+    extra = [x for x in args.extra_inputs.split(",") if x.strip()]
+    if any(x.strip() != "edit_image" for x in extra):
+        problems.append(f"--extra_inputs {args.extra_inputs!r}: Qwen-Image-Edit takes only 'edit_image'")
+    if "edit_image" in extra and "edit_image" not in args.data_file_keys.split(","):
+        problems.append("--extra_inputs edit_image needs edit_image in --data_file_keys")
+    if args.lora_base_model is None:
+        for flag in ("lora_checkpoint", "export_format"):
+            if getattr(args, flag):
+                problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
+    if args.use_gradient_checkpointing_offload and not args.use_gradient_checkpointing:
+        problems.append("--use_gradient_checkpointing_offload needs --use_gradient_checkpointing")
+    if args.enable_fp8_training and args.lora_base_model is None:
+        problems.append("--enable_fp8_training stores frozen weights in fp8: it needs LoRA training "
+                        "(--lora_base_model dit)")
+    if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
+        problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
+    if args.validation_prompt and args.cache_conditioning is not None:
+        problems.append("--validation_prompt needs the text encoder and VAE, which --cache_conditioning leaves "
+                        "unloaded; drop one of them")
+    if args.model_paths is None and args.model_id_with_origin_paths is None:
+        problems.append("give the models with --model_id_with_origin_paths or --model_paths")
+    if problems:
+        raise ArgumentError("; ".join(problems))

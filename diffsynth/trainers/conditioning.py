@@ -1,0 +1,82 @@
+"""What the DiT is conditioned on, per sample: text embeddings, target latents, edit-image latents.
+
+The same per-sample function feeds training directly or fills the on-disk cache, so a cached run sees exactly
+the tensors an uncached run computes.
+"""
+import json
+import os
+
+import torch
+
+from ..utils.image import SIZE_MULTIPLE, tensor_to_pil
+from ..utils.io import load_safetensors, read_metadata, save_safetensors
+
+
+@torch.no_grad()
+def condition_sample(pipe, item) -> dict:
+    """item: one dataset item (image (3,H,W), edit_images [(3,h,w)...], prompt) -> CPU tensors and shapes."""
+    image, edits = item["image"], list(item["edit_images"])
+    edit_pils = [tensor_to_pil(e) for e in edits]
+    emb, mask = pipe.encode_prompt([item["prompt"]], [edit_pils] if edits else None)
+    if mask is not None:
+        emb = emb[:, : int(mask[0].sum())]  # one sample: padding, if any, is at the end
+    cond = {
+        "prompt_emb": emb[0].cpu(),
+        "latents": pipe.encode_images(image[None])[0].cpu(),
+        "edit_latents": torch.cat([pipe.encode_images(e[None])[0] for e in edits]).cpu() if edits else None,
+        "shapes": [(1, image.shape[1] // SIZE_MULTIPLE, image.shape[2] // SIZE_MULTIPLE)]
+                  + [(1, e.shape[1] // SIZE_MULTIPLE, e.shape[2] // SIZE_MULTIPLE) for e in edits],
+    }
+    return cond
+
+
+def collate_conditions(conds, device, dtype) -> dict:
+    """Stack samples of one bucket; text is right-padded with a mask only when lengths differ."""
+    shapes = {json.dumps(c["shapes"]) for c in conds}
+    if len(shapes) > 1:
+        raise ValueError(f"samples of one batch have different image shapes {sorted(shapes)}")
+    lengths = [c["prompt_emb"].shape[0] for c in conds]
+    longest = max(lengths)
+    emb = torch.zeros(len(conds), longest, conds[0]["prompt_emb"].shape[-1], dtype=dtype)
+    mask = torch.zeros(len(conds), longest, dtype=torch.long)
+    for i, c in enumerate(conds):
+        emb[i, : lengths[i]] = c["prompt_emb"]
+        mask[i, : lengths[i]] = 1
+    edit = None if conds[0]["edit_latents"] is None else torch.stack([c["edit_latents"] for c in conds])
+    return {
+        "prompt_emb": emb.to(device),
+        "prompt_mask": None if min(lengths) == longest else mask.to(device),
+        "latents": torch.stack([c["latents"] for c in conds]).to(device, dtype),
+        "edit_latents": None if edit is None else edit.to(device, dtype),
+        "shapes": [tuple(s) for s in conds[0]["shapes"]],
+    }
+
+
+class ConditionCache:
+    """One safetensors file per sample, named by the dataset's content hash (files, prompt, sizes): a changed
+    image or prompt gets a new key and is recomputed; stale files are simply never read."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+
+    def path(self, key):
+        return os.path.join(self.folder, f"{key}.safetensors")
+
+    def missing(self, samples):
+        seen, todo = set(), []
+        for s in samples:
+            if s.cache_key not in seen and not os.path.isfile(self.path(s.cache_key)):
+                todo.append(s)
+            seen.add(s.cache_key)
+        return todo
+
+    def put(self, key, cond):
+        tensors = {k: cond[k] for k in ("prompt_emb", "latents", "edit_latents") if cond[k] is not None}
+        save_safetensors(tensors, self.path(key), {"shapes": json.dumps(cond["shapes"])})
+
+    def get(self, key):
+        path = self.path(key)
+        tensors = load_safetensors(path)
+        return {"prompt_emb": tensors["prompt_emb"], "latents": tensors["latents"],
+                "edit_latents": tensors.get("edit_latents"), "shapes": json.loads(read_metadata(path)["shapes"])}

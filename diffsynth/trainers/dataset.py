@@ -1,0 +1,385 @@
+"""Edit-training data: metadata parsing, validation up front, sized samples, aspect-ratio buckets.
+
+A metadata file (.csv, .json list of objects, or .jsonl) has the columns `image` (target), `edit_image`
+(one input image, or several for Edit-2509: a JSON list, or `|`-separated in CSV) and `prompt`.
+`validate_metadata` reads every row before any model loads and reports every problem at once; the sizes it
+reads from the image headers drive the buckets, so a batch never mixes image sizes.
+"""
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from diffsynth.utils.image import (
+    VAE_EDIT_AREA, displayed_size, edit_image_size, open_image, pil_to_tensor,
+    resize_and_center_crop, resize_edit_image, target_size,
+)
+
+DEFAULT_FILE_KEYS = "image,edit_image"
+SUPPORTED_FILE_KEYS = ("image", "edit_image")
+MAX_LISTED_PROBLEMS = 100
+# Bump when the pixels a sample yields for the same files change (resampling, cropping), so caches keyed
+# by `cache_key` are recomputed.
+SAMPLE_FORMAT_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """The metadata or the files it names cannot be trained on; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    where: str  # "row 3 (line 4)": how the user finds it in the metadata file
+    image: str  # resolved paths
+    edit_images: tuple[str, ...]
+    prompt: str
+    target_size: tuple[int, int]  # (w, h) of the image tensor
+    edit_sizes: tuple[tuple[int, int], ...]  # (w, h) of each edit tensor
+    cache_key: str  # hash of file contents, prompt and sizes: what a conditioning cache depends on
+
+
+def parse_file_keys(data_file_keys) -> list[str]:
+    keys = [k.strip() for k in data_file_keys.split(",")] if isinstance(data_file_keys, str) else list(data_file_keys)
+    keys = [k for k in keys if k]
+    unknown = [k for k in keys if k not in SUPPORTED_FILE_KEYS]
+    if unknown or "image" not in keys:
+        raise DatasetError(
+            f"--data_file_keys {','.join(keys)!r}: "
+            + (f"unsupported column(s) {', '.join(unknown)}; " if unknown else "'image' (the target) is required; ")
+            + f"Qwen-Image-Edit training reads {', '.join(SUPPORTED_FILE_KEYS)} (default {DEFAULT_FILE_KEYS!r})"
+        )
+    return keys
+
+
+def read_metadata(path) -> list[tuple[str, dict]]:
+    """Rows of a metadata file as (where, row dict); a file that cannot be parsed raises DatasetError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: metadata file not found (--dataset_metadata_path)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        try:  # all as text: a prompt "1" or an empty cell must not turn into a number or NaN
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{path}: not a readable CSV file ({e}); expected a header line image,edit_image,prompt")
+        rows = [(f"row {i + 1} (line {i + 2})", row) for i, row in enumerate(frame.to_dict("records"))]
+    elif ext == ".json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{path}: not valid JSON ({e})")
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: a .json metadata file must hold a list of objects, one per sample")
+        rows = [(f"row {i + 1}", row) for i, row in enumerate(data)]
+    elif ext == ".jsonl":
+        rows, bad = [], []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"row {len(rows) + 1} (line {line_no})", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    bad.append(f"  line {line_no}: not valid JSON ({e})")
+        if bad:
+            raise DatasetError(f"{path}: {len(bad)} line(s) are not valid JSON:\n" + "\n".join(bad))
+    else:
+        raise DatasetError(f"{path}: unsupported metadata format {ext!r}; use .csv, .json or .jsonl")
+    if not rows:
+        raise DatasetError(f"{path}: the metadata holds no rows")
+    return rows
+
+
+def parse_file_list(value) -> list[str]:
+    """A cell naming files: a list, a JSON list string, or paths separated by `|`."""
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value]
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        parsed = json.loads(text)  # a JSONDecodeError is reported with the row by the caller
+        if not isinstance(parsed, list):
+            raise ValueError("not a JSON list")
+        return [str(v).strip() for v in parsed]
+    return [p.strip() for p in text.split("|")]
+
+
+def _inspect_file(path):
+    """(sha256, displayed (w, h)) of an image file, or an error text. Reads the bytes once."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()  # checks structure and checksums without decoding pixels; must come first
+        with Image.open(io.BytesIO(data)) as img:
+            size = displayed_size(img)
+            if img.format == "JPEG":  # verify() barely checks JPEGs; a 1/8-scale decode catches truncation cheaply
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+    except Exception as e:  # PIL raises many types for damaged files
+        return f"is not a readable image ({type(e).__name__}: {e})"
+    return hashlib.sha256(data).hexdigest(), size
+
+
+def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_KEYS, max_pixels=1024 * 1024,
+                      height=None, width=None, edit_area=VAE_EDIT_AREA) -> list[Sample]:
+    """Check every row and file; return the samples, or raise one DatasetError listing every problem.
+
+    Paths are relative to `base_path` (like DiffSynth's --dataset_base_path; "" is the working directory).
+    Warns, without failing, when a row's target and edit image have the same content.
+    """
+    keys = parse_file_keys(data_file_keys)
+    base_path = os.fspath(base_path or "")
+    if height is not None or width is not None:
+        target_size((1, 1), max_pixels, height, width)  # bad --height/--width raise here, once
+    rows = read_metadata(metadata_path)
+    columns = keys + ["prompt"]
+    problems, same_content, samples, inspected = [], [], [], {}
+
+    present = Counter(c for _, row in rows if isinstance(row, dict) for c in columns if c in row)
+    absent = [c for c in columns if present[c] == 0]
+    for c in absent:
+        found = sorted({k for _, row in rows if isinstance(row, dict) for k in row})
+        hint = " or remove it from --data_file_keys" if c == "edit_image" else ""
+        problems.append(f"  column {c!r} is missing (found: {', '.join(found) or 'none'}); add it{hint}")
+
+    def check_file(where, column, rel):
+        path = os.path.abspath(os.path.join(base_path, os.path.expanduser(rel)))  # an absolute rel stays as is
+        if not os.path.isfile(path):
+            problems.append(f"  {where}: {column} file not found: {rel} (looked at {path})")
+            return None
+        if path not in inspected:
+            inspected[path] = _inspect_file(path)
+        if isinstance(inspected[path], str):
+            problems.append(f"  {where}: {column} {rel} {inspected[path]}; re-export or replace it")
+            return None
+        return path
+
+    for where, row in rows:
+        if not isinstance(row, dict):
+            problems.append(f"  {where}: expected an object with {', '.join(columns)}, got {type(row).__name__}")
+            continue
+        ok = True
+        files = {}
+        for column in keys:
+            if column in absent:
+                ok = False
+                continue
+            if column not in row:
+                problems.append(f"  {where}: no {column!r} value; add it")
+                ok = False
+                continue
+            try:
+                rels = parse_file_list(row[column])
+            except ValueError as e:
+                problems.append(f"  {where}: {column} {row[column]!r} is not a JSON list of paths ({e})")
+                ok = False
+                continue
+            if not rels or any(not r for r in rels):
+                problems.append(f"  {where}: empty path in column {column!r}; name a file")
+                ok = False
+                continue
+            if column == "image" and len(rels) != 1:
+                problems.append(f"  {where}: image holds {len(rels)} paths; the target must be one image")
+                ok = False
+                continue
+            paths = [check_file(where, column, r) for r in rels]
+            ok = ok and None not in paths
+            files[column] = paths
+        prompt = row.get("prompt")
+        if "prompt" not in absent:
+            if not isinstance(prompt, str) and prompt is not None:
+                problems.append(f"  {where}: prompt must be text, got {type(prompt).__name__} {prompt!r}")
+                ok = False
+            elif not prompt or not prompt.strip():
+                problems.append(f"  {where}: empty prompt; write the edit instruction")
+                ok = False
+        if not ok:
+            continue
+
+        image, edits = files["image"][0], tuple(files.get("edit_image", []))
+        image_digest, image_wh = inspected[image]
+        try:
+            size = target_size(image_wh, max_pixels, height, width)
+        except ValueError as e:
+            problems.append(f"  {where}: image {row['image']}: {e}")
+            continue
+        edit_sizes = tuple(edit_image_size(*inspected[p][1], target_area=edit_area) for p in edits)
+        if any(w <= 0 or h <= 0 for w, h in edit_sizes):
+            problems.append(f"  {where}: an edit image is too narrow to resize to a {edit_area} px area")
+            continue
+        edit_digests = [inspected[p][0] for p in edits]
+        if image_digest in edit_digests:
+            same_content.append(f"  {where}: {row['image']}")
+        key = json.dumps([SAMPLE_FORMAT_VERSION, image_digest, edit_digests, prompt, size, edit_sizes])
+        samples.append(Sample(where, image, edits, prompt, size, edit_sizes, hashlib.sha256(key.encode()).hexdigest()))
+
+    if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(listed)
+        raise DatasetError(
+            f"{metadata_path}: {len(problems)} problem(s) in the training data:\n" + "\n".join(listed)
+            + (f"\n  ... and {more} more" if more else "")
+            + f"\nFix the listed rows or files (file paths are relative to --dataset_base_path "
+            f"{os.path.abspath(base_path)!r}), or remove those rows, then rerun."
+        )
+    if same_content:
+        warnings.warn(
+            f"{metadata_path}: {len(same_content)} row(s) use the same image as target and edit input, so the "
+            "model learns no edit there; check that the image and edit_image columns are not swapped or "
+            "duplicated:\n" + "\n".join(same_content[:MAX_LISTED_PROBLEMS]),
+            stacklevel=2,
+        )
+    return samples
+
+
+class EditDataset(torch.utils.data.Dataset):
+    """Validated edit samples, repeated `dataset_repeat` times; items are ready-sized tensors in [-1, 1]."""
+
+    def __init__(self, metadata_path, base_path="", data_file_keys=DEFAULT_FILE_KEYS, max_pixels=1024 * 1024,
+                 height=None, width=None, edit_area=VAE_EDIT_AREA, dataset_repeat=1):
+        if not isinstance(dataset_repeat, int) or dataset_repeat < 1:
+            raise DatasetError(f"--dataset_repeat {dataset_repeat!r}: must be a whole number >= 1")
+        self.samples = validate_metadata(metadata_path, base_path, data_file_keys, max_pixels, height, width, edit_area)
+        self.edit_area = edit_area
+        self.repeat = dataset_repeat
+
+    def __len__(self):
+        return len(self.samples) * self.repeat
+
+    def sample(self, index) -> Sample:
+        return self.samples[index % len(self.samples)]
+
+    def bucket_key(self, index):
+        """What must be equal within a batch: the target size and every edit size, from the headers only."""
+        s = self.sample(index)
+        return s.target_size, s.edit_sizes
+
+    def __getitem__(self, index):
+        s = self.sample(index)
+        image = resize_and_center_crop(open_image(s.image), *s.target_size)
+        edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
+        return {
+            "image": pil_to_tensor(image),
+            "edit_images": [pil_to_tensor(e) for e in edits],
+            "prompt": s.prompt,
+            "index": index % len(self.samples),
+            "cache_key": s.cache_key,
+        }
+
+
+def collate_fn(items):
+    """Stack a batch: image (B,3,H,W), edit_images a list (one per edit slot) of (B,3,h,w), lists otherwise."""
+    shapes = {(tuple(x["image"].shape), tuple(tuple(e.shape) for e in x["edit_images"])) for x in items}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"a batch mixes image sizes {sorted(shapes)}; batch with BucketBatchSampler so each batch is one size"
+        )
+    return {
+        "image": torch.stack([x["image"] for x in items]),
+        "edit_images": [torch.stack(slot) for slot in zip(*(x["edit_images"] for x in items))],
+        "prompt": [x["prompt"] for x in items],
+        "index": [x["index"] for x in items],
+        "cache_key": [x["cache_key"] for x in items],
+    }
+
+
+def _format_key(key):
+    (w, h), edits = key
+    return f"{w}x{h}" + (" | edit " + "+".join(f"{ew}x{eh}" for ew, eh in edits) if edits else "")
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices that share one target size and one set of edit sizes.
+
+    Per epoch: the indices are shuffled with seed + epoch (torch.randperm, like a seeded RandomSampler) and
+    dealt into per-size buckets; a bucket yields a batch as soon as it holds `batch_size` indices, and the
+    partial leftovers follow at the end unless `drop_last`. With batch_size 1 this is exactly the shuffled
+    order. Batches are dealt round-robin to `num_replicas` ranks, padded by repeating the first batches (or
+    cut, with drop_last) so every rank runs the same number of steps, which DDP needs to not hang.
+    `set_start(k)` skips this rank's first k batches of the epoch, for an exact resume.
+    """
+
+    def __init__(self, dataset, batch_size, shuffle=True, seed=0, drop_last=False, num_replicas=1, rank=0):
+        if batch_size < 1:
+            raise ValueError(f"--batch_size {batch_size}: must be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.keys = [dataset.bucket_key(i) for i in range(len(dataset))]
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start = 0, 0
+        if self.num_batches_per_rank() == 0:
+            raise ValueError(
+                f"no batch to train on: {len(self.keys)} samples, --batch_size {batch_size}, drop_last, "
+                f"{num_replicas} process(es); lower --batch_size or raise --dataset_repeat"
+            )
+
+    def set_epoch(self, epoch):
+        self.epoch, self.start = epoch, 0
+
+    def set_start(self, num_batches):
+        """Skip this rank's first `num_batches` batches of the current epoch (reset by set_epoch)."""
+        if not 0 <= num_batches <= self.num_batches_per_rank():
+            raise ValueError(f"cannot skip {num_batches} batches of an epoch of {self.num_batches_per_rank()}")
+        self.start = num_batches
+
+    def _total_batches(self):
+        # The batch count depends on the bucket sizes only, not on the shuffled order.
+        counts = Counter(self.keys).values()
+        return sum(c // self.batch_size + (0 if self.drop_last or c % self.batch_size == 0 else 1) for c in counts)
+
+    def num_batches_per_rank(self):
+        total, n = self._total_batches(), self.num_replicas
+        return total // n if self.drop_last else -(-total // n)
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches for the current epoch, before the resume skip."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.keys), generator=generator).tolist()
+        else:
+            order = range(len(self.keys))
+        open_buckets, batches = {}, []
+        for i in order:
+            bucket = open_buckets.setdefault(self.keys[i], [])
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                batches.append(open_buckets.pop(self.keys[i]))
+        if not self.drop_last:
+            batches += open_buckets.values()  # in order of first appearance
+        per_rank = self.num_batches_per_rank()
+        total = per_rank * self.num_replicas
+        batches = [batches[i % len(batches)] for i in range(total)]  # pads by wrapping, or cuts with drop_last
+        return batches[self.rank::self.num_replicas]
+
+    def __iter__(self):
+        yield from self.batches()[self.start:]
+
+    def __len__(self):
+        return self.num_batches_per_rank() - self.start
+
+    def bucket_summary(self) -> str:
+        counts = Counter(self.keys)
+        lines = [
+            f"{len(self.keys)} samples in {len(counts)} size bucket(s), batch size {self.batch_size}: "
+            f"{self._total_batches()} batches per epoch, {self.num_batches_per_rank()} per process"
+            f" ({self.num_replicas} process(es))"
+        ]
+        for key, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            full, rest = divmod(c, self.batch_size)
+            tail = "" if rest == 0 else (f", {rest} dropped" if self.drop_last else f" + 1 partial of {rest}")
+            lines.append(f"  {_format_key(key)}: {c} samples -> {full} full batch(es){tail}")
+        return "\n".join(lines)

@@ -1,0 +1,395 @@
+"""The training loop: accelerate for processes, mixed precision and accumulation; flow-matching loss on the
+target tokens of Qwen-Image-Edit; LoRA or full fine-tuning of the standard or merged-QKV DiT."""
+import csv
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
+from ..lora.convert import lora_to_standard, to_format
+from ..utils.io import save_safetensors
+from .args import parse_args
+from .conditioning import ConditionCache, collate_conditions, condition_sample
+from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
+
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainState:
+    """What accelerate's save_state does not know: progress counters and the noise generator."""
+
+    def __init__(self, seed):
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.generator.set_state(state["generator"])
+
+
+def flow_matching_loss(dit, scheduler, cond, generator):
+    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample."""
+    x0, edit = cond["latents"], cond["edit_latents"]
+    batch = x0.shape[0]
+    sigma = scheduler.training_sample(batch, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    x_t = scheduler.add_noise(x0, noise, sigma.to(x0.device, x0.dtype))
+    x = x_t if edit is None else torch.cat([x_t, edit], dim=1)
+    pred = dit(x, cond["prompt_emb"], cond["prompt_mask"], sigma.to(x0.device, x0.dtype), [cond["shapes"]] * batch)
+    pred = pred[:, : x0.shape[1]]
+    target = scheduler.training_target(x0, noise)
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
+    return (per_sample * scheduler.training_weight(sigma).to(per_sample.device)).mean()
+
+
+def _write_loss_plot(log_path, out_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps, losses = [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path + ".tmp.png")
+    plt.close(fig)
+    os.replace(out_path + ".tmp.png", out_path)
+
+
+class Trainer:
+    def __init__(self, args):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.args = args
+        mixed = args.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+        )
+        set_seed(args.seed)
+        self.state = TrainState(args.seed + self.accelerator.process_index)
+        self.accelerator.register_for_checkpointing(self.state)
+        self.log = self.accelerator.print
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+
+    def setup(self):
+        from ..pipelines.qwen_image import QwenImagePipeline
+
+        args, acc = self.args, self.accelerator
+        # 1. The data first: every bad row is reported before any model loads.
+        self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
+                                   args.max_pixels, args.height, args.width, args.edit_image_area, args.dataset_repeat)
+        self.sampler = BucketBatchSampler(self.dataset, args.batch_size, shuffle=True, seed=args.seed,
+                                          num_replicas=acc.num_processes, rank=acc.process_index)
+        self.log(self.sampler.bucket_summary())
+
+        # 2. Models. With a conditioning cache the text encoder and VAE load only if the cache is incomplete.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+        self.cache = None
+        if args.cache_conditioning is not None:
+            self.cache = ConditionCache(args.cache_conditioning or os.path.join(args.output_path, "cache"))
+        need_encoders = self.cache is None or self.cache.missing(self.dataset.samples)
+        model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
+                          models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
+                          processor_path=args.processor_path, merged_qkv=args.merged_qkv)
+        self.pipe = QwenImagePipeline.from_pretrained(
+            **model_args, device=acc.device, torch_dtype=dtype,
+            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",))
+        if self.cache is not None and need_encoders:
+            self.fill_cache()
+        for module in (self.pipe.text_encoder and self.pipe.text_encoder.text_encoder, self.pipe.vae):
+            if module is not None:
+                module.requires_grad_(False)
+
+        # 3. The trainable part.
+        dit = self.pipe.dit
+        if args.lora_fused:
+            fused = fuse_lora(dit, args.lora_fused)
+            self.log(f"fused {len(fused)} LoRA deltas from {args.lora_fused}")
+        if args.lora_base_model == "dit":
+            dit.requires_grad_(False)
+            inject_lora(dit, args.lora_target_modules, args.lora_rank, args.lora_alpha)
+            if args.lora_checkpoint:
+                load_lora_weights(dit, args.lora_checkpoint)
+            # LoRA weights train in fp32 whatever the base dtype; autocast handles the mixing.
+            for p in dit.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            dit.float().requires_grad_(True)  # full fine-tuning keeps fp32 master weights
+        if args.enable_fp8_training:
+            from ..utils.fp8 import enable_fp8_linear
+
+            self.log(f"fp8: {enable_fp8_linear(dit)} frozen linear layers stored in float8_e4m3fn")
+        if args.use_gradient_checkpointing:
+            dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
+        dit.train()
+        params = [p for p in dit.parameters() if p.requires_grad]
+        self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
+
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        warmup = args.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        # The data loader is ours (the bucket sampler already shards by rank): accelerate must not re-shard it.
+        self.dit, self.optimizer, self.lr_scheduler = acc.prepare(dit, optimizer, scheduler)
+        self.params = params
+        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
+        self.total_steps = args.num_epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+
+    def fill_cache(self):
+        """Compute the conditioning of every sample not yet cached (main process first, then the others wait)."""
+        todo = self.cache.missing(self.dataset.samples)
+        acc = self.accelerator
+        mine = todo[acc.process_index::acc.num_processes]
+        for sample in tqdm(mine, desc="caching conditioning", disable=not acc.is_local_main_process):
+            item = self.dataset[self.dataset.samples.index(sample)]
+            self.cache.put(sample.cache_key, condition_sample(self.pipe, item))
+        acc.wait_for_everyone()
+
+    def conditions(self, batch):
+        items = [{"image": batch["image"][i], "edit_images": [e[i] for e in batch["edit_images"]],
+                  "prompt": batch["prompt"][i]} for i in range(len(batch["prompt"]))]
+        with torch.no_grad():
+            conds = [self.cache.get(key) if self.cache is not None else condition_sample(self.pipe, item)
+                     for key, item in zip(batch["cache_key"], items)]
+        return collate_conditions(conds, self.accelerator.device, self.pipe.torch_dtype)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_model(self, name):
+        """LoRA (or full DiT) weights as `<output_path>/<name>.safetensors`, main process only, atomically."""
+        args, acc = self.args, self.accelerator
+        if not acc.is_main_process:
+            return None
+        dit = acc.unwrap_model(self.dit)
+        path = os.path.join(args.output_path, f"{name}.safetensors")
+        arch = "merged_qkv" if args.merged_qkv else "standard"
+        meta = {"base_model": args.model_id_with_origin_paths or args.model_paths, "steps": self.state.step,
+                "dataset_size": len(self.dataset.samples), "epoch": self.state.epoch}
+        if args.lora_base_model:
+            sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit).items()}
+            alpha = args.lora_alpha or args.lora_rank
+            save_lora(sd, path, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
+            if args.export_format:
+                standard = lora_to_standard(path) if args.merged_qkv else path
+                exported = to_format(standard, args.export_format)
+                save_safetensors(exported, os.path.join(args.output_path, f"{name}-{args.export_format}.safetensors"),
+                                 {"format": "pt", "lora_format": args.export_format, "architecture": "standard"})
+        else:
+            save_safetensors({k: v.detach().cpu() for k, v in dit.state_dict().items()}, path,
+                             {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
+        return path
+
+    def save_state(self):
+        """A resumable training state (accelerate save_state) under <output_path>/checkpoints/step-N."""
+        args, acc = self.args, self.accelerator
+        root = os.path.join(args.output_path, "checkpoints")
+        final = os.path.join(root, f"step-{self.state.step}")
+        tmp = final + ".tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a state folder exists only once complete
+            if args.checkpoints_total_limit:
+                for old in sorted_states(root)[: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def resume(self):
+        args = self.args
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            states = sorted_states(os.path.join(args.output_path, "checkpoints"))
+            if not states:
+                self.log(f"--resume_from_checkpoint latest: no state in {args.output_path}/checkpoints, starting fresh")
+                return
+            path = states[-1]
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such training state folder")
+        self.accelerator.load_state(path)
+        self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                 f"batch {self.state.batch_in_epoch})")
+
+    # ---- loop ----------------------------------------------------------------------------------------------
+
+    def train(self):
+        args, acc = self.args, self.accelerator
+        os.makedirs(args.output_path, exist_ok=True)
+        if args.resume_from_checkpoint:
+            self.resume()
+        log_path = os.path.join(args.output_path, "train_log.csv")
+        if acc.is_main_process and (not os.path.exists(log_path) or not args.resume_from_checkpoint):
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerow(LOG_COLUMNS)
+        writer = self._tensorboard()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training",
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        start = time.time()
+        done = self.state.step >= self.total_steps
+        while not done and self.state.epoch < args.num_epochs:
+            self.sampler.set_epoch(self.state.epoch)
+            self.sampler.set_start(self.state.batch_in_epoch)
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_fn,
+                                                 num_workers=args.dataset_num_workers)
+            for batch in loader:
+                with acc.accumulate(self.dit):
+                    with acc.autocast():
+                        loss = flow_matching_loss(self.dit, self.pipe.scheduler, self.conditions(batch),
+                                                  self.state.generator)
+                    # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
+                    finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
+                    if finite.item() < acc.num_processes:
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at step {self.state.step + 1} (epoch {self.state.epoch}); "
+                            f"stopped. The last good checkpoint in {args.output_path} is kept. Lower "
+                            "--learning_rate, check the data, or use --mixed_precision bf16 instead of fp16.")
+                    acc.backward(loss)
+                    if acc.sync_gradients and args.max_grad_norm:
+                        acc.clip_grad_norm_(self.params, args.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad()
+                self.state.batch_in_epoch += 1
+                if not acc.sync_gradients:
+                    continue
+                self.state.step += 1
+                loss_value = acc.reduce(loss.detach().float(), reduction="mean").item()
+                lr = self.lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if acc.is_main_process:
+                    with open(log_path, "a", newline="") as f:
+                        csv.writer(f).writerow([self.state.step, self.state.epoch, f"{loss_value:.6f}", f"{lr:.3e}",
+                                                f"{time.time() - start:.2f}"])
+                    if writer:
+                        writer.add_scalar("train/loss", loss_value, self.state.step)
+                        writer.add_scalar("train/lr", lr, self.state.step)
+                if args.save_steps and self.state.step % args.save_steps == 0:
+                    self.save_model(f"step-{self.state.step}")
+                    self.save_state()
+                if args.validation_steps and self.state.step % args.validation_steps == 0:
+                    self.validate(writer)
+                if self.state.step >= self.total_steps:
+                    done = True
+                    break
+            if self.state.batch_in_epoch >= self.sampler.num_batches_per_rank():
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                self.save_model(f"epoch-{self.state.epoch}")
+        bar.close()
+        final = self.save_model("checkpoint-final")
+        if args.validation_prompt:
+            self.validate(writer, final=True)
+        if acc.is_main_process:
+            _write_loss_plot(log_path, os.path.join(args.output_path, "loss.png"))
+            self.log(f"saved {final}, {log_path} and loss.png")
+        if writer:
+            writer.close()
+        acc.end_training()
+        return final
+
+    def _tensorboard(self):
+        if self.args.report_to != "tensorboard" or not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("--report_to tensorboard: tensorboard is not installed (pip install tensorboard); csv only")
+            return None
+        return SummaryWriter(os.path.join(self.args.output_path, "tensorboard"))
+
+    def validate(self, writer=None, final=False):
+        """Edit the validation image(s) with the current weights; PNGs beside the checkpoints."""
+        from PIL import Image
+
+        from ..utils.image import open_image
+
+        args, acc = self.args, self.accelerator
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
+        dit = acc.unwrap_model(self.dit)
+        was_training = dit.training
+        dit.eval()
+        self.pipe.dit = dit
+        edits = [open_image(p) for p in args.validation_edit_image or []]
+        with acc.autocast():
+            image = self.pipe(args.validation_prompt, edit_image=edits or None, seed=args.seed,
+                              num_inference_steps=args.validation_inference_steps,
+                              edit_image_area=args.edit_image_area, progress=False)
+        dit.train(was_training)
+        folder = os.path.join(args.output_path, "validation")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
+        image.save(path)
+        if writer:
+            import numpy as np
+
+            writer.add_image("validation", np.asarray(image), self.state.step, dataformats="HWC")
+        if final:
+            shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
+            tiles = [Image.open(p).convert("RGB") for p in shots + [path]]
+            w, h = tiles[0].size
+            grid = Image.new("RGB", (w * len(tiles), h))
+            for i, tile in enumerate(tiles):
+                grid.paste(tile.resize((w, h)), (i * w, 0))
+            grid.save(os.path.join(folder, "grid.png"))
+        acc.wait_for_everyone()
+
+
+def sorted_states(root):
+    states = [p for p in glob.glob(os.path.join(root, "step-*")) if not p.endswith(".tmp") and os.path.isdir(p)]
+    return sorted(states, key=lambda p: int(p.rsplit("-", 1)[-1]))
+
+
+def main(argv=None, merged_qkv=True):
+    args = parse_args(argv, merged_qkv)
+    trainer = Trainer(args)
+    try:
+        trainer.setup()
+        trainer.train()
+    except DatasetError as e:
+        print(f"error: dataset {args.dataset_metadata_path}:\n{e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
