@@ -26,3 +26,36 @@ def random_diffusers_dit(zero_cond_t=False, seed=0, std=0.05):
         for p in model.parameters():
             p.normal_(0, std)
     return model
+
+
+TINY_MODEL_IDS = ("tiny-random/Qwen-Image-Edit:transformer/diffusion_pytorch_model*.safetensors,"
+                  "tiny-random/Qwen-Image:text_encoder/model*.safetensors,"
+                  "tiny-random/Qwen-Image:vae/diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny random model set in the official layout, written once per test worker: its models_dir."""
+    from diffsynth.utils.tiny_models import write_tiny_models
+
+    folder = tmp_path_factory.mktemp("models")
+    write_tiny_models(folder, seed=0)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def data(tmp_path):
+    from diffsynth.utils.demo_data import write_edit_dataset
+
+    write_edit_dataset(str(tmp_path / "data"), num_samples=2)
+    return str(tmp_path / "data")

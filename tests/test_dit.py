@@ -163,3 +163,11 @@ def test_merge_split_round_trip_and_errors():
     bad["transformer_blocks.0.attn.to_qkv.weight"] = torch.zeros(100, 64)
     with pytest.raises(QKVLayoutError, match="not a multiple of 3"):
         split_qkv_state_dict(bad)
+
+
+def test_unused_in_output_lists_exactly_the_parameters_without_gradient():
+    model = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
+    model(*edit_batch()).square().mean().backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    prefixes = tuple(m + "." for m in model.unused_in_output())
+    assert no_grad and no_grad == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}

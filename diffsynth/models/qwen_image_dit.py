@@ -262,6 +262,12 @@ class QwenImageDiT(nn.Module):
         self.gradient_checkpointing = False
         self.gradient_checkpointing_offload = False
 
+    def unused_in_output(self):
+        """Modules whose output never reaches the prediction: the last block's text stream after attention
+        (only the image stream goes on to norm_out). They get no gradient, which DDP treats as an error."""
+        last = f"transformer_blocks.{len(self.transformer_blocks) - 1}"
+        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+
     def enable_gradient_checkpointing(self, offload=False):
         """Recompute each block in backward; with offload, the saved block inputs wait on the CPU."""
         self.gradient_checkpointing, self.gradient_checkpointing_offload = True, offload

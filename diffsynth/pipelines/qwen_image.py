@@ -8,7 +8,10 @@ from ..models import load_qwen_image_dit
 from ..models.qwen_image_text_encoder import QwenImageTextEncoder
 from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_image_vae, pack_latents, unpack_latents
 from ..schedulers import FlowMatchScheduler
-from ..utils.image import VAE_EDIT_AREA, edit_image_size, pil_to_tensor, resize_edit_image, tensor_to_pil
+from ..utils.image import (
+    SIZE_MULTIPLE, VAE_EDIT_AREA, edit_image_size, pil_to_tensor, resize_and_center_crop, resize_edit_image,
+    tensor_to_pil,
+)
 from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
 
 DEFAULT_MODELS = (
@@ -18,7 +21,6 @@ DEFAULT_MODELS = (
 )
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-SIZE_MULTIPLE = 16  # VAE 8x times the DiT's 2x2 patch
 
 
 def parse_dtype(name) -> torch.dtype:
@@ -64,10 +66,10 @@ def locate_model_files(model_id_with_origin_paths=None, model_paths=None, models
         raise ValueError(f"no {' / '.join(missing)} among the model files given ({[f for s in sets for f in s]}); "
                          "add them to --model_id_with_origin_paths or --model_paths")
     if "text_encoder" in need:
-        found["tokenizer"] = tokenizer_path or resolve_model_dir(
-            f"{(entries and _model_id_of(entries, 'text_encoder')) or 'Qwen/Qwen-Image'}:tokenizer/", models_dir, download)
-        found["processor"] = processor_path or resolve_model_dir(
-            f"{(entries and _model_id_of(entries, 'transformer')) or 'Qwen/Qwen-Image-Edit'}:processor/", models_dir, download)
+        text_repo = (entries and _model_id_of(entries, "text_encoder")) or "Qwen/Qwen-Image"
+        dit_repo = (entries and _model_id_of(entries, "transformer")) or "Qwen/Qwen-Image-Edit"
+        found["tokenizer"] = tokenizer_path or resolve_model_dir(f"{text_repo}:tokenizer/", models_dir, download)
+        found["processor"] = processor_path or resolve_model_dir(f"{dit_repo}:processor/", models_dir, download)
     return found
 
 
@@ -148,11 +150,12 @@ class QwenImagePipeline:
 
     # ---- LoRA --------------------------------------------------------------------------------------------------
 
-    def load_lora(self, path, scale=1.0):
-        """Fuse a LoRA of any supported format (ours, diffusers, ComfyUI, kohya, DiffSynth) into the DiT."""
+    def load_lora(self, path, scale=1.0) -> list[str]:
+        """Fuse a LoRA of any supported format (ours, diffusers, ComfyUI, kohya, DiffSynth) and either layout
+        (q/k/v or merged to_qkv) into the DiT; returns the names of the changed layers."""
         from ..lora import fuse_lora
 
-        fuse_lora(self.dit, path, scale=scale)
+        return fuse_lora(self.dit, path, scale=scale)
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -160,6 +163,15 @@ class QwenImagePipeline:
     def __call__(self, prompt, edit_image=None, negative_prompt=None, cfg_scale=4.0, num_inference_steps=30,
                  height=None, width=None, seed=None, input_image=None, denoising_strength=1.0,
                  edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil"):
+        """Edit `edit_image` (a PIL image, or a list for Edit-2509/2511) as `prompt` says; -> a PIL image, or the
+        final packed latent tokens (1, L, 64) with output_type="latent" (turn them into an image with `decode`).
+
+        True CFG (two DiT passes per step) runs only with a `negative_prompt` (" " will do) and cfg_scale > 1.
+        The output defaults to the first edit image's size; sides are rounded down to a multiple of 16.
+        `edit_image_area` is the pixel area each edit image is resized to for the VAE (diffusers: 1024 x 1024).
+        `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
+        `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
+        """
         edit_images = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
                                                      else [edit_image])
         edit_images = [resize_edit_image(img.convert("RGB"), edit_image_area) for img in edit_images]
@@ -172,6 +184,10 @@ class QwenImagePipeline:
         width, height = width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
         if width == 0 or height == 0:
             raise ValueError(f"output size must be at least {SIZE_MULTIPLE}x{SIZE_MULTIPLE}")
+        shape = (1, 16, height // 8, width // 8)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit a {width}x{height} output; "
+                             f"expected {shape}")
 
         emb, mask = self.encode_prompt([prompt], [edit_images] if edit_images else None)
         use_cfg = negative_prompt is not None and cfg_scale > 1
@@ -180,15 +196,14 @@ class QwenImagePipeline:
         edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
         shapes = [(1, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)] + edit_shapes
 
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if latents is None:
-            latents = torch.randn(1, 16, height // 8, width // 8, generator=generator)
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            latents = torch.randn(shape, generator=generator)  # drawn on the CPU: same noise on any device
         noise = pack_latents(latents.to(self.device, self.torch_dtype))
         self.scheduler.set_timesteps(num_inference_steps, noise.shape[1], denoising_strength)
         if input_image is not None and denoising_strength < 1:
-            from ..utils.image import resize_and_center_crop
-
-            x0 = self.encode_images(pil_to_tensor(resize_and_center_crop(input_image.convert("RGB"), width, height))[None])
+            init = resize_and_center_crop(input_image.convert("RGB"), width, height)
+            x0 = self.encode_images(pil_to_tensor(init)[None])
             x = self.scheduler.add_noise(x0, noise, self.scheduler.sigmas[0])
         else:
             x = noise
@@ -204,6 +219,11 @@ class QwenImagePipeline:
                 x = self.scheduler.step(pred, i, x)
         if output_type == "latent":
             return x
+        return self.decode(x, height, width)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, height: int, width: int):
+        """Packed latent tokens (1, height/16 * width/16, 64) -> the PIL image of height x width pixels."""
         with self._on_device(self.vae):
-            image = decode_latents(self.vae, unpack_latents(x, height // 8, width // 8))
+            image = decode_latents(self.vae, unpack_latents(tokens, height // 8, width // 8))
         return tensor_to_pil(image[0])

@@ -88,6 +88,8 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                    help="image to edit for validation (repeat for several)")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
     v.add_argument("--validation_inference_steps", type=int, default=20)
+    p.add_argument("--dry_run", action="store_true",
+                   help="check the flags and print the resolved settings, then exit without loading anything")
     return p
 
 

@@ -93,8 +93,10 @@ class Trainer:
         mixed = args.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
+        # Without an accelerator, several processes (torchrun / `accelerate launch --multi_gpu`) train on the CPU
+        # with gloo: accelerate only sets that up when asked for the CPU.
         self.accelerator = Accelerator(
-            mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            cpu=not torch.accelerator.is_available(), mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
         )
         set_seed(args.seed)
@@ -149,6 +151,10 @@ class Trainer:
                     p.data = p.data.float()
         else:
             dit.float().requires_grad_(True)  # full fine-tuning keeps fp32 master weights
+        # Parameters that cannot get a gradient are frozen, so DDP needs no find_unused_parameters.
+        for name, p in dit.named_parameters():
+            if p.requires_grad and name.startswith(tuple(m + "." for m in dit.unused_in_output())):
+                p.requires_grad_(False)
         if args.enable_fp8_training:
             from ..utils.fp8 import enable_fp8_linear
 
@@ -382,6 +388,9 @@ def sorted_states(root):
 
 def main(argv=None, merged_qkv=True):
     args = parse_args(argv, merged_qkv)
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in sorted(vars(args).items())}, indent=1))
+        return 0
     trainer = Trainer(args)
     try:
         trainer.setup()

@@ -20,11 +20,12 @@ class FP8Linear(nn.Linear):
 
 
 def enable_fp8_linear(model: nn.Module) -> int:
-    """Store every frozen nn.Linear weight of `model` in float8 (trainable ones, e.g. LoRA, are left alone).
+    """Store every frozen base nn.Linear weight of `model` in float8 (LoRA layers are left alone).
     Returns the number of layers converted."""
     count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and not module.weight.requires_grad:
+    for name, module in model.named_modules():
+        # LoRA's own A/B linears stay as they are, even frozen ones: peft casts its input to their dtype
+        if type(module) is nn.Linear and not module.weight.requires_grad and ".lora_" not in f".{name}":
             w = module.weight.data.float()
             scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
             module.weight = nn.Parameter((w / scale).to(FP8), requires_grad=False)

@@ -81,8 +81,9 @@ def read_metadata(file) -> dict:
 
 
 def load_safetensors(file, device="cpu") -> dict[str, torch.Tensor]:
-    try:
-        return load_file(file, device=str(device))
+    device = torch.device(device)
+    try:  # safetensors refuses "cpu:0", which accelerate uses for CPU processes
+        return load_file(file, device="cpu" if device.type == "cpu" else str(device))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise WeightFileError(f"{file}: not a readable safetensors file ({e})") from e
 
@@ -100,6 +101,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the file the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

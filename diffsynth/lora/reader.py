@@ -1,0 +1,247 @@
+"""Read a Qwen-Image DiT LoRA in any format users meet and normalise it.
+
+Formats (facts page section 4): diffusers `transformer.<module>.lora_A/B.weight`, ComfyUI
+`diffusion_model.<module>...`, bare `<module>...`, kohya/musubi `lora_unet_<module_with_underscores>.lora_down/up.weight`
++ `.alpha`, DiFFSynth `<module>.lora_A.default.weight`, and this project's native files (bare keys; rank and alpha in
+the safetensors metadata). Both DiT layouts are understood: separate `to_q/to_k/to_v` and merged `to_qkv`.
+
+The normalised form is a plain state dict with native keys `<module>.lora_A.weight` (r x in) and
+`<module>.lora_B.weight` (out x r) whose alpha/rank scale is already folded into B: delta W = B @ A.
+"""
+import json
+import os
+import re
+
+import torch
+
+from diffsynth.utils.io import load_safetensors, read_metadata
+
+FORMAT_VERSION = "1"
+ARCHITECTURES = ("merged_qkv", "standard")
+
+# Linear layers of one DiT block -> (out, in) as multiples of the model width d (None: not tied to d).
+BLOCK_LINEARS = {
+    "attn.to_q": (1, 1), "attn.to_k": (1, 1), "attn.to_v": (1, 1),
+    "attn.add_q_proj": (1, 1), "attn.add_k_proj": (1, 1), "attn.add_v_proj": (1, 1),
+    "attn.to_qkv": (3, 1), "attn.add_qkv_proj": (3, 1),
+    "attn.to_out.0": (1, 1), "attn.to_add_out": (1, 1),
+    "img_mod.1": (6, 1), "txt_mod.1": (6, 1),
+    "img_mlp.net.0.proj": (4, 1), "img_mlp.net.2": (1, 4),
+    "txt_mlp.net.0.proj": (4, 1), "txt_mlp.net.2": (1, 4),
+}
+TOP_LINEARS = {
+    "img_in": (1, None), "txt_in": (1, None), "proj_out": (None, 1), "norm_out.linear": (2, 1),
+    "time_text_embed.timestep_embedder.linear_1": (1, None), "time_text_embed.timestep_embedder.linear_2": (1, 1),
+}
+# merged leaf -> its q, k, v parts, in row order
+MERGED_PARTS = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+PART_OF = {part: (merged, i) for merged, parts in MERGED_PARTS.items() for i, part in enumerate(parts)}
+
+# kohya flattens module paths with underscores, which is ambiguous in general (`to_out_0`, `linear_1`);
+# mapping back through the known names is exact.
+_KOHYA_BLOCK = {name.replace(".", "_"): name for name in BLOCK_LINEARS}
+_KOHYA_TOP = {name.replace(".", "_"): name for name in TOP_LINEARS}
+_BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
+_KOHYA_BLOCK_RE = re.compile(r"transformer_blocks_(\d+)_(.+)")
+
+_SUFFIXES = (
+    (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B"),
+    (".lora_A.weight", "A"), (".lora_B.weight", "B"),
+    (".lora_down.weight", "A"), (".lora_up.weight", "B"),
+    (".alpha", "alpha"),
+)
+_PREFIXES = ("transformer.", "diffusion_model.")
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used as given (not a LoRA, another model's LoRA, wrong shapes, bad names)."""
+
+
+def _known(name: str) -> bool:
+    m = _BLOCK_RE.fullmatch(name)
+    return (m is not None and m.group(2) in BLOCK_LINEARS) or name in TOP_LINEARS
+
+
+def _module_name(stem: str) -> str | None:
+    """Key stem (key without its lora suffix) -> module path in the DiT, or None if it names no DiT linear."""
+    if stem.startswith("lora_unet_"):
+        flat = stem[len("lora_unet_"):]
+        m = _KOHYA_BLOCK_RE.fullmatch(flat)
+        if m:
+            rest = _KOHYA_BLOCK.get(m.group(2))
+            return f"transformer_blocks.{m.group(1)}.{rest}" if rest else None
+        return _KOHYA_TOP.get(flat)
+    for prefix in _PREFIXES:
+        if stem.startswith(prefix):
+            stem = stem[len(prefix):]
+            break
+    return stem if _known(stem) else None
+
+
+def short_name(module: str) -> str:
+    """`transformer_blocks.3.attn.to_qkv` -> `attn.to_qkv` (the form `--lora_target_modules` takes)."""
+    m = _BLOCK_RE.fullmatch(module)
+    return m.group(2) if m else module
+
+
+def _summary(keys, limit=8) -> str:
+    keys = list(keys)
+    more = f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _parse(sd: dict, source: str) -> dict:
+    """Group the keys of a LoRA state dict by module: {module: {"A": t, "B": t, "alpha": t}}."""
+    modules, unknown, foreign = {}, [], []
+    for key, value in sd.items():
+        for suffix, role in _SUFFIXES:
+            if key.endswith(suffix):
+                name = _module_name(key[: -len(suffix)])
+                if name is None:
+                    foreign.append(key)
+                    break
+                entry = modules.setdefault(name, {})
+                if role in entry:
+                    raise LoraError(f"{source}: two keys give {role} of module {name} (second: {key}); "
+                                    "the file mixes key formats for one module")
+                entry[role] = value
+                break
+        else:
+            unknown.append(key)
+    if not modules and not foreign:
+        raise LoraError(f"{source}: not a LoRA: no key ends with lora_A/lora_B/lora_down/lora_up .weight "
+                        f"(keys: {_summary(sd)}). For a full DiT checkpoint use the checkpoint conversion.")
+    if foreign:
+        raise LoraError(f"{source}: not a Qwen-Image DiT LoRA: {len(foreign)} keys name no linear layer of the "
+                        f"Qwen-Image DiT: {_summary(foreign)}. Is this a LoRA for another model?")
+    if unknown:
+        raise LoraError(f"{source}: {len(unknown)} keys are not LoRA down/up/alpha weights and cannot be used "
+                        f"(DoRA, bias or full-diff LoRAs are not supported): {_summary(unknown)}")
+    for name, entry in modules.items():
+        if "A" not in entry or "B" not in entry:
+            missing = "down (lora_A)" if "A" not in entry else "up (lora_B)"
+            raise LoraError(f"{source}: module {name} has no {missing} weight; the file is incomplete")
+        A, B = entry["A"], entry["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise LoraError(f"{source}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                            "are not a rank-r pair (r x in, out x r) of linear LoRA weights")
+    return modules
+
+
+def _check_shapes(modules: dict, source: str):
+    """All shapes must fit one DiT width d: catches LoRAs of other models that reuse the module names."""
+    width, witness = None, None
+    for name, (A, B) in modules.items():
+        out_mult, in_mult = BLOCK_LINEARS.get(short_name(name)) or TOP_LINEARS[name]
+        for mult, size in ((out_mult, B.shape[0]), (in_mult, A.shape[1])):
+            if mult is None:
+                continue
+            if width is None and size % mult == 0:
+                width, witness = size // mult, name
+            elif width is None or size != mult * width:
+                fit = f"a Qwen-Image DiT of width {width} (read from {witness})" if width else "a Qwen-Image DiT"
+                raise LoraError(f"{source}: module {name} has shape {B.shape[0]}x{A.shape[1]} (out x in), which "
+                                f"does not fit {fit}. Is this a LoRA for another model?")
+
+
+def _read_raw(lora, source=None):
+    """Path or state dict -> ({module: (A, B)} unscaled, {module: scale}, metadata)."""
+    if isinstance(lora, (str, os.PathLike)):
+        source = source or os.fspath(lora)
+        if not os.fspath(lora).endswith(".safetensors"):
+            raise LoraError(f"{source}: LoRAs are read from .safetensors files only")
+        if not os.path.isfile(lora):
+            raise LoraError(f"{source}: file not found")
+        sd, metadata = load_safetensors(lora), read_metadata(lora)
+    elif isinstance(lora, dict):
+        source, sd, metadata = source or "LoRA state dict", lora, {}
+    else:
+        raise TypeError(f"expected a LoRA path or state dict, got {type(lora).__name__}")
+    entries = _parse(sd, source)
+    # Our own files keep alpha and rank in the metadata; they apply to modules without an `.alpha` key.
+    default_scale = 1.0
+    if metadata.get("format_version") and "alpha" in metadata and "rank" in metadata:
+        default_scale = float(metadata["alpha"]) / float(metadata["rank"])
+    modules, scales = {}, {}
+    for name, entry in entries.items():
+        modules[name] = (entry["A"], entry["B"])
+        alpha = entry.get("alpha")
+        scales[name] = float(alpha) / entry["A"].shape[0] if alpha is not None else default_scale
+    _check_shapes(modules, source)
+    return modules, scales, metadata
+
+
+def read_lora(lora, source: str | None = None) -> dict[str, torch.Tensor]:
+    """Any supported LoRA (path or state dict) -> normalised native state dict with the scale folded into B.
+
+    A state dict without `.alpha` keys is taken as already scaled (alpha == rank), as diffusers does.
+    Tensors keep their dtype; the scale is applied in fp32.
+    """
+    modules, scales, _ = _read_raw(lora, source)
+    out = {}
+    for name, (A, B) in modules.items():
+        if scales[name] != 1.0:
+            B = (B.float() * scales[name]).to(B.dtype)
+        out[f"{name}.lora_A.weight"] = A
+        out[f"{name}.lora_B.weight"] = B
+    return out
+
+
+def lora_modules(lora) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised LoRA (or anything read_lora reads) -> {module: (A, B)}."""
+    sd = read_lora(lora)
+    return {k[: -len(".lora_A.weight")]: (v, sd[k[: -len("A.weight")] + "B.weight"])
+            for k, v in sd.items() if k.endswith(".lora_A.weight")}
+
+
+def from_modules(modules: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (A, B) in modules.items():
+        out[f"{name}.lora_A.weight"] = A
+        out[f"{name}.lora_B.weight"] = B
+    return out
+
+
+def lora_architecture(lora) -> str | None:
+    """"merged_qkv", "standard", or None when the LoRA touches no q/k/v projection (fits either DiT)."""
+    leaves = {name.rsplit(".", 1)[-1] for name in lora_modules(lora)}
+    merged, standard = bool(leaves & set(MERGED_PARTS)), bool(leaves & set(PART_OF))
+    if merged and standard:
+        raise LoraError("LoRA mixes merged (to_qkv/add_qkv_proj) and separate (to_q/to_k/to_v) projections")
+    return "merged_qkv" if merged else "standard" if standard else None
+
+
+def detect_format(keys) -> str:
+    """Name of the key format of a LoRA state dict (for reports)."""
+    keys = list(keys)
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "kohya"
+    if any(k.startswith("diffusion_model.") for k in keys):
+        return "comfyui"
+    if any(k.startswith("transformer.") for k in keys):
+        return "diffusers"
+    if any(".default." in k for k in keys):
+        return "diffsynth"
+    return "native"
+
+
+def lora_metadata(lora: dict, architecture: str | None, rank, alpha, target_modules, extra=None) -> dict:
+    """Safetensors metadata of the files this project writes (values are strings)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    found = lora_architecture(lora)
+    if found is not None and found != architecture:
+        raise ValueError(f"architecture {architecture!r} contradicts the LoRA's keys, which are {found}")
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    meta = {
+        "format": "diffsynth-qwen-image-lora",
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "rank": str(int(rank)),
+        "alpha": str(float(alpha)),
+        "target_modules": ",".join(target_modules),
+    }
+    for key, value in (extra or {}).items():
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    return meta

@@ -1,0 +1,121 @@
+"""Edit an image with Qwen-Image-Edit and a LoRA, on the merged-QKV DiT (or the standard one with --standard).
+
+    python examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py \\
+        --edit_image edit.png --prompt "your editing prompt" --output output.png \\
+        --lora_path ./models/my_merged_qkv_lora/checkpoint-final.safetensors
+
+--edit_image is the image to edit (repeat it for several with Qwen-Image-Edit-2509/2511). --input_image is an
+optional init image: generation starts from it, noised to --denoising_strength (< 1). The LoRA may be in either
+layout (to_qkv or to_q/to_k/to_v) and any common format; it is fused into the DiT. Models are found under
+--models_dir (default ./models, or $DIFFSYNTH_MODELS_DIR) and downloaded from ModelScope when missing.
+"""
+import argparse
+import os
+import sys
+
+from PIL import Image, UnidentifiedImageError
+
+from diffsynth.pipelines.qwen_image import DEFAULT_MODELS
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edit_image", action="append", default=[], metavar="PATH",
+                        help="image to edit; repeat for several (Edit-2509/2511)")
+    parser.add_argument("--input_image", default=None, metavar="PATH",
+                        help="optional init image, used with --denoising_strength < 1")
+    parser.add_argument("--denoising_strength", type=float, default=1.0,
+                        help="1.0 starts from pure noise; lower keeps more of --input_image")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default=" ",
+                        help="true CFG runs with a negative prompt (default ' ', as the official examples)")
+    parser.add_argument("--cfg_scale", type=float, default=4.0, help="1 turns CFG off (half the DiT passes)")
+    parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...)")
+    parser.add_argument("--lora_path", default=None, help="LoRA .safetensors to fuse into the DiT")
+    parser.add_argument("--lora_scale", type=float, default=1.0)
+    parser.add_argument("--model_id_with_origin_paths", default=None,
+                        help=f"comma-separated 'model_id:pattern' entries (default: {DEFAULT_MODELS})")
+    parser.add_argument("--model_paths", default=None,
+                        help='JSON list of local model files, e.g. \'["dit.safetensors", "vae.safetensors"]\'')
+    parser.add_argument("--models_dir", default=None, help="where model ids are looked up (default ./models)")
+    parser.add_argument("--tokenizer_path", default=None, help="default: <text encoder repo>/tokenizer/")
+    parser.add_argument("--processor_path", default=None, help="default: <DiT repo>/processor/")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--merged_qkv", dest="merged_qkv", action="store_true", default=True,
+                        help="run the merged-QKV DiT (default)")
+    layout.add_argument("--standard", dest="merged_qkv", action="store_false", help="run the standard DiT")
+    parser.add_argument("--num_steps", type=int, default=30)
+    parser.add_argument("--height", type=int, default=None, help="default: the edit image's (rounded to 16)")
+    parser.add_argument("--width", type=int, default=None, help="default: the edit image's (rounded to 16)")
+    parser.add_argument("--edit_image_area", type=int, default=1024 * 1024,
+                        help="pixel area of each edit image for the VAE (default 1024*1024, as trained)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--offload", action="store_true", help="keep idle components on the CPU (less GPU memory)")
+    args = parser.parse_args(argv)
+    if not args.edit_image:
+        parser.error("--edit_image is required: the image to edit (--input_image is only an optional init image "
+                     "for --denoising_strength < 1)")
+    return args
+
+
+def open_inputs(args):
+    """Decode every input image before any model loads, so a wrong path fails in a second, not minutes."""
+    from diffsynth.utils.image import open_image
+
+    for path in args.edit_image + [p for p in (args.input_image, args.lora_path) if p]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found")
+    ext = os.path.splitext(args.output)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise ValueError(f"--output {args.output}: unknown image extension {ext!r}; use .png or .jpg")
+    try:
+        edit_images = [open_image(p) for p in args.edit_image]
+        input_image = open_image(args.input_image) if args.input_image else None
+    except UnidentifiedImageError as e:
+        raise ValueError(f"cannot read image: {e}") from e
+    return edit_images, input_image
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        edit_images, input_image = open_inputs(args)
+        if input_image is not None and args.denoising_strength >= 1.0:
+            print("warning: --input_image has no effect at --denoising_strength 1.0; pass e.g. --denoising_strength "
+                  "0.7 to start from it", file=sys.stderr)
+
+        import torch
+
+        from diffsynth.pipelines.qwen_image import QwenImagePipeline, parse_dtype
+        from diffsynth.utils.io import atomic_path
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = parse_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
+        pipe = QwenImagePipeline.from_pretrained(
+            model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
+            models_dir=args.models_dir, tokenizer_path=args.tokenizer_path, processor_path=args.processor_path,
+            merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload,
+        )
+        if args.lora_path:
+            changed = pipe.load_lora(args.lora_path, scale=args.lora_scale)
+            print(f"fused {args.lora_path} into {len(changed)} layers (scale {args.lora_scale})")
+        image = pipe(
+            args.prompt, edit_image=edit_images,
+            negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, num_inference_steps=args.num_steps,
+            height=args.height, width=args.width, seed=args.seed, input_image=input_image,
+            denoising_strength=args.denoising_strength, edit_image_area=args.edit_image_area,
+        )
+        with atomic_path(args.output) as tmp:
+            image.save(tmp)  # the temporary name keeps the extension, which picks the format
+    except (ValueError, OSError) as e:  # bad paths, files, flags: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"saved {args.output} ({image.width}x{image.height})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

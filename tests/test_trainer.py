@@ -1,0 +1,140 @@
+"""The trainer on the tiny models: learning, checkpoints, errors, fp8, batches, cache, resume, NaN guard."""
+import csv
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import TINY_MODEL_IDS
+from diffsynth.trainers import Trainer, main, parse_args
+from diffsynth.utils.demo_data import write_edit_dataset
+
+
+def flags(tiny_models, data, out, *extra, merged=True):
+    return ["--dataset_base_path", data, "--dataset_metadata_path", os.path.join(data, "metadata.csv"),
+            "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models,
+            "--max_pixels", "4096", "--edit_image_area", "4096", "--output_path", out,
+            "--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "2e-3", *extra]
+
+
+def losses(out):
+    with open(os.path.join(out, "train_log.csv")) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def fixed_loss(trainer, seed=123):
+    """The loss on the first sample at fixed noise and sigmas: comparable before and after training."""
+    from diffsynth.trainers.trainer import flow_matching_loss
+
+    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=1,
+                                                  collate_fn=__import__("diffsynth.trainers.dataset",
+                                                                        fromlist=["collate_fn"]).collate_fn)))
+    cond = trainer.conditions(batch)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(8):
+            total += flow_matching_loss(trainer.dit, trainer.pipe.scheduler, cond,
+                                        torch.Generator().manual_seed(seed + i)).item()
+    return total / 8
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_training_lowers_the_loss_and_writes_checkpoints(tiny_models, tmp_path, merged):
+    data = str(tmp_path / "one")
+    write_edit_dataset(data, num_samples=1)  # one sample, repeated
+    out = str(tmp_path / "out")
+    args = parse_args(flags(tiny_models, data, out, "--num_epochs", "2", "--dataset_repeat", "15",
+                            "--learning_rate", "1e-2", "--cache_conditioning"), merged_qkv=merged)
+    trainer = Trainer(args)
+    trainer.setup()
+    before = fixed_loss(trainer)
+    final = trainer.train()
+    after = fixed_loss(trainer)
+    assert after < 0.8 * before, (before, after)
+    assert final == os.path.join(out, "checkpoint-final.safetensors")
+    for name in ("checkpoint-final.safetensors", "epoch-1.safetensors", "epoch-2.safetensors", "loss.png",
+                 "train_log.csv"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert len(losses(out)) == 30
+    with safe_open(final, "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["architecture"] == ("merged_qkv" if merged else "standard")
+    assert meta["rank"] == "4" and meta["steps"] == "30"
+    assert any(("to_qkv" if merged else "to_q") + ".lora_A.weight" in k for k in keys)
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_checkpoint_changes_the_pipeline_output(tiny_models, data, tmp_path):
+    from PIL import Image
+
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "3", "--learning_rate", "5e-2")) == 0
+    pipe = QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=tiny_models, merged_qkv=True)
+    edit = Image.open(os.path.join(data, "edits", "edit000.png"))
+    kwargs = dict(edit_image=edit, seed=0, num_inference_steps=2, edit_image_area=4096, output_type="latent",
+                  progress=False)
+    before = pipe("make the red square blue", **kwargs)
+    pipe.load_lora(os.path.join(out, "checkpoint-final.safetensors"))
+    after = pipe("make the red square blue", **kwargs)
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_bad_dataset_rows_fail_before_models_load(tiny_models, tmp_path, capsys):
+    folder = tmp_path / "data"
+    write_edit_dataset(str(folder), num_samples=3)
+    (folder / "images" / "img001.png").unlink()
+    (folder / "edits" / "edit002.png").write_bytes(b"not an image")
+    out = str(tmp_path / "out")
+    code = main(flags(tiny_models, str(folder), out, "--models_dir", str(tmp_path / "no-models-here")))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "img001.png" in err and "edit002.png" in err and "row 2" in err and "row 3" in err
+    assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
+
+
+def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = main(flags(tiny_models, data, out, "--lora_target_modules", "to_q,to_k,to_v"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Module to_q, to_k, to_v not found in LoRA target modules" in err and "to_q -> to_qkv" in err
+    assert not os.path.exists(os.path.join(out, "train_log.csv"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--unknown_flag", "1"], "unrecognized arguments: --unknown_flag"),
+    (["--lora_rank"], "expected one argument"),
+    (["--height", "64"], "--height and --width go together"),
+    (["--use_gradient_checkpointing_offload"], "needs --use_gradient_checkpointing"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+])
+def test_bad_flags_exit_with_a_message(tiny_models, data, tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags(tiny_models, data, str(tmp_path / "out"), *bad))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fp8_halves_weight_memory_and_trains(tiny_models, data, tmp_path):
+    from diffsynth.utils.fp8 import weight_bytes
+
+    out = str(tmp_path / "out")
+    args = parse_args(flags(tiny_models, data, out, "--num_epochs", "10", "--cache_conditioning",
+                            "--enable_fp8_training", "--mixed_precision", "no"))
+    trainer = Trainer(args)
+    trainer.setup()
+    fp8_bytes = weight_bytes(trainer.dit)
+    from diffsynth.models import load_qwen_image_dit
+
+    reference = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), True,
+                                    torch.bfloat16)
+    assert fp8_bytes < 0.65 * weight_bytes(reference)  # bf16 baseline; fp8 + per-row scales + fp32 LoRA
+    before = fixed_loss(trainer)
+    trainer.train()
+    trained = losses(out)
+    assert all(torch.isfinite(torch.tensor(trained)))
+    assert fixed_loss(trainer) < before

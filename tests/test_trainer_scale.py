@@ -1,0 +1,122 @@
+"""Issue 6: batches with aspect buckets, the conditioning cache, exact resume, the NaN guard, DDP."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL_IDS
+from diffsynth.trainers import main
+from diffsynth.utils.demo_data import write_edit_dataset
+from test_trainer import flags, losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_batch_of_four_with_mixed_aspect_ratios(tiny_models, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    write_edit_dataset(data, num_samples=12, sizes=[(64, 64), (64, 32), (32, 64)])
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--batch_size", "4", "--num_epochs", "2", "--cache_conditioning")) == 0
+    printed = capsys.readouterr().out
+    assert "12 samples in 3 size bucket(s), batch size 4: 3 batches per epoch" in printed
+    assert len(losses(out)) == 6
+    assert all(torch.isfinite(torch.tensor(losses(out))))
+
+
+def test_cached_and_uncached_losses_are_equal(tiny_models, data, tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("cached", ["--cache_conditioning", str(tmp_path / "cache")])):
+        out = str(tmp_path / name)
+        assert main(flags(tiny_models, data, out, "--max_steps", "4", "--dataset_repeat", "2", *extra)) == 0
+        runs[name] = losses(out)
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one file per sample, keyed by content
+    assert runs["plain"] == runs["cached"]
+    # a second cached run reads the cache without loading the text encoder or VAE
+    from diffsynth.pipelines import qwen_image
+
+    seen = []
+    real = qwen_image.QwenImagePipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("need"))
+        return real(cls, *args, **kwargs)
+
+    qwen_image.QwenImagePipeline.from_pretrained = classmethod(spy)
+    try:
+        out = str(tmp_path / "again")
+        assert main(flags(tiny_models, data, out, "--max_steps", "4", "--dataset_repeat", "2",
+                          "--cache_conditioning", str(tmp_path / "cache"))) == 0
+    finally:
+        qwen_image.QwenImagePipeline.from_pretrained = classmethod(real)
+    assert seen == [("dit",)]
+    assert losses(out) == runs["plain"]
+
+
+def test_resume_equals_uninterrupted(tiny_models, data, tmp_path):
+    common = ["--num_epochs", "2", "--dataset_repeat", "2", "--save_steps", "3", "--cache_conditioning",
+              str(tmp_path / "cache"), "--checkpoints_total_limit", "1"]
+    full = str(tmp_path / "full")
+    assert main(flags(tiny_models, data, full, *common)) == 0
+    part = str(tmp_path / "part")
+    assert main(flags(tiny_models, data, part, *common, "--max_steps", "3")) == 0
+    assert os.path.isdir(os.path.join(part, "checkpoints", "step-3"))
+    assert main(flags(tiny_models, data, part, *common, "--resume_from_checkpoint", "latest")) == 0
+    a = load_file(os.path.join(full, "checkpoint-final.safetensors"))
+    b = load_file(os.path.join(part, "checkpoint-final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert losses(part)[-5:] == losses(full)[-5:]
+    # checkpoints_total_limit 1: only the newest training state is kept
+    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["step-6"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, data, tmp_path, monkeypatch, capsys):
+    import diffsynth.trainers.trainer as trainer_module
+
+    real, calls = trainer_module.flow_matching_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer_module, "flow_matching_loss", poisoned)
+    out = str(tmp_path / "out")
+    code = main(flags(tiny_models, data, out, "--max_steps", "6", "--save_steps", "2", "--dataset_repeat", "3",
+                      "--cache_conditioning"))
+    assert code == 1
+    assert "loss is nan at step 3" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
+    good = load_file(os.path.join(out, "step-2.safetensors"))
+    assert good and all(torch.isfinite(v).all() for v in good.values())
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=tiny_models, need=("dit",))
+    pipe.load_lora(os.path.join(out, "step-2.safetensors"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tiny_models, data, tmp_path):
+    out = str(tmp_path / "out")
+    # `--cpu` makes accelerate 1.x start ONE process; `--multi_gpu` starts two through torchrun, which then
+    # train with gloo on the CPU when no GPU is present.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           os.path.join(ROOT, "examples/qwen_image/model_training/train_merged_qkv.py"),
+           *flags(tiny_models, data, out, "--max_steps", "2", "--save_steps", "1", "--dataset_repeat", "2",
+                  "--export_format", "comfyui")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 samples in 1 size bucket(s), batch size 1: 4 batches per epoch, 2 per process (2 process(es))" \
+        in result.stdout
+    names = sorted(os.listdir(out))
+    for name in ("checkpoint-final.safetensors", "checkpoint-final-comfyui.safetensors", "step-1.safetensors",
+                 "step-2.safetensors", "loss.png"):
+        assert name in names
+    assert not [n for n in names if ".tmp" in n]
+    assert len(losses(out)) == 2  # one writer: the main process logs each step once
