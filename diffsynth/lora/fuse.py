@@ -4,7 +4,6 @@ A standard LoRA's q/k/v deltas land in their row slice of `to_qkv` / `add_qkv_pr
 is split by rows over `to_q/to_k/to_v`. Every LoRA module must find its target and fit it, or nothing is changed.
 """
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from diffsynth.lora.reader import MERGED_PARTS, PART_OF, LoraError, lora_modules
@@ -14,6 +13,8 @@ _ORIGINAL = "_lora_fuse_original"  # attribute holding a CPU copy of a weight be
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """{name: nn.Linear}; a peft-wrapped layer is listed under its own name with its base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft is slow to import: only when needed
+
     layers, wrapped = {}, []
     for name, module in model.named_modules():
         if any(name.startswith(w + ".") for w in wrapped):

@@ -2,8 +2,6 @@
 import re
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from diffsynth.lora.fuse import linear_layers
@@ -64,6 +62,8 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
     missing = [t for t in targets if not any(_matches(n, t) for n in names)]
     if missing:
         raise ValueError(_not_found_message(missing, names))
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     for name, param in model.named_parameters():
@@ -73,6 +73,8 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The LoRA weights of `model` with native keys: `transformer_blocks.0.attn.to_qkv.lora_A.weight`."""
+    from peft import get_peft_model_state_dict
+
     sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
     if not sd:
         raise LoraError(f"the model holds no LoRA adapter {adapter_name!r}; call inject_lora first")
@@ -95,6 +97,8 @@ def save_lora(model_or_state_dict, path, rank: int, alpha: float, target_modules
 
 
 def _lora_layers(model, adapter_name):
+    from peft.tuners.lora import LoraLayer
+
     return {name: module for name, module in model.named_modules()
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A}
 

@@ -74,11 +74,12 @@ def locate_model_files(model_id_with_origin_paths=None, model_paths=None, models
 
 
 class QwenImagePipeline:
-    def __init__(self, dit, text_encoder=None, vae=None, scheduler=None, device="cpu", torch_dtype=torch.float32):
+    def __init__(self, dit, text_encoder=None, vae=None, scheduler=None, device="cpu", torch_dtype=torch.float32,
+                 offload=False):
         self.dit, self.text_encoder, self.vae = dit, text_encoder, vae
         self.scheduler = scheduler or FlowMatchScheduler()
         self.device, self.torch_dtype = torch.device(device), torch_dtype
-        self.offload = False
+        self.offload = offload  # idle components wait on the CPU; each visits `device` only while it runs
 
     @classmethod
     def from_pretrained(cls, model_id_with_origin_paths=None, model_paths=None, models_dir=None, tokenizer_path=None,
@@ -95,9 +96,7 @@ class QwenImagePipeline:
             text_encoder = QwenImageTextEncoder.from_pretrained(files["text_encoder"], files["tokenizer"],
                                                                files["processor"], torch_dtype, load_device)
         vae = load_qwen_image_vae(files["vae"], torch_dtype, load_device) if "vae" in need else None
-        pipe = cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype)
-        pipe.offload = offload
-        return pipe
+        return cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype, offload=offload)
 
     @contextlib.contextmanager
     def _on_device(self, module):
@@ -114,7 +113,8 @@ class QwenImagePipeline:
     # ---- conditioning (shared with the trainer) ----------------------------------------------------------------
 
     def encode_prompt(self, prompts, edit_images=None):
-        """prompts: list of str; edit_images: one list of PIL images per prompt (already resized) or None.
+        """prompts: list of str; edit_images: one list of PIL images per prompt, or None. The text encoder resizes
+        them to the area its template shows the VL model (Edit: 1024x1024, Edit-2509/2511: 384x384 each).
         -> (embeddings (B, T, D), mask (B, T) or None when nothing is padded).
 
         One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one.
@@ -172,9 +172,10 @@ class QwenImagePipeline:
         `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
         `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
         """
-        edit_images = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
-                                                     else [edit_image])
-        edit_images = [resize_edit_image(img.convert("RGB"), edit_image_area) for img in edit_images]
+        originals = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
+                                                   else [edit_image])
+        originals = [img.convert("RGB") for img in originals]
+        edit_images = [resize_edit_image(img, edit_image_area) for img in originals]
         if height is None or width is None:
             if edit_images:
                 w, h = edit_images[0].size
@@ -189,10 +190,12 @@ class QwenImagePipeline:
             raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit a {width}x{height} output; "
                              f"expected {shape}")
 
-        emb, mask = self.encode_prompt([prompt], [edit_images] if edit_images else None)
+        # The VL model gets the original images and resizes them itself, as diffusers does: a small
+        # edit_image_area shrinks only what the VAE sees.
+        emb, mask = self.encode_prompt([prompt], [originals] if originals else None)
         use_cfg = negative_prompt is not None and cfg_scale > 1
         if use_cfg:
-            neg_emb, neg_mask = self.encode_prompt([negative_prompt], [edit_images] if edit_images else None)
+            neg_emb, neg_mask = self.encode_prompt([negative_prompt], [originals] if originals else None)
         edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
         shapes = [(1, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)] + edit_shapes
 

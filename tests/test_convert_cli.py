@@ -1,0 +1,75 @@
+"""convert_merged_qkv_checkpoint.py as users call it: full checkpoints and LoRAs, both directions, errors."""
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import random_diffusers_dit
+from diffsynth.utils.io import resolve_safetensors_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py")
+
+
+def convert(*args):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_full_checkpoint_round_trip_through_the_cli(tmp_path):
+    folder = tmp_path / "transformer"
+    random_diffusers_dit().save_pretrained(folder, max_shard_size="60KB")
+    original = {}
+    for f in resolve_safetensors_files(folder):
+        original.update(load_file(f))
+    merged = tmp_path / "merged_checkpoint.safetensors"
+    r = convert("--input", folder, "--output", merged, "--direction", "to_merged")
+    assert r.returncode == 0, r.stderr
+    assert "transformer_blocks.0.attn.to_qkv.weight" in load_file(merged)
+    standard = tmp_path / "standard_checkpoint.safetensors"
+    r = convert("--input", merged, "--output", standard, "--direction", "to_standard")
+    assert r.returncode == 0, r.stderr
+    back = load_file(standard)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_lora_through_the_cli(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for b in range(2):
+        for name, out_dim in (("attn.to_qkv", 192), ("attn.add_qkv_proj", 192), ("img_mlp.net.2", 64)):
+            in_dim = 256 if name == "img_mlp.net.2" else 64
+            lora[f"transformer_blocks.{b}.{name}.lora_A.weight"] = torch.randn(4, in_dim, generator=g)
+            lora[f"transformer_blocks.{b}.{name}.lora_B.weight"] = torch.randn(out_dim, 4, generator=g)
+    merged = tmp_path / "merged_lora.safetensors"
+    save_file(lora, merged)
+    standard = tmp_path / "standard_lora.safetensors"
+    r = convert("--input", merged, "--output", standard, "--direction", "to_standard")
+    assert r.returncode == 0, r.stderr
+    out = load_file(standard)
+    # the default format is diffusers' (which ComfyUI reads too); q, k, v share A and take B's row thirds
+    a = out["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"]
+    assert torch.equal(a, lora["transformer_blocks.0.attn.to_qkv.lora_A.weight"])
+    assert torch.equal(out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"],
+                       lora["transformer_blocks.0.attn.to_qkv.lora_B.weight"][64:128])
+    kohya = tmp_path / "kohya.safetensors"
+    assert convert("--input", standard, "--output", kohya, "--direction", "to_merged", "--rank", "4",
+                   "--format", "kohya").returncode == 0
+    # --rank 4 gives back the original rank-4 deltas exactly (up to SVD rounding) and reports the error
+    r = convert("--input", standard, "--output", tmp_path / "m.safetensors", "--direction", "to_merged", "--rank", "4")
+    assert r.returncode == 0 and "relative" in r.stdout.lower()
+
+
+def test_cli_errors_leave_no_output(tmp_path):
+    r = convert("--input", tmp_path / "missing.safetensors", "--output", tmp_path / "o.safetensors",
+                "--direction", "to_merged")
+    assert r.returncode == 1 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
+    save_file({"encoder.conv_in.weight": torch.zeros(3)}, tmp_path / "vae.safetensors")
+    r = convert("--input", tmp_path / "vae.safetensors", "--output", tmp_path / "o.safetensors",
+                "--direction", "to_merged")
+    assert r.returncode == 1 and "not a Qwen-Image DiT" in r.stderr
+    r = convert("--input", tmp_path / "vae.safetensors", "--output", tmp_path / "o.safetensors",
+                "--direction", "sideways")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -1,0 +1,130 @@
+"""The inference script end to end on the tiny models (CPU, 2 steps), run as the quickstart runs it."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import modelscope
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_MODEL_IDS
+from diffsynth.lora import save_lora
+from diffsynth.models import load_qwen_image_dit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py")
+FAST = ["--num_steps", "2", "--edit_image_area", "4096", "--device", "cpu"]
+
+
+def run(*args):
+    # one thread: the tests run two workers on two cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.RandomState(0)
+    paths = {}
+    for name, (w, h) in (("input", (64, 64)), ("edit", (80, 48))):
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(paths[name])
+    return paths
+
+
+@pytest.fixture
+def merged_lora(tiny_models, tmp_path):
+    """A LoRA as train_merged_qkv.py writes it: native keys on to_qkv / add_qkv_proj, random non-zero weights."""
+    import torch
+
+    dit = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=True)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, module in dit.named_modules():
+        if name.endswith(("attn.to_qkv", "attn.add_qkv_proj")):
+            sd[f"{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.1
+            sd[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.1
+    path = str(tmp_path / "checkpoint-final.safetensors")
+    save_lora(sd, path, rank=4, alpha=4, target_modules="to_qkv,add_qkv_proj", architecture="merged_qkv")
+    return path
+
+
+@pytest.mark.slow
+def test_quickstart_command_writes_the_png(tiny_models, images, merged_lora, tmp_path):
+    out = tmp_path / "out" / "output.png"
+    result = run("--input_image", images["input"], "--edit_image", images["edit"], "--prompt", "make the sky blue",
+                 "--output", str(out), "--lora_path", merged_lora,
+                 "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models, *FAST)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (96, 64)  # 80x48 at 4096 px area, sides rounded to 32
+        pixels = np.asarray(img)
+    assert pixels.std() > 0
+    assert "--input_image has no effect at --denoising_strength 1.0" in result.stderr
+    assert "fused" in result.stdout and "into 4 layers" in result.stdout
+    assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lora, tmp_path):
+    root = os.path.join(tiny_models, "tiny-random")
+    model_paths = [f"{root}/Qwen-Image-Edit/transformer", f"{root}/Qwen-Image/text_encoder",
+                   f"{root}/Qwen-Image/vae/diffusion_pytorch_model.safetensors"]
+    out = tmp_path / "edited.jpg"
+    result = run("--edit_image", images["edit"], "--prompt", "add a dog", "--output", str(out), "--standard",
+                 "--lora_path", merged_lora, "--model_paths", json.dumps(model_paths),
+                 "--tokenizer_path", f"{root}/Qwen-Image/tokenizer",
+                 "--processor_path", f"{root}/Qwen-Image-Edit/processor",
+                 "--input_image", images["input"], "--denoising_strength", "0.6", "--cfg_scale", "1",
+                 "--height", "48", "--width", "40", "--dtype", "fp32", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "no effect" not in result.stderr
+    with Image.open(out) as img:
+        assert img.format == "JPEG" and img.size == (32, 48)  # width rounded down to 16
+    # the merged LoRA is split over the standard DiT's to_q/to_k/to_v (+ the added projections)
+    assert "into 12 layers" in result.stdout
+
+
+@pytest.mark.slow
+def test_missing_input_file_is_one_line_and_exit_1(tmp_path, images):
+    missing = str(tmp_path / "no-such-edit.png")
+    result = run("--input_image", images["input"], "--edit_image", missing, "--prompt", "x",
+                 "--output", str(tmp_path / "o.png"))
+    assert result.returncode == 1
+    assert missing in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "o.png").exists()
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("inference_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_missing_models_offline_is_a_clear_error(tmp_path, images, monkeypatch, capsys):
+    def offline(model_id, **kwargs):
+        raise ConnectionError(f"cannot reach modelscope.cn for {model_id}")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    code = load_script().main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                               "--models_dir", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert code == 1
+    # the default model ids, resolved under --models_dir
+    assert f"{tmp_path}/models/Qwen/Qwen-Image-Edit/transformer/diffusion_pytorch_model*.safetensors" in err
+    assert "download failed (ConnectionError" in err and "Traceback" not in err
+
+
+def test_bad_flags(tmp_path, images, capsys):
+    script = load_script()
+    with pytest.raises(SystemExit) as e:
+        script.main(["--input_image", images["input"], "--prompt", "x"])
+    assert e.value.code == 2 and "--edit_image is required" in capsys.readouterr().err
+    assert script.main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.xyz")]) == 1
+    assert "unknown image extension '.xyz'" in capsys.readouterr().err
