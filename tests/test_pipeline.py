@@ -43,7 +43,7 @@ def noise(height=H, width=W, seed=1):
     return torch.randn(1, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(seed))
 
 
-def to_uint8(image):
+def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
@@ -81,7 +81,7 @@ def run_ours(pipe, latents, negative, edit_image_area):
     out = pipe(PROMPT, edit_image=EDIT, negative_prompt=negative, cfg_scale=4.0, height=H, width=W,
                num_inference_steps=STEPS, latents=latents, edit_image_area=edit_image_area, output_type="latent",
                progress=False)
-    return out, to_uint8(pipe.decode(out, H, W))
+    return out, pixels(pipe.decode(out, H, W))
 
 
 def assert_same(ours, reference):

@@ -138,3 +138,17 @@ def test_fp8_halves_weight_memory_and_trains(tiny_models, data, tmp_path):
     trained = losses(out)
     assert all(torch.isfinite(torch.tensor(trained)))
     assert fixed_loss(trainer) < before
+
+
+def test_full_fine_tuning_writes_a_loadable_dit(tiny_models, data, tmp_path):
+    from diffsynth.models import load_qwen_image_dit
+
+    out = str(tmp_path / "out")
+    argv = [a for a in flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning")
+            if a not in ("--lora_base_model", "dit", "--lora_rank", "4")]
+    assert main(argv) == 0
+    path = os.path.join(out, "checkpoint-final.safetensors")
+    model = load_qwen_image_dit(path, merged_qkv=False)  # merged-QKV checkpoint, split on load
+    base = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=False)
+    changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert len(changed) > 10

@@ -71,11 +71,14 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
     return model
 
 
-def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The LoRA weights of `model` with native keys: `transformer_blocks.0.attn.to_qkv.lora_A.weight`."""
+def lora_state_dict(model: nn.Module, adapter_name: str = "default", state_dict=None) -> dict[str, torch.Tensor]:
+    """The LoRA weights of `model` with native keys: `transformer_blocks.0.attn.to_qkv.lora_A.weight`.
+
+    `state_dict`: the model's full state dict when it must be gathered first (FSDP: accelerator.get_state_dict).
+    """
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    sd = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
     if not sd:
         raise LoraError(f"the model holds no LoRA adapter {adapter_name!r}; call inject_lora first")
     return sd

@@ -119,6 +119,8 @@ class QwenImagePipeline:
 
         One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one.
         """
+        if self.text_encoder is None:
+            raise ValueError("this pipeline was loaded without the text encoder; load it with need=(..., 'text_encoder')")
         template = None
         if edit_images is not None:
             template = "edit-plus" if any(len(images) > 1 for images in edit_images) else "edit"
@@ -172,6 +174,8 @@ class QwenImagePipeline:
         `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
         `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
         """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         originals = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
                                                    else [edit_image])
         originals = [img.convert("RGB") for img in originals]

@@ -1,4 +1,25 @@
+import json
+
 from .args import build_parser, parse_args
-from .trainer import Trainer, main
+
+
+def main(argv=None, merged_qkv=True) -> int:
+    """Entry point of train.py / train_merged_qkv.py. The heavy imports wait until the flags are known good."""
+    args = parse_args(argv, merged_qkv)
+    if args.dry_run:
+        print(json.dumps(dict(sorted(vars(args).items())), indent=1))
+        return 0
+    from .trainer import run
+
+    return run(args)
+
+
+def __getattr__(name):
+    if name == "Trainer":
+        from .trainer import Trainer
+
+        return Trainer
+    raise AttributeError(name)
+
 
 __all__ = ["Trainer", "build_parser", "main", "parse_args"]

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
 from ..lora.convert import lora_to_standard, to_format
 from ..utils.io import save_safetensors
-from .args import parse_args
 from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
 
@@ -199,6 +198,8 @@ class Trainer:
     def save_model(self, name):
         """LoRA (or full DiT) weights as `<output_path>/<name>.safetensors`, main process only, atomically."""
         args, acc = self.args, self.accelerator
+        # Every process takes part: under FSDP gathering the sharded weights is a collective operation.
+        state = acc.get_state_dict(self.dit)
         if not acc.is_main_process:
             return None
         dit = acc.unwrap_model(self.dit)
@@ -207,7 +208,7 @@ class Trainer:
         meta = {"base_model": args.model_id_with_origin_paths or args.model_paths, "steps": self.state.step,
                 "dataset_size": len(self.dataset.samples), "epoch": self.state.epoch}
         if args.lora_base_model:
-            sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit).items()}
+            sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit, state_dict=state).items()}
             alpha = args.lora_alpha or args.lora_rank
             save_lora(sd, path, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
             if args.export_format:
@@ -216,7 +217,7 @@ class Trainer:
                 save_safetensors(exported, os.path.join(args.output_path, f"{name}-{args.export_format}.safetensors"),
                                  {"format": "pt", "lora_format": args.export_format, "architecture": "standard"})
         else:
-            save_safetensors({k: v.detach().cpu() for k, v in dit.state_dict().items()}, path,
+            save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
                              {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
         return path
 
@@ -386,11 +387,8 @@ def sorted_states(root):
     return sorted(states, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
-def main(argv=None, merged_qkv=True):
-    args = parse_args(argv, merged_qkv)
-    if args.dry_run:
-        print(json.dumps({k: v for k, v in sorted(vars(args).items())}, indent=1))
-        return 0
+def run(args) -> int:
+    """Train with parsed flags; errors the user can fix become a message and an exit code."""
     trainer = Trainer(args)
     try:
         trainer.setup()
