@@ -120,7 +120,7 @@ class QwenImagePipeline:
         One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one.
         """
         if self.text_encoder is None:
-            raise ValueError("this pipeline was loaded without the text encoder; load it with need=(..., 'text_encoder')")
+            raise ValueError("this pipeline was loaded without the text encoder; pass need=(..., 'text_encoder')")
         template = None
         if edit_images is not None:
             template = "edit-plus" if any(len(images) > 1 for images in edit_images) else "edit"

@@ -8,16 +8,17 @@ import os
 
 import torch
 
-from ..utils.image import SIZE_MULTIPLE, tensor_to_pil
+from ..utils.image import SIZE_MULTIPLE, open_image
 from ..utils.io import load_safetensors, read_metadata, save_safetensors
 
 
 @torch.no_grad()
-def condition_sample(pipe, item) -> dict:
-    """item: one dataset item (image (3,H,W), edit_images [(3,h,w)...], prompt) -> CPU tensors and shapes."""
+def condition_sample(pipe, item, edit_files=()) -> dict:
+    """item: one dataset item (image (3,H,W), edit_images [(3,h,w)...] sized for the VAE, prompt);
+    edit_files: the edit images' files, which the text encoder sizes itself, as at inference -> CPU tensors."""
     image, edits = item["image"], list(item["edit_images"])
-    edit_pils = [tensor_to_pil(e) for e in edits]
-    emb, mask = pipe.encode_prompt([item["prompt"]], [edit_pils] if edits else None)
+    originals = [open_image(path) for path in edit_files]
+    emb, mask = pipe.encode_prompt([item["prompt"]], [originals] if originals else None)
     if mask is not None:
         emb = emb[:, : int(mask[0].sum())]  # one sample: padding, if any, is at the end
     cond = {

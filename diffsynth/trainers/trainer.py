@@ -181,16 +181,18 @@ class Trainer:
         acc = self.accelerator
         mine = todo[acc.process_index::acc.num_processes]
         for sample in tqdm(mine, desc="caching conditioning", disable=not acc.is_local_main_process):
-            item = self.dataset[self.dataset.samples.index(sample)]
-            self.cache.put(sample.cache_key, condition_sample(self.pipe, item))
+            index = self.dataset.samples.index(sample)
+            self.cache.put(sample.cache_key, condition_sample(self.pipe, self.dataset[index], sample.edit_images))
         acc.wait_for_everyone()
 
     def conditions(self, batch):
-        items = [{"image": batch["image"][i], "edit_images": [e[i] for e in batch["edit_images"]],
-                  "prompt": batch["prompt"][i]} for i in range(len(batch["prompt"]))]
-        with torch.no_grad():
-            conds = [self.cache.get(key) if self.cache is not None else condition_sample(self.pipe, item)
-                     for key, item in zip(batch["cache_key"], items)]
+        if self.cache is not None:
+            conds = [self.cache.get(key) for key in batch["cache_key"]]
+        else:
+            conds = [condition_sample(self.pipe, {"image": batch["image"][i], "prompt": batch["prompt"][i],
+                                                  "edit_images": [e[i] for e in batch["edit_images"]]},
+                                      self.dataset.samples[batch["index"][i]].edit_images)
+                     for i in range(len(batch["prompt"]))]
         return collate_conditions(conds, self.accelerator.device, self.pipe.torch_dtype)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import sys
 
 from PIL import Image, UnidentifiedImageError
 
-from diffsynth.pipelines.qwen_image import DEFAULT_MODELS
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--lora_path", default=None, help="LoRA .safetensors to fuse into the DiT")
     parser.add_argument("--lora_scale", type=float, default=1.0)
     parser.add_argument("--model_id_with_origin_paths", default=None,
-                        help=f"comma-separated 'model_id:pattern' entries (default: {DEFAULT_MODELS})")
+                        help="comma-separated 'model_id:pattern' entries (default: the DiT of Qwen/Qwen-Image-Edit, "
+                        "the text encoder and VAE of Qwen/Qwen-Image)")
     parser.add_argument("--model_paths", default=None,
                         help='JSON list of local model files, e.g. \'["dit.safetensors", "vae.safetensors"]\'')
     parser.add_argument("--models_dir", default=None, help="where model ids are looked up (default ./models)")
@@ -62,7 +61,8 @@ def parse_args(argv=None):
 
 
 def open_inputs(args):
-    """Decode every input image before any model loads, so a wrong path fails in a second, not minutes."""
+    """Check every input path and decode the images before the heavy imports and model loading: a wrong path
+    fails in seconds, not after minutes of loading."""
     from diffsynth.utils.image import open_image
 
     for path in args.edit_image + [p for p in (args.input_image, args.lora_path) if p]:
