@@ -120,3 +120,34 @@ def test_ddp_two_processes_on_cpu(tiny_models, data, tmp_path):
         assert name in names
     assert not [n for n in names if ".tmp" in n]
     assert len(losses(out)) == 2  # one writer: the main process logs each step once
+
+
+def test_validation_images_and_grid(tiny_models, data, tmp_path):
+    from PIL import Image
+
+    out = str(tmp_path / "out")
+    edit = os.path.join(data, "edits", "edit000.png")
+    assert main(flags(tiny_models, data, out, "--num_epochs", "3", "--max_steps", "5",
+                      "--validation_prompt", "make the red square blue",
+                      "--validation_edit_image", edit, "--validation_steps", "2",
+                      "--validation_inference_steps", "2")) == 0
+    folder = os.path.join(out, "validation")
+    assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-2.png", "step-4.png"]
+    assert Image.open(os.path.join(folder, "step-2.png")).size == (64, 64)  # the edit image's size
+    assert Image.open(os.path.join(folder, "grid.png")).size == (3 * 64, 64)
+    # training changed the LoRA between two validations, so the pictures differ
+    a, b = (Image.open(os.path.join(folder, f)).tobytes() for f in ("step-2.png", "final.png"))
+    assert a != b
+
+
+def test_report_to_tensorboard(tiny_models, data, tmp_path, capsys):
+    import importlib.util
+
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning",
+                      "--report_to", "tensorboard")) == 0
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "tensorboard is not installed (pip install tensorboard); csv only" in capsys.readouterr().out
+    else:
+        assert any(f.startswith("events.") for f in os.listdir(os.path.join(out, "tensorboard")))
+    assert len(losses(out)) == 2  # the CSV log is always written

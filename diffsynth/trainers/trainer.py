@@ -314,7 +314,9 @@ class Trainer:
                 if args.save_steps and self.state.step % args.save_steps == 0:
                     self.save_model(f"step-{self.state.step}")
                     self.save_state()
-                if args.validation_steps and self.state.step % args.validation_steps == 0:
+                # the last step's validation is the final one, below
+                if (args.validation_steps and self.state.step % args.validation_steps == 0
+                        and self.state.step < self.total_steps):
                     self.validate(writer)
                 if self.state.step >= self.total_steps:
                     done = True
