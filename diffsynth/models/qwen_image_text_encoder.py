@@ -13,7 +13,6 @@ Prompt templates (the strings are diffusers', so embeddings match its pipelines)
 The processor is used as its two parts (tokenizer + image processor): transformers' Qwen2.5-VL processor class
 cannot be built without torchvision (its video processor needs it) although images alone do not.
 """
-import json
 import math
 import os
 import re
@@ -23,8 +22,9 @@ from accelerate import init_empty_weights
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from diffsynth.models.qwen_image_vae import check_state_dict
-from diffsynth.utils.io import WeightFileError, load_safetensors, resolve_safetensors_files
+from diffsynth.utils.io import (
+    WeightFileError, check_state_dict, config_beside, load_safetensors, resolve_safetensors_files,
+)
 
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
@@ -71,17 +71,11 @@ def load_qwen_image_text_encoder(paths, torch_dtype=torch.bfloat16, device="cpu"
     with gradients off (it is only ever used to encode prompts).
     """
     files = resolve_safetensors_files(paths)
-    config_path = os.path.join(os.path.dirname(files[0]), "config.json")
-    if not os.path.isfile(config_path):
-        raise WeightFileError(
-            f"{config_path}: text encoder config not found; it must sit beside {files[0]} "
-            "(download `text_encoder/config.json` from Qwen/Qwen-Image together with the weights)"
-        )
-    with open(config_path) as f:
-        config = json.load(f)
+    config = config_beside(files, "text encoder", "text_encoder/config.json")
     if config.get("model_type") != "qwen2_5_vl":
         raise WeightFileError(
-            f"{config_path}: model_type is {config.get('model_type')!r}, expected 'qwen2_5_vl' "
+            f"{os.path.join(os.path.dirname(files[0]), 'config.json')}: model_type is {config.get('model_type')!r}, "
+            "expected 'qwen2_5_vl' "
             "(the Qwen-Image text encoder is Qwen2.5-VL)"
         )
     # Parameters on the meta device (no throwaway random init of ~8B weights); buffers such as the rotary

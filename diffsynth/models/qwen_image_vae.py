@@ -3,13 +3,11 @@
 The VAE is a causal 3D-conv autoencoder used here with one frame: images go in as (B, 3, 1, H, W) and latents
 come out as (B, 16, 1, H/8, W/8). The helpers below take and return 4D tensors and add/drop that frame axis.
 """
-import json
-import os
 
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from diffsynth.utils.io import WeightFileError, load_safetensors, resolve_safetensors_files
+from diffsynth.utils.io import check_state_dict, config_beside, load_safetensors, resolve_safetensors_files
 
 
 def load_qwen_image_vae(paths, torch_dtype=torch.float32, device="cpu") -> AutoencoderKLQwenImage:
@@ -19,14 +17,7 @@ def load_qwen_image_vae(paths, torch_dtype=torch.float32, device="cpu") -> Autoe
     `vae/` directory. Missing, unexpected or mis-shaped keys are an error listing them.
     """
     files = resolve_safetensors_files(paths)
-    config_path = os.path.join(os.path.dirname(files[0]), "config.json")
-    if not os.path.isfile(config_path):
-        raise WeightFileError(
-            f"{config_path}: VAE config not found; it must sit beside {files[0]} "
-            "(download `vae/config.json` from the model repo together with the weights)"
-        )
-    with open(config_path) as f:
-        config = json.load(f)
+    config = config_beside(files, "VAE", "vae/config.json")
     # Build on the meta device (no random init of weights that are about to be replaced).
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage.from_config(config)
@@ -38,29 +29,6 @@ def load_qwen_image_vae(paths, torch_dtype=torch.float32, device="cpu") -> Autoe
     state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}
     vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae.eval().requires_grad_(False)
-
-
-def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str):
-    """Raise a WeightFileError listing missing, unexpected and mis-shaped keys (the first few of each)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
-        for k in set(expected) & set(state_dict)
-        if tuple(state_dict[k].shape) != expected[k]
-    )
-    problems = [
-        f"{len(keys)} {what}: " + ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        if keys
-    ]
-    if problems:
-        raise WeightFileError(
-            f"{source}: weights do not fit {type(model).__name__} built from its config.json; "
-            + "; ".join(problems)
-            + ". Check that the file and the config.json beside it belong to the same model."
-        )
 
 
 def _latent_stats(vae, like: torch.Tensor):

@@ -80,6 +80,39 @@ def read_metadata(file) -> dict:
         return dict(f.metadata() or {})
 
 
+def config_beside(files, what, repo_file) -> dict:
+    """The config.json in the folder of a weight file set (as every official model folder has one)."""
+    path = os.path.join(os.path.dirname(files[0]), "config.json")
+    if not os.path.isfile(path):
+        raise WeightFileError(f"{path}: {what} config not found; it must sit beside {files[0]} "
+                              f"(download `{repo_file}` from the model repo together with the weights)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str):
+    """Raise a WeightFileError listing missing, unexpected and mis-shaped keys (the first few of each)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != expected[k]
+    )
+    problems = [
+        f"{len(keys)} {what}: " + ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        raise WeightFileError(
+            f"{source}: weights do not fit {type(model).__name__} built from its config.json; "
+            + "; ".join(problems)
+            + ". Check that the file and the config.json beside it belong to the same model."
+        )
+
+
 def load_safetensors(file, device="cpu") -> dict[str, torch.Tensor]:
     device = torch.device(device)
     try:  # safetensors refuses "cpu:0", which accelerate uses for CPU processes
