@@ -11,8 +11,6 @@ from .qwen_image_dit_merged_qkv import (
     QwenImageDiTMergedQKV, is_qkv_key, merge_qkv_state_dict, pending_qkv_keys, split_qkv_state_dict,
 )
 
-CONFIG_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
-               "joint_attention_dim", "axes_dims_rope", "patch_size", "zero_cond_t")
 
 
 def dit_layout(keys) -> str:
