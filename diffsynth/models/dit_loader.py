@@ -12,7 +12,6 @@ from .qwen_image_dit_merged_qkv import (
 )
 
 
-
 def dit_layout(keys) -> str:
     """'standard' or 'merged_qkv' from the key names; anything else is an error."""
     keys = list(keys)
