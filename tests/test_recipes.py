@@ -299,3 +299,13 @@ def test_fsdp_wraps_a_block_class_both_dits_have(tiny_dit_config):
         model = cls(**tiny_dit_config)
         blocks = [m for m in model.modules() if type(m).__name__ == name]
         assert len(blocks) == tiny_dit_config["num_layers"], f"{cls.__name__} has {len(blocks)} {name} modules"
+
+
+def test_deepspeed_config_parses_as_accelerate_reads_it():
+    from accelerate.commands.launch import launch_command_parser
+
+    launch_flags = {a.dest for a in launch_command_parser()._actions}
+    raw, config = load_config("accelerate_config_deepspeed_zero2.yaml")
+    assert raw["distributed_type"] == "DEEPSPEED" and raw["mixed_precision"] == "bf16"
+    assert set(raw["deepspeed_config"]) <= launch_flags, set(raw["deepspeed_config"]) - launch_flags
+    assert config.deepspeed_config["zero_stage"] == 2
