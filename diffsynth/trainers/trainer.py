@@ -180,9 +180,10 @@ class Trainer:
         todo = self.cache.missing(self.dataset.samples)
         acc = self.accelerator
         mine = todo[acc.process_index::acc.num_processes]
+        index_of = {s.cache_key: i for i, s in enumerate(self.dataset.samples)}
         for sample in tqdm(mine, desc="caching conditioning", disable=not acc.is_local_main_process):
-            index = self.dataset.samples.index(sample)
-            self.cache.put(sample.cache_key, condition_sample(self.pipe, self.dataset[index], sample.edit_images))
+            item = self.dataset[index_of[sample.cache_key]]
+            self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images))
         acc.wait_for_everyone()
 
     def conditions(self, batch):
