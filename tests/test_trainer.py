@@ -152,3 +152,31 @@ def test_full_fine_tuning_writes_a_loadable_dit(tiny_models, data, tmp_path):
     base = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=False)
     changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert len(changed) > 10
+
+
+def test_lora_fused_and_lora_checkpoint(tiny_models, data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from diffsynth.lora import lora_to_standard, to_format
+    from diffsynth.utils.io import save_safetensors
+
+    first = str(tmp_path / "first")
+    assert main(flags(tiny_models, data, first, "--max_steps", "2", "--cache_conditioning",
+                      "--learning_rate", "5e-2")) == 0
+    trained = os.path.join(first, "checkpoint-final.safetensors")
+    # a pretrained LoRA in the standard layout and kohya format, fused into the merged DiT before training
+    kohya = str(tmp_path / "pretrained_kohya.safetensors")
+    save_safetensors(to_format(lora_to_standard(trained), "kohya"), kohya)
+    second = str(tmp_path / "second")
+    assert main(flags(tiny_models, data, second, "--max_steps", "1", "--cache_conditioning",
+                      "--lora_fused", kohya)) == 0
+    # 8 targets x 2 blocks; the q/k/v deltas of the standard file land in to_qkv / add_qkv_proj
+    assert "fused 16 LoRA deltas from" in capsys.readouterr().out
+    # continuing from a checkpoint starts from its weights: with a vanishing learning rate they come back unchanged
+    third = str(tmp_path / "third")
+    assert main(flags(tiny_models, data, third, "--max_steps", "1", "--cache_conditioning",
+                      "--lora_checkpoint", trained, "--learning_rate", "1e-30", "--weight_decay", "0")) == 0
+    before, after = load_file(trained), load_file(os.path.join(third, "checkpoint-final.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-12)
