@@ -11,12 +11,30 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
+class _FP8Linear(torch.autograd.Function):
+    """y = x W^T + b with W upcast from fp8 on the fly, in forward AND backward.
+
+    A plain `F.linear(x, w8.to(dtype) * scale)` would make autograd keep the upcast weight for the backward
+    pass: one full-precision copy of every layer alive at once, which is more memory than no fp8 at all.
+    Here only the fp8 weight and its scale (which exist anyway) are saved. W and b are frozen: no grads.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        ctx.save_for_backward(weight, scale)
+        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        return grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)), None, None, None
+
+
 class FP8Linear(nn.Linear):
     """nn.Linear whose frozen weight is float8 with a per-row scale; the state-dict key stays `weight`."""
 
     def forward(self, x):
-        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return _FP8Linear.apply(x, self.weight, self.weight_scale, self.bias)
 
 
 def enable_fp8_linear(model: nn.Module) -> int:
