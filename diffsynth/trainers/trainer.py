@@ -280,10 +280,11 @@ class Trainer:
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_fn,
                                                  num_workers=args.dataset_num_workers)
             for batch in loader:
+                # Conditioning outside autocast, exactly as the cache computes it: cached == uncached.
+                cond = self.conditions(batch)
                 with acc.accumulate(self.dit):
                     with acc.autocast():
-                        loss = flow_matching_loss(self.dit, self.pipe.scheduler, self.conditions(batch),
-                                                  self.state.generator)
+                        loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond, self.state.generator)
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
