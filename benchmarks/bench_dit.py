@@ -12,7 +12,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV, merge_qkv_state_dict
-from diffsynth.utils.io import atomic_path
+from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
 
 VARIANTS = ("standard", "merged", "diffusers")
 COMMON_TARGETS = ["to_out.0", "to_add_out",
@@ -35,7 +34,7 @@ QKV_TARGETS = {
     "merged": ["to_qkv", "add_qkv_proj"],
     "diffusers": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"],
 }
-START, END = "<!-- bench_dit:start -->", "<!-- bench_dit:end -->"
+START, END = section_markers("bench_dit")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -86,13 +85,7 @@ def rope_axes(head_dim):
 
 
 def machine(device):
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    text = (f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"diffusers {diffusers.__version__}, peft {peft.__version__}, Python {platform.python_version()}")
     if device == "cuda":
         text = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host " + text
@@ -332,15 +325,6 @@ def render(args, rows, target_len, argv):
     return "\n".join(text) + "\n"
 
 
-def write_section(path, section):
-    """Replace this benchmark's marked section of `path` (or append it), leaving other sections alone."""
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
-    new = pattern.sub(lambda _: section, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(new)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -348,7 +332,7 @@ def main(argv=None):
     section = render(args, rows, target_len, argv)
     print(section)
     if args.output:
-        write_section(args.output, section)
+        write_section(args.output, "bench_dit", section)
         print(f"wrote the bench_dit section of {args.output}")
 
 

@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -31,7 +30,9 @@ import tempfile
 import time
 from collections import namedtuple
 
-START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
+from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
+
+START, END = section_markers("bench_train")
 
 # samples: distinct edit pairs, all of one size so that a batch of 4 is one bucket (repeated to fill the steps).
 PRESETS = {
@@ -246,14 +247,6 @@ def step_seconds(log_path, warmup):
     return steps[warmup:]
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def run(args):
     """-> (facts from the preparation, {config: {"times": timed step seconds of all rounds, "runs": [results]}})."""
     work = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="bench_train-"))
@@ -447,20 +440,6 @@ def render(args, info, results, argv):
     return "\n".join(text) + "\n"
 
 
-def write_section(path, section):
-    """Replace this benchmark's marked section of `path` (or append it), leaving other sections alone."""
-    from diffsynth.utils.io import atomic_path
-
-    old = "# Benchmarks\n"
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
-    new = pattern.sub(lambda _: section, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(new)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -468,7 +447,7 @@ def main(argv=None):
     section = render(args, info, results, argv)
     print(section)
     if args.output:
-        write_section(args.output, section)
+        write_section(args.output, "bench_train", section)
         print(f"wrote the bench_train section of {args.output}")
 
 

@@ -14,7 +14,8 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 OTHER = "<!-- bench_dit:start -->\ndit section\n<!-- bench_dit:end -->\n"
-ROW = re.compile(r"^\| ([^|]+?) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9]+) \| ([0-9]+) \|$", re.M)
+ROW = re.compile(r"^\| ([^|]+?) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9]+) \| ([0-9]+) \| ([0-9]+) \|$",
+                 re.M)
 
 
 def load_bench():
@@ -45,10 +46,11 @@ def test_bench_train_toy_runs_every_config(tmp_path):
     rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in ROW.finditer(section)}
     assert list(rows) == [c.label for c in bench.CONFIGS.values()]  # one row per configuration, in order
     for name, config in bench.CONFIGS.items():
-        median, low, _, per_sample, steps_rss, run_rss = rows[config.label]
+        median, low, _, per_sample, dit_mb, steps_rss, run_rss = rows[config.label]
         assert 0 < low <= median, name
         assert per_sample == pytest.approx(median / config.batch, abs=0.006), name
         assert 100 < steps_rss <= run_rss, name  # MB, libraries included; the steps are part of the run
+        assert 0 <= dit_mb < steps_rss, name
         # each configuration trained the requested steps with the real trainer and saved its LoRA
         run = work / "runs" / f"{name}-round1"
         with open(run / "train_log.csv") as f:
@@ -56,6 +58,8 @@ def test_bench_train_toy_runs_every_config(tmp_path):
         with safe_open(run / "checkpoint-final.safetensors", "pt") as f:
             assert f.metadata()["architecture"] == ("merged_qkv" if config.merged else "standard"), name
     assert rows[bench.CONFIGS["baseline"].label][2] == 1.0
+    # fp8 stores the frozen base weights in one byte: the DiT holds fewer bytes than the baseline's
+    assert rows[bench.CONFIGS["fp8"].label][4] < rows[bench.CONFIGS["baseline"].label][4]
     assert len(list((work / "cache").glob("*.safetensors"))) == 1  # the toy data set: one pair, cached once
     assert "Machine:" in section and "--warmup 0 --steps 2" in section and "UNDERSTATES" in section
     assert "--output" not in section and "--work_dir" not in section  # where files went is not what was measured

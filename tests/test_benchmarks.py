@@ -43,7 +43,7 @@ def test_write_section_replaces_only_its_own(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n" + OTHER)
     for body in ("first", "second"):
-        bench.write_section(out, f"{bench.START}\n{body}\n{bench.END}\n")
+        bench.write_section(out, "bench_dit", f"{bench.START}\n{body}\n{bench.END}\n")
     text = out.read_text()
     assert text == "# Benchmarks\n\n" + OTHER + f"\n{bench.START}\nsecond\n{bench.END}\n"
 

@@ -1,0 +1,31 @@
+"""What the scripts in benchmarks/ share: the machine's name and their own section of BENCHMARKS.md."""
+import os
+import platform
+import re
+
+from .io import atomic_path
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def section_markers(name):
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_section(path, name, section):
+    """Replace the `name` section of `path` (or append it), leaving the other benchmarks' sections alone."""
+    start, end = section_markers(name)
+    old = "# Benchmarks\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    new = pattern.sub(lambda _: section, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(new)
