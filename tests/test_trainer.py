@@ -180,3 +180,12 @@ def test_lora_fused_and_lora_checkpoint(tiny_models, data, tmp_path, capsys):
     assert before.keys() == after.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-12)
+
+
+def test_lr_warmup_counts_optimizer_steps(tiny_models, data, tmp_path):
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "4", "--lr_warmup_steps", "4", "--learning_rate", "1e-3",
+                      "--gradient_accumulation_steps", "2", "--dataset_repeat", "4", "--cache_conditioning")) == 0
+    with open(os.path.join(out, "train_log.csv")) as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # step s (from 0) uses (s + 1) / 4 of the peak

@@ -169,7 +169,8 @@ class QwenImagePipeline:
         final packed latent tokens (1, L, 64) with output_type="latent" (turn them into an image with `decode`).
 
         True CFG (two DiT passes per step) runs only with a `negative_prompt` (" " will do) and cfg_scale > 1.
-        The output defaults to the first edit image's size; sides are rounded down to a multiple of 16.
+        The output defaults to the last edit image's size (as diffusers' Edit-Plus pipeline chooses it); sides are
+        rounded down to a multiple of 16.
         `edit_image_area` is the pixel area each edit image is resized to for the VAE (diffusers: 1024 x 1024).
         `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
         `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
@@ -182,7 +183,7 @@ class QwenImagePipeline:
         edit_images = [resize_edit_image(img, edit_image_area) for img in originals]
         if height is None or width is None:
             if edit_images:
-                w, h = edit_images[0].size
+                w, h = edit_images[-1].size
             else:
                 w, h = edit_image_size(1, 1, edit_image_area)
             width, height = width or w, height or h

@@ -95,7 +95,8 @@ class Trainer:
         # Without an accelerator, several processes (torchrun / `accelerate launch --multi_gpu`) train on the CPU
         # with gloo: accelerate only sets that up when asked for the CPU.
         self.accelerator = Accelerator(
-            cpu=not torch.accelerator.is_available(), mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            cpu=not torch.accelerator.is_available(), mixed_precision=mixed,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
         )
         set_seed(args.seed)
@@ -168,7 +169,11 @@ class Trainer:
         warmup = args.lr_warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         # The data loader is ours (the bucket sampler already shards by rank): accelerate must not re-shard it.
-        self.dit, self.optimizer, self.lr_scheduler = acc.prepare(dit, optimizer, scheduler)
+        # The lr schedule counts optimizer steps: it is stepped by hand after each real step, because accelerate's
+        # wrapper would step it once per process (warm-up N times too short on N GPUs).
+        self.dit, self.optimizer = acc.prepare(dit, optimizer)
+        self.lr_scheduler = scheduler
+        acc.register_for_checkpointing(scheduler)
         self.params = params
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         self.total_steps = args.num_epochs * self.steps_per_epoch
@@ -296,14 +301,15 @@ class Trainer:
                     if acc.sync_gradients and args.max_grad_norm:
                         acc.clip_grad_norm_(self.params, args.max_grad_norm)
                     self.optimizer.step()
-                    self.lr_scheduler.step()
+                    lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
+                    if acc.sync_gradients:
+                        self.lr_scheduler.step()
                     self.optimizer.zero_grad()
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
                 self.state.step += 1
                 loss_value = acc.reduce(loss.detach().float(), reduction="mean").item()
-                lr = self.lr_scheduler.get_last_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if acc.is_main_process:
