@@ -15,12 +15,14 @@ from diffusers import QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import TINY_MODEL_IDS
 from diffsynth.models.qwen_image_vae import pack_latents
 from diffsynth.pipelines.qwen_image import QwenImagePipeline
 from diffsynth.trainers import main
-from diffsynth.utils.image import resize_edit_image
+from diffsynth.trainers.dataset import validate_metadata
+from diffsynth.utils.image import open_image, resize_edit_image
 from diffsynth.utils.tiny_models import reference_pipeline
 from test_pipeline import LAYOUT, make_image, pixels
 from test_trainer import flags, losses
@@ -176,19 +178,31 @@ def models_2511(tiny_models, tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def ref_2511(models_2511):
+    pipe = reference_pipeline(paths_of(models_2511), "edit-plus")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.zero_cond_t
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipes_2511(models_2511):
+    return {merged: load(models_2511, merged) for merged in (True, False)}
+
+
 @pytest.mark.parametrize("merged", [True, False], ids=["merged", "standard"])
-def test_zero_cond_t_model_matches_diffusers(models_2511, pipes, small_vae_area, merged):
-    ref = reference_pipeline(paths_of(models_2511), "edit-plus")
-    ref.set_progress_bar_config(disable=True)
-    assert ref.transformer.config.zero_cond_t
-    pipe = load(models_2511, merged)
+@pytest.mark.parametrize("images", [EDITS, EDITS[:1]], ids=["two_images", "one_image"])
+def test_zero_cond_t_model_matches_diffusers(ref_2511, pipes_2511, pipes, small_vae_area, merged, images):
+    """Edit-2511 takes the Edit-Plus path ("Picture i:" template) with one edit image as with several."""
+    pipe = pipes_2511[merged]
     assert pipe.dit.config["zero_cond_t"] is True  # read from config.json beside the weights
     latents = noise()
     for negative in (None, NEGATIVE):
-        ours = run_ours(pipe, latents, negative)
-        assert_same(ours, run_reference(ref, latents, negative, height=H, width=W))
+        ours = run_ours(pipe, latents, negative, images)
+        assert_same(ours, run_reference(ref_2511, latents, negative, images, height=H, width=W))
     # Same weights without zero_cond_t (Edit-2509) give another result: the flag was picked up and matters.
-    assert (run_ours(pipes[merged], latents, negative, decode=False)[0] - ours[0]).abs().max() > 20 * 1e-5
+    assert (run_ours(pipes[merged], latents, NEGATIVE, images, decode=False)[0] - ours[0]).abs().max() > 20 * 1e-5
 
 
 # ---- trainer: two edit images per row ------------------------------------------------------------------------
@@ -228,9 +242,20 @@ def test_trainer_with_two_edit_images(tiny_models, two_image_data, tmp_path):
             assert json.loads(f.metadata()["shapes"]) == [[1, 4, 4], [1, 4, 4], [1, 2, 6]]
             assert tuple(f.get_slice("edit_latents").get_shape()) == (16 + 12, 64)
 
-    # The checkpoint loads into the pipeline and changes a two-image edit.
+    # What training saw is what the pipeline computes at inference for the same two images ("Picture i:" template).
     pipe = load(tiny_models)
-    edits = [Image.open(os.path.join(two_image_data, sub)) for sub in ("edits/edit000.png", "refs/ref000.png")]
+    sample = validate_metadata(os.path.join(two_image_data, "metadata.csv"), two_image_data, max_pixels=4096,
+                               edit_area=4096)[0]
+    cached = load_file(str(cache / f"{sample.cache_key}.safetensors"))
+    edits = [open_image(path) for path in sample.edit_images]
+    emb, mask = pipe.encode_prompt([sample.prompt], [edits])
+    assert mask is None
+    torch.testing.assert_close(cached["prompt_emb"], emb[0], rtol=0, atol=0)
+    tokens, shapes = pipe.encode_edit_images([resize_edit_image(e, 4096) for e in edits])
+    assert shapes == [(1, 4, 4), (1, 2, 6)]
+    torch.testing.assert_close(cached["edit_latents"], tokens[0], rtol=0, atol=0)
+
+    # The checkpoint loads into the pipeline and changes a two-image edit.
     kwargs = dict(edit_image=edits, seed=0, num_inference_steps=2, edit_image_area=4096, output_type="latent",
                   progress=False)
     before = pipe("make the red square of picture 1 the colour of picture 2", **kwargs)

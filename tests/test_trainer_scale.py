@@ -99,27 +99,41 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, data, tm
     pipe.load_lora(os.path.join(out, "step-2.safetensors"))
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu(tiny_models, data, tmp_path):
-    out = str(tmp_path / "out")
+def launch_two_processes(tiny_models, data, out, port, *extra):
     # `--cpu` makes accelerate 1.x start ONE process; `--multi_gpu` starts two through torchrun, which then
     # train with gloo on the CPU when no GPU is present.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            os.path.join(ROOT, "examples/qwen_image/model_training/train_merged_qkv.py"),
-           *flags(tiny_models, data, out, "--max_steps", "2", "--save_steps", "1", "--dataset_repeat", "2",
-                  "--export_format", "comfyui")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+           *flags(tiny_models, data, out, "--dataset_repeat", "4", "--cache_conditioning", *extra)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "4 samples in 1 size bucket(s), batch size 1: 4 batches per epoch, 2 per process (2 process(es))" \
+    return result
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_and_exact_resume(tiny_models, data, tmp_path):
+    out = str(tmp_path / "out")
+    result = launch_two_processes(tiny_models, data, out, 29517, "--max_steps", "3", "--save_steps", "1",
+                                  "--export_format", "comfyui")
+    assert "8 samples in 1 size bucket(s), batch size 1: 8 batches per epoch, 4 per process (2 process(es))" \
         in result.stdout
     names = sorted(os.listdir(out))
     for name in ("checkpoint-final.safetensors", "checkpoint-final-comfyui.safetensors", "step-1.safetensors",
-                 "step-2.safetensors", "loss.png"):
+                 "step-3.safetensors", "loss.png"):
         assert name in names
     assert not [n for n in names if ".tmp" in n]
-    assert len(losses(out)) == 2  # one writer: the main process logs each step once
+    assert len(losses(out)) == 3  # one writer: the main process logs each step once
+
+    # stopped after step 1 and resumed: the same LoRA as the uninterrupted run, on both processes' data and noise
+    part = str(tmp_path / "part")
+    launch_two_processes(tiny_models, data, part, 29527, "--max_steps", "1", "--save_steps", "1")
+    launch_two_processes(tiny_models, data, part, 29537, "--max_steps", "3", "--save_steps", "1",
+                         "--resume_from_checkpoint", "latest")
+    a = load_file(os.path.join(out, "checkpoint-final.safetensors"))
+    b = load_file(os.path.join(part, "checkpoint-final.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
 def test_validation_images_and_grid(tiny_models, data, tmp_path):

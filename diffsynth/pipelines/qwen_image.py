@@ -117,13 +117,15 @@ class QwenImagePipeline:
         them to the area its template shows the VL model (Edit: 1024x1024, Edit-2509/2511: 384x384 each).
         -> (embeddings (B, T, D), mask (B, T) or None when nothing is padded).
 
-        One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one.
+        One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one, which
+        an Edit-2511 DiT (zero_cond_t) always takes, as with diffusers' Edit-Plus pipeline.
         """
         if self.text_encoder is None:
             raise ValueError("this pipeline was loaded without the text encoder; pass need=(..., 'text_encoder')")
         template = None
         if edit_images is not None:
-            template = "edit-plus" if any(len(images) > 1 for images in edit_images) else "edit"
+            edit_2511 = self.dit is not None and self.dit.config.get("zero_cond_t", False)
+            template = "edit-plus" if edit_2511 or any(len(images) > 1 for images in edit_images) else "edit"
             if template == "edit":
                 edit_images = [images[0] for images in edit_images]
         with self._on_device(self.text_encoder.text_encoder):

@@ -26,19 +26,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState:
-    """What accelerate's save_state does not know: progress counters and the noise generator."""
+    """Progress counters, saved with accelerate's state. Each process draws its noise and timesteps from a
+    generator seeded by (seed, process, epoch, batch), not from a running generator: a resumed run, on any
+    number of processes, draws exactly what the uninterrupted run drew (accelerate saves custom state from
+    the main process only, so per-process generator states would not survive a resume)."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, process_index):
+        self.seed, self.process_index = seed, process_index
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.generator = torch.Generator().manual_seed(seed)
+
+    def noise_generator(self):
+        key = ((self.seed * 1_000_003 + self.process_index) * 1_000_033 + self.epoch) * 1_000_037 + self.batch_in_epoch
+        return torch.Generator().manual_seed(key % 2**63)
 
     def state_dict(self):
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "generator": self.generator.get_state()}
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state):
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.generator.set_state(state["generator"])
 
 
 def flow_matching_loss(dit, scheduler, cond, generator):
@@ -100,7 +105,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
         )
         set_seed(args.seed)
-        self.state = TrainState(args.seed + self.accelerator.process_index)
+        self.state = TrainState(args.seed, self.accelerator.process_index)
         self.accelerator.register_for_checkpointing(self.state)
         self.log = self.accelerator.print
 
@@ -289,7 +294,8 @@ class Trainer:
                 cond = self.conditions(batch)
                 with acc.accumulate(self.dit):
                     with acc.autocast():
-                        loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond, self.state.generator)
+                        loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
+                                                  self.state.noise_generator())
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
