@@ -59,3 +59,19 @@ def data(tmp_path):
 
     write_edit_dataset(str(tmp_path / "data"), num_samples=2)
     return str(tmp_path / "data")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """modelscope.snapshot_download fails as it does without network; the calls are recorded."""
+    import modelscope
+
+    calls = []
+
+    def fail(model_id, **kwargs):
+        calls.append((model_id, kwargs))
+        raise ConnectionError(f"cannot reach modelscope.cn for {model_id}")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", fail)
+    monkeypatch.delenv("DIFFSYNTH_MODELS_DIR", raising=False)
+    return calls

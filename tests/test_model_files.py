@@ -37,20 +37,6 @@ def write_sharded_dit(root, shards=(1, 2, 3), total=3):
     return d, [str(d / n) for n in names]
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """modelscope.snapshot_download fails as it would without network; calls are recorded."""
-    calls = []
-
-    def fail(model_id, **kwargs):
-        calls.append((model_id, kwargs))
-        raise ConnectionError(f"cannot reach modelscope.cn for {model_id}")
-
-    monkeypatch.setattr(modelscope, "snapshot_download", fail)
-    monkeypatch.delenv("DIFFSYNTH_MODELS_DIR", raising=False)
-    return calls
-
-
 def test_local_files_are_used_without_network(tmp_path, offline):
     _, shards = write_sharded_dit(tmp_path)
     vae = write(tmp_path / "Qwen/Qwen-Image/vae/diffusion_pytorch_model.safetensors", ["encoder.conv_in.weight"])

@@ -4,7 +4,6 @@ image-to-image, and loading errors."""
 import os
 import shutil
 
-import modelscope
 import numpy as np
 import pytest
 import torch
@@ -209,19 +208,6 @@ def test_sizes_seed_and_image_to_image(pipes):
 
 
 # ---- loading errors -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """modelscope fails as it does without network; the calls are recorded."""
-    calls = []
-
-    def fail(model_id, **kwargs):
-        calls.append((model_id, kwargs))
-        raise ConnectionError(f"cannot reach modelscope.cn for {model_id}")
-
-    monkeypatch.setattr(modelscope, "snapshot_download", fail)
-    return calls
 
 
 def copy_models(tiny_models, tmp_path, without=()):
