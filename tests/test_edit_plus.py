@@ -205,6 +205,20 @@ def test_zero_cond_t_model_matches_diffusers(ref_2511, pipes_2511, pipes, small_
     assert (run_ours(pipes[merged], latents, NEGATIVE, images, decode=False)[0] - ours[0]).abs().max() > 20 * 1e-5
 
 
+def test_edit_plus_flag_gives_one_image_the_plus_template(ref, pipes, small_vae_area):
+    """Edit-2509 with one edit image: its DiT looks like Qwen-Image-Edit's, so the choice is the user's."""
+    pipe, latents = pipes[True], noise()
+    try:
+        pipe.edit_plus = True
+        assert_same(run_ours(pipe, latents, NEGATIVE, EDITS[:1]),
+                    run_reference(ref, latents, NEGATIVE, EDITS[:1], height=H, width=W))
+    finally:
+        pipe.edit_plus = None
+    # without it, one image takes the plain Edit template: another result
+    assert (run_ours(pipe, latents, NEGATIVE, EDITS[:1], decode=False)[0]
+            - run_reference(ref, latents, NEGATIVE, EDITS[:1], height=H, width=W)[0]).abs().max() > 20 * 1e-5
+
+
 # ---- trainer: two edit images per row ------------------------------------------------------------------------
 
 

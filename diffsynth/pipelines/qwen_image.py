@@ -75,8 +75,9 @@ def locate_model_files(model_id_with_origin_paths=None, model_paths=None, models
 
 class QwenImagePipeline:
     def __init__(self, dit, text_encoder=None, vae=None, scheduler=None, device="cpu", torch_dtype=torch.float32,
-                 offload=False):
+                 offload=False, edit_plus=None):
         self.dit, self.text_encoder, self.vae = dit, text_encoder, vae
+        self.edit_plus = edit_plus  # prompt template choice, see encode_prompt
         self.scheduler = scheduler or FlowMatchScheduler()
         self.device, self.torch_dtype = torch.device(device), torch_dtype
         self.offload = offload  # idle components wait on the CPU; each visits `device` only while it runs
@@ -84,8 +85,9 @@ class QwenImagePipeline:
     @classmethod
     def from_pretrained(cls, model_id_with_origin_paths=None, model_paths=None, models_dir=None, tokenizer_path=None,
                         processor_path=None, merged_qkv=True, device="cpu", torch_dtype=torch.float32, download=True,
-                        need=("dit", "text_encoder", "vae"), offload=False):
-        """Locate (downloading what is missing) and load every component; `offload` keeps idle ones on the CPU."""
+                        need=("dit", "text_encoder", "vae"), offload=False, edit_plus=None):
+        """Locate (downloading what is missing) and load every component; `offload` keeps idle ones on the CPU.
+        `edit_plus`: see `encode_prompt`."""
         files = locate_model_files(model_id_with_origin_paths, model_paths, models_dir, tokenizer_path,
                                    processor_path, download, need)
         load_device = "cpu" if offload else device
@@ -96,7 +98,8 @@ class QwenImagePipeline:
             text_encoder = QwenImageTextEncoder.from_pretrained(files["text_encoder"], files["tokenizer"],
                                                                files["processor"], torch_dtype, load_device)
         vae = load_qwen_image_vae(files["vae"], torch_dtype, load_device) if "vae" in need else None
-        return cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype, offload=offload)
+        return cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype, offload=offload,
+                   edit_plus=edit_plus)
 
     @contextlib.contextmanager
     def _on_device(self, module):
@@ -118,14 +121,19 @@ class QwenImagePipeline:
         -> (embeddings (B, T, D), mask (B, T) or None when nothing is padded).
 
         One edit image uses the Qwen-Image-Edit template; several use the Edit-2509/2511 ("Picture i:") one, which
-        an Edit-2511 DiT (zero_cond_t) always takes, as with diffusers' Edit-Plus pipeline.
+        an Edit-2511 DiT (zero_cond_t) always takes, as with diffusers' Edit-Plus pipeline. An Edit-2509 DiT cannot
+        be told from Qwen-Image-Edit's by its weights: `edit_plus=True` (the scripts' --edit_plus) gives it the
+        Edit-Plus template with one image too (False forces the Edit template; None decides as above).
         """
         if self.text_encoder is None:
             raise ValueError("this pipeline was loaded without the text encoder; pass need=(..., 'text_encoder')")
         template = None
         if edit_images is not None:
             edit_2511 = self.dit is not None and self.dit.config.get("zero_cond_t", False)
-            template = "edit-plus" if edit_2511 or any(len(images) > 1 for images in edit_images) else "edit"
+            plus = self.edit_plus
+            if plus is None:
+                plus = edit_2511 or any(len(images) > 1 for images in edit_images)
+            template = "edit-plus" if plus else "edit"
             if template == "edit":
                 edit_images = [images[0] for images in edit_images]
         with self._on_device(self.text_encoder.text_encoder):

@@ -24,6 +24,9 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     d.add_argument("--width", type=int, default=None, help="fixed target width (with --height)")
     d.add_argument("--edit_image_area", type=int, default=1024 * 1024,
                    help="area edit images are resized to for the VAE (the pipeline's default: 1024*1024)")
+    d.add_argument("--edit_plus", action="store_true",
+                   help="Qwen-Image-Edit-2509: the Edit-Plus prompt template ('Picture 1: ...') even for one edit "
+                        "image (used anyway for several images and for Edit-2511 models)")
     d.add_argument("--dataset_repeat", type=int, default=1)
     d.add_argument("--dataset_num_workers", type=int, default=0)
     d.add_argument("--batch_size", type=int, default=1, help="samples per step per process (aspect-ratio buckets)")

@@ -132,7 +132,7 @@ class Trainer:
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
         self.pipe = QwenImagePipeline.from_pretrained(
-            **model_args, device=acc.device, torch_dtype=dtype,
+            **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
             need=("dit", "text_encoder", "vae") if need_encoders else ("dit",))
         if self.cache is not None and need_encoders:
             self.fill_cache()

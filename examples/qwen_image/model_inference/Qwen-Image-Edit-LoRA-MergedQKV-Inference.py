@@ -44,8 +44,11 @@ def parse_args(argv=None):
                         help="run the merged-QKV DiT (default)")
     layout.add_argument("--standard", dest="merged_qkv", action="store_false", help="run the standard DiT")
     parser.add_argument("--num_steps", type=int, default=30)
-    parser.add_argument("--height", type=int, default=None, help="default: the edit image's (rounded to 16)")
-    parser.add_argument("--width", type=int, default=None, help="default: the edit image's (rounded to 16)")
+    parser.add_argument("--height", type=int, default=None, help="default: the last edit image's (rounded to 16)")
+    parser.add_argument("--width", type=int, default=None, help="default: the last edit image's (rounded to 16)")
+    parser.add_argument("--edit_plus", action="store_true",
+                        help="Qwen-Image-Edit-2509: the Edit-Plus prompt template even for one edit image (used "
+                             "anyway for several images and for Edit-2511 models)")
     parser.add_argument("--edit_image_area", type=int, default=1024 * 1024,
                         help="pixel area of each edit image for the VAE (default 1024*1024, as trained)")
     parser.add_argument("--seed", type=int, default=0)
@@ -98,6 +101,7 @@ def main(argv=None):
             model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
             models_dir=args.models_dir, tokenizer_path=args.tokenizer_path, processor_path=args.processor_path,
             merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload,
+            edit_plus=args.edit_plus or None,
         )
         if args.lora_path:
             changed = pipe.load_lora(args.lora_path, scale=args.lora_scale)
