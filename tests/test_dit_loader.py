@@ -156,8 +156,19 @@ def test_convert_failure_midway_leaves_no_partial_output(official, tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         convert_dit_checkpoint(folder, out_dir, "to_merged", max_shard_size="40KB")
     assert os.listdir(out_dir) == []
+    # a single file is streamed shard by shard: a failure after the first input shard leaves nothing behind
+    import diffsynth.models.dit_loader as loader
+
+    real_load, loads = loader.load_safetensors, []
+
+    def failing_load(file, device="cpu"):
+        loads.append(file)
+        if len(loads) == 2:
+            raise OSError("disk full")
+        return real_load(file, device=device)
+
+    monkeypatch.setattr(loader, "load_safetensors", failing_load)
     with pytest.raises(OSError, match="disk full"):
-        calls.clear(), calls.append(0), calls.append(0)
         convert_dit_checkpoint(folder, tmp_path / "single.safetensors", "to_merged")
     assert os.listdir(tmp_path) == ["out"]
 
@@ -167,3 +178,29 @@ def test_parse_size():
     assert parse_size("1GiB") == 2**30
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("lots")
+
+
+def test_streaming_safetensors_writer(tmp_path):
+    from safetensors import safe_open
+
+    from diffsynth.utils.io import save_safetensors_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=g).bfloat16(), "a.bias": torch.randn(7, generator=g),
+               "c.scale": torch.randn(2, 2, generator=g).to(torch.float8_e4m3fn), "d.step": torch.tensor(3)}
+    plan = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    # chunks in another order than the plan: each tensor lands at its planned offset
+    chunks = [{"c.scale": tensors["c.scale"], "d.step": tensors["d.step"]},
+              {"a.bias": tensors["a.bias"], "b.weight": tensors["b.weight"]}]
+    save_safetensors_streaming(tmp_path / "x.safetensors", plan, iter(chunks), {"qkv_layout": "merged_qkv"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k].view(torch.uint8), v.view(torch.uint8))
+               for k, v in tensors.items() if v.ndim) and back["d.step"].item() == 3
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"qkv_layout": "merged_qkv"}
+    with pytest.raises(ValueError, match="1 planned tensors never came: d.step"):
+        save_safetensors_streaming(tmp_path / "y.safetensors", plan, iter(chunks[1:] + [{"c.scale": tensors["c.scale"]}]))
+    with pytest.raises(ValueError, match="streamed tensor a.bias .* does not match the plan"):
+        save_safetensors_streaming(tmp_path / "y.safetensors", plan, iter([{"a.bias": torch.zeros(8)}]))
+    assert not (tmp_path / "y.safetensors").exists() and sorted(os.listdir(tmp_path)) == ["x.safetensors"]

@@ -5,7 +5,9 @@ import re
 
 import torch
 
-from ..utils.io import WeightFileError, load_safetensors, read_keys_and_shapes, read_metadata, resolve_safetensors_files
+from ..utils.io import (
+    WeightFileError, load_safetensors, read_keys_and_shapes, read_meta_tensors, read_metadata, resolve_safetensors_files,
+)
 from .qwen_image_dit import QwenImageDiT
 from .qwen_image_dit_merged_qkv import (
     QwenImageDiTMergedQKV, is_qkv_key, merge_qkv_state_dict, pending_qkv_keys, split_qkv_state_dict,
@@ -71,13 +73,15 @@ def iter_dit_state_dict(files, merged_qkv: bool, torch_dtype=None, device="cpu")
     """Yield the checkpoint converted to the wanted layout, one shard at a time.
 
     A q/k/v triple split over two shards is held back until complete, so peak memory stays near one shard.
+    device="meta" reads only the headers: the same chunks as meta tensors, to plan a file before writing it.
     """
     convert = merge_qkv_state_dict if merged_qkv else split_qkv_state_dict
     source_layout = dit_layout(read_keys_and_shapes(files))
     needs_conversion = source_layout != ("merged_qkv" if merged_qkv else "standard")
     pending = {}
     for file in files:
-        chunk = {**pending, **load_safetensors(file, device=device)}
+        tensors = read_meta_tensors(file) if str(device) == "meta" else load_safetensors(file, device=device)
+        chunk = {**pending, **tensors}
         if torch_dtype is not None:
             chunk = {k: v.to(torch_dtype) for k, v in chunk.items()}
         held = pending_qkv_keys(chunk) if needs_conversion and merged_qkv else set()
@@ -131,16 +135,17 @@ def parse_size(size) -> int:
 def convert_dit_checkpoint(input_paths, output, direction: str, max_shard_size=None) -> list[str]:
     """Convert a full DiT checkpoint between the standard and merged-QKV layouts; returns the files written.
 
-    `output` ending in `.safetensors` with no `max_shard_size` -> one file (holds the whole model in memory).
-    Otherwise shards of at most `max_shard_size` (default 5GB) plus an index json, converted and written one shard
-    at a time, so peak memory stays near one input shard plus one output shard. For a directory output the shards
-    take the diffusers names (`diffusion_pytorch_model-0000i-of-0000N.safetensors`) and config.json is copied.
+    `output` ending in `.safetensors` with no `max_shard_size` -> one file; otherwise shards of at most
+    `max_shard_size` (default 5GB) plus an index json. Either way the checkpoint is converted and written one
+    input shard at a time (a single file is planned from the headers first, then streamed), so peak memory stays
+    near one input shard plus, for shards, one output shard. For a directory output the shards take the diffusers
+    names (`diffusion_pytorch_model-0000i-of-0000N.safetensors`) and config.json is copied.
     Every file is written to a temporary name first and renamed into place only when all were written.
     """
     import shutil
     import tempfile
 
-    from ..utils.io import save_safetensors, write_json_atomic
+    from ..utils.io import save_safetensors, save_safetensors_streaming, write_json_atomic
 
     if direction not in ("to_merged", "to_standard"):
         raise ValueError(f"--direction must be to_merged or to_standard, not {direction!r}")
@@ -155,10 +160,10 @@ def convert_dit_checkpoint(input_paths, output, direction: str, max_shard_size=N
     output = os.fspath(output)
     single = output.endswith(".safetensors") and max_shard_size is None
     if single:
-        state_dict = {}
-        for chunk in iter_dit_state_dict(files, merged):
-            state_dict.update(chunk)
-        save_safetensors(state_dict, output, metadata)
+        plan = {}
+        for chunk in iter_dit_state_dict(files, merged, device="meta"):
+            plan.update(chunk)
+        save_safetensors_streaming(output, plan, iter_dit_state_dict(files, merged), metadata)
         return [output]
 
     limit = parse_size(max_shard_size or "5GB")

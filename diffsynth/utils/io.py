@@ -75,6 +75,55 @@ def read_keys_and_shapes(files) -> dict[str, tuple]:
     return shapes
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def read_meta_tensors(file) -> dict[str, torch.Tensor]:
+    """The file's tensors as meta tensors (names, shapes, dtypes; no data read)."""
+    dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+    with safe_open(file, framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), dtype=dtypes[f.get_slice(k).get_dtype()], device="meta")
+                for k in f.keys()}
+
+
+def save_safetensors_streaming(path, plan: dict, chunks, metadata: dict | None = None):
+    """Write one safetensors file from `chunks` (dicts of tensors) holding one chunk at a time.
+
+    `plan`: {name: tensor on the meta device} of every tensor the chunks will bring, in any order: the header,
+    which lists all of them with their offsets, comes first in the file, and each tensor is then written at its
+    offset. Written to a temporary name and renamed only when every planned tensor was written.
+    """
+    header, offsets, offset = {}, {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t in plan.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offsets[name], offset = offset, offset + size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    start, missing = 8 + len(encoded), set(plan)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for chunk in chunks:
+            for name, tensor in chunk.items():
+                want = plan.get(name)
+                if want is None or tensor.shape != want.shape or tensor.dtype != want.dtype:
+                    raise ValueError(f"streamed tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match "
+                                     f"the plan ({None if want is None else (tuple(want.shape), want.dtype)})")
+                f.seek(start + offsets[name])
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                missing.discard(name)
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensors never came: {', '.join(sorted(missing)[:5])}")
+
+
+
 def read_metadata(file) -> dict:
     with safe_open(file, framework="pt") as f:
         return dict(f.metadata() or {})
