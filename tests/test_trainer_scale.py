@@ -53,6 +53,11 @@ def test_cached_and_uncached_losses_are_equal(tiny_models, data, tmp_path):
         qwen_image.QwenImagePipeline.from_pretrained = classmethod(real)
     assert seen == [("dit",)]
     assert losses(out) == runs["plain"]
+    # what else decides the cached tensors is part of their names: another prompt template recomputes them
+    out = str(tmp_path / "plus")
+    assert main(flags(tiny_models, data, out, "--max_steps", "1", "--cache_conditioning", str(tmp_path / "cache"),
+                      "--edit_plus")) == 0
+    assert len(os.listdir(tmp_path / "cache")) == 4
 
 
 def test_resume_equals_uninterrupted(tiny_models, data, tmp_path):

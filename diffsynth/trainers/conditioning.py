@@ -3,6 +3,7 @@
 The same per-sample function feeds training directly or fills the on-disk cache, so a cached run sees exactly
 the tensors an uncached run computes.
 """
+import hashlib
 import json
 import os
 
@@ -54,15 +55,18 @@ def collate_conditions(conds, device, dtype) -> dict:
 
 
 class ConditionCache:
-    """One safetensors file per sample, named by the dataset's content hash (files, prompt, sizes): a changed
-    image or prompt gets a new key and is recomputed; stale files are simply never read."""
+    """One safetensors file per sample, named by the dataset's content hash (files, prompt, sizes) combined with
+    what else decides the tensors (`models`: the model files, dtype and prompt template). A changed image,
+    prompt or model gets a new name and is recomputed; stale files are simply never read."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, models: dict | None = None):
         self.folder = folder
+        self.models = hashlib.sha256(json.dumps(models or {}, sort_keys=True, default=str).encode()).hexdigest()
         os.makedirs(folder, exist_ok=True)
 
     def path(self, key):
-        return os.path.join(self.folder, f"{key}.safetensors")
+        name = hashlib.sha256(f"{key}:{self.models}".encode()).hexdigest()
+        return os.path.join(self.folder, f"{name}.safetensors")
 
     def missing(self, samples):
         seen, todo = set(), []

@@ -126,7 +126,11 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
         self.cache = None
         if args.cache_conditioning is not None:
-            self.cache = ConditionCache(args.cache_conditioning or os.path.join(args.output_path, "cache"))
+            # The DiT's repo is part of the model list: an Edit-2511 DiT (zero_cond_t) takes another prompt template.
+            models = {k: getattr(args, k) for k in ("model_id_with_origin_paths", "model_paths", "models_dir",
+                                                     "tokenizer_path", "processor_path", "edit_plus")}
+            self.cache = ConditionCache(args.cache_conditioning or os.path.join(args.output_path, "cache"),
+                                        {**models, "dtype": str(dtype)})
         need_encoders = self.cache is None or self.cache.missing(self.dataset.samples)
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
