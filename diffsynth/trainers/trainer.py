@@ -131,15 +131,19 @@ class Trainer:
                                                      "tokenizer_path", "processor_path", "edit_plus")}
             self.cache = ConditionCache(args.cache_conditioning or os.path.join(args.output_path, "cache"),
                                         {**models, "dtype": str(dtype)})
-        need_encoders = self.cache is None or self.cache.missing(self.dataset.samples)
+        # Every process lists the missing samples before any process writes one (the barrier): the lists agree,
+        # and the processes split that one list between them.
+        todo = self.cache.missing(self.dataset.samples) if self.cache is not None else []
+        acc.wait_for_everyone()
+        need_encoders = self.cache is None or bool(todo)
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
             need=("dit", "text_encoder", "vae") if need_encoders else ("dit",))
-        if self.cache is not None and need_encoders:
-            self.fill_cache()
+        if todo:
+            self.fill_cache(todo)
         for module in (self.pipe.text_encoder and self.pipe.text_encoder.text_encoder, self.pipe.vae):
             if module is not None:
                 module.requires_grad_(False)
@@ -189,9 +193,8 @@ class Trainer:
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
 
-    def fill_cache(self):
-        """Compute the conditioning of every sample not yet cached (main process first, then the others wait)."""
-        todo = self.cache.missing(self.dataset.samples)
+    def fill_cache(self, todo):
+        """Compute the conditioning of the samples in `todo`, shared out between the processes."""
         acc = self.accelerator
         mine = todo[acc.process_index::acc.num_processes]
         index_of = {s.cache_key: i for i, s in enumerate(self.dataset.samples)}
