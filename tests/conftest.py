@@ -7,8 +7,7 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
-                joint_attention_dim=64, in_channels=64, out_channels=16)
+from diffsynth.utils.tiny_models import TINY_DIT_CONFIG as TINY_DIT  # noqa: E402  (the tiny set's own DiT config)
 
 
 @pytest.fixture
@@ -75,3 +74,13 @@ def offline(monkeypatch):
     monkeypatch.setattr(modelscope, "snapshot_download", fail)
     monkeypatch.delenv("DIFFSYNTH_MODELS_DIR", raising=False)
     return calls
+
+
+def load_script(path, name):
+    """Import a script (e.g. benchmarks/bench_dit.py) as a module, in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,13 +2,14 @@
 table has one row per configuration with sane numbers, and only the bench_train section of BENCHMARKS.md is
 rewritten. No timing is asserted."""
 import csv
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,11 +20,7 @@ ROW = re.compile(r"^\| ([^|]+?) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.
 
 
 def load_bench():
-    # stdlib imports only at module level: loading it in-process is cheap
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_train")
 
 
 def test_bench_train_toy_runs_every_config(tmp_path):

@@ -1,10 +1,11 @@
 """Smoke test of the DiT benchmark at a toy size: it runs, its table is complete, and it rewrites only
 its own section of BENCHMARKS.md. No timing is asserted."""
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_dit.py"
@@ -14,10 +15,7 @@ OTHER = "<!-- bench_train:start -->\ntrain section\n<!-- bench_train:end -->\n"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_dit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_dit")
 
 
 def test_bench_dit_runs_and_writes_its_section(tmp_path):

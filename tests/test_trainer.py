@@ -45,7 +45,8 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tiny_models, tmp_path, 
     write_edit_dataset(data, num_samples=1)  # one sample, repeated
     out = str(tmp_path / "out")
     args = parse_args(flags(tiny_models, data, out, "--num_epochs", "2", "--dataset_repeat", "15",
-                            "--learning_rate", "1e-2", "--cache_conditioning"), merged_qkv=merged)
+                            "--learning_rate", "1e-2", "--cache_conditioning", "--export_format", "diffusers"),
+                      merged_qkv=merged)
     trainer = Trainer(args)
     trainer.setup()
     before = fixed_loss(trainer)
@@ -63,6 +64,11 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tiny_models, tmp_path, 
     assert meta["architecture"] == ("merged_qkv" if merged else "standard")
     assert meta["rank"] == "4" and meta["steps"] == "30"
     assert any(("to_qkv" if merged else "to_q") + ".lora_A.weight" in k for k in keys)
+    # the standard-layout export (diffusers keys) carries the training metadata too
+    with safe_open(os.path.join(out, "checkpoint-final-diffusers.safetensors"), "pt") as f:
+        exported, keys = f.metadata(), list(f.keys())
+    assert exported["architecture"] == "standard" and exported["steps"] == "30" and exported["dataset_size"] == "1"
+    assert "transformer.transformer_blocks.0.attn.to_k.lora_A.weight" in keys
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 

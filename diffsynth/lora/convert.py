@@ -127,12 +127,14 @@ def is_lora_file(path) -> bool:
     return any(k.endswith(_LORA_KEY_ENDINGS) for k in keys)
 
 
-def convert_lora_file(input, output, direction: str, format: str | None = None, rank: int | None = None) -> list[str]:
+def convert_lora_file(input, output, direction: str, format: str | None = None, rank: int | None = None,
+                      extra_metadata: dict | None = None) -> list[str]:
     """Convert a LoRA file to the standard or merged layout and write it atomically. Returns report lines.
 
     `format` defaults to diffusers for to_standard (loads in diffusers and ComfyUI) and to native for to_merged
     (merged LoRAs load only in this project's merged DiT). `rank` (to_merged only) compresses by SVD; the
-    relative Frobenius error of every changed delta is reported. On any error nothing is written.
+    relative Frobenius error of every changed delta is reported. `extra_metadata` (e.g. the trainer's base model,
+    steps, dataset size) is stored in the output beside the conversion's own. On any error nothing is written.
     """
     if direction not in ("to_standard", "to_merged"):
         raise ValueError(f"direction must be to_standard or to_merged, got {direction!r}")
@@ -162,7 +164,8 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     top_rank = max(A.shape[0] for A, _ in out_modules.values())
     targets = sorted({short_name(n) for n in out_modules})
     metadata = lora_metadata(converted, architecture, top_rank, top_rank, targets, {
-        "converted_from": os.path.basename(input), "direction": direction, "key_format": fmt})
+        **(extra_metadata or {}), "converted_from": os.path.basename(input), "direction": direction,
+        "key_format": fmt})
     save_safetensors(to_format(converted, fmt), output, metadata)
     report.append(f"wrote {output}: {fmt} format, {architecture} layout, {len(out_modules)} modules, "
                   f"rank {_ranks(out_modules)}")

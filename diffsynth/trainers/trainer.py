@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
-from ..lora.convert import lora_to_standard, to_format
+from ..lora.convert import convert_lora_file
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
@@ -232,10 +232,8 @@ class Trainer:
             alpha = args.lora_alpha or args.lora_rank
             save_lora(sd, path, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
             if args.export_format:
-                standard = lora_to_standard(path) if args.merged_qkv else path
-                exported = to_format(standard, args.export_format)
-                save_safetensors(exported, os.path.join(args.output_path, f"{name}-{args.export_format}.safetensors"),
-                                 {"format": "pt", "lora_format": args.export_format, "architecture": "standard"})
+                convert_lora_file(path, os.path.join(args.output_path, f"{name}-{args.export_format}.safetensors"),
+                                  "to_standard", format=args.export_format, extra_metadata=meta)
         else:
             save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
                              {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
