@@ -154,8 +154,11 @@ def test_optimizer_trains_and_resumes_exactly(tiny_models, shared, tmp_path, nam
     assert losses(full)[0] == losses(adamw)[0]
 
 
-def test_optimizer_state_round_trips_through_a_checkpoint():
-    """Each optimizer's state_dict is plain tensors and numbers and loads back into a fresh optimizer exactly."""
+def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
+    """Each optimizer's state_dict is plain tensors and numbers (safetensors + json, no pickle) and loads back
+    into a fresh optimizer exactly."""
+    from diffsynth.trainers.checkpoint import load_object_state, save_object_state
+
     names = [c[0] for c in OPTIMIZER_CASES if not c[3] or importlib.util.find_spec(c[3])]
     for name in names:
         torch.manual_seed(0)
@@ -167,11 +170,8 @@ def test_optimizer_state_round_trips_through_a_checkpoint():
         for g in grads[:2]:
             a[0].grad = g.clone()
             opt_a.step()
-        state = opt_a.state_dict()
-        path = f"/tmp/_optstate_{os.getpid()}.pt"
-        torch.save(state, path)  # the format accelerate's save_state writes today
-        opt_b.load_state_dict(torch.load(path, weights_only=True))
-        os.remove(path)
+        save_object_state(opt_a.state_dict(), str(tmp_path), name)  # the training state's format
+        opt_b.load_state_dict(load_object_state(str(tmp_path), name))
         with torch.no_grad():
             b[0].copy_(a[0])
         for g in grads[2:]:

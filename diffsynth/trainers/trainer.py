@@ -225,7 +225,7 @@ class Trainer:
         self.ema = None
         if args.ema_decay:
             self.ema = create_ema(params, args.ema_decay)
-            acc.register_for_checkpointing(self.ema)
+            self.checkpointed["ema"] = self.ema
 
     def fill_cache(self, todo):
         """Compute the conditioning of the samples in `todo`, shared out between the processes."""
