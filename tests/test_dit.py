@@ -171,3 +171,61 @@ def test_unused_in_output_lists_exactly_the_parameters_without_gradient():
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
     prefixes = tuple(m + "." for m in model.unused_in_output())
     assert no_grad and no_grad == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+def complex_norm_rope(x, norm, freqs):
+    """The reference prologue of one stream as diffusers writes it: RMSNorm module, then RoPE on complex tensors."""
+    x = norm(x)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_rope_equals_complex_rope(dtype):
+    from diffsynth.models.qwen_image_dit import QwenImageRoPE, RMSNorm, norm_rope
+
+    rope = QwenImageRoPE((8, 12, 12))
+    shapes, text_len = [(1, 4, 6), (1, 6, 4)], 5
+    cos, sin = rope(shapes, text_len, "cpu")
+    freqs = torch.complex(cos, sin)  # the tables are torch.polar's, as diffusers builds its complex ones
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, text_len + 48, 3, 32, generator=g) * 3).to(dtype)
+    norm_text, norm_image = RMSNorm(32).to(dtype), RMSNorm(32).to(dtype)
+    with torch.no_grad():
+        norm_text.weight.normal_(generator=g)
+        norm_image.weight.normal_(generator=g)
+    expected = torch.cat([complex_norm_rope(x[:, :text_len], norm_text, freqs[:text_len]),
+                          complex_norm_rope(x[:, text_len:], norm_image, freqs[text_len:])], dim=1)
+    got = norm_rope(x, text_len, norm_text.weight, norm_image.weight, cos, sin)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same roundings in the same order
+    # q and k of both streams at once (the merged layout's pass): each slice as on its own
+    qk = torch.stack([x, x.flip(-1)], dim=2)
+    weights = [torch.stack([w, w.flip(-1)])[:, None] for w in (norm_text.weight, norm_image.weight)]
+    both = norm_rope(qk, text_len, *weights, cos, sin)
+    torch.testing.assert_close(both[:, :, 0], got, rtol=0, atol=0)
+    torch.testing.assert_close(both[:, :, 1], norm_rope(x.flip(-1), text_len, norm_text.weight.flip(-1),
+                                                        norm_image.weight.flip(-1), cos, sin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [QwenImageDiT, QwenImageDiTMergedQKV])
+def test_block_graph_has_no_complex_op_and_no_break(cls):
+    """What torch.compile sees of a block: one graph (no graph break), no complex tensor anywhere in it."""
+    model = build(cls, random_diffusers_dit(zero_cond_t=True), True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    block = model.transformer_blocks[0]
+    block.forward = torch.compile(block.forward, backend=record, fullgraph=True)
+    x, text, mask, t, shapes = edit_batch()
+    with torch.no_grad():
+        model(x, text, mask, t, shapes)
+    assert len(graphs) == 1
+    dtypes = {n.meta["example_value"].dtype for n in graphs[0].graph.nodes
+              if isinstance(n.meta.get("example_value"), torch.Tensor)}
+    assert torch.float32 in dtypes and not any(d.is_complex for d in dtypes), dtypes
+    torch._dynamo.reset()

@@ -67,8 +67,19 @@ def test_resume_equals_uninterrupted(tiny_models, data, tmp_path):
     assert main(flags(tiny_models, data, full, *common)) == 0
     part = str(tmp_path / "part")
     assert main(flags(tiny_models, data, part, *common, "--max_steps", "3")) == 0
-    assert os.path.isdir(os.path.join(part, "checkpoints", "step-3"))
+    state = os.path.join(part, "checkpoints", "step-3")
+    assert sorted(os.listdir(state)) == ["lr_scheduler.json", "lr_scheduler.safetensors", "model.safetensors",
+                                         "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
+                                         "state.json", "train_state.json", "train_state.safetensors"]
+    # a pickle planted where accelerate's save_state kept custom state is never opened
+    import pickle
+
+    from test_checkpoint import Planted
+
+    with open(os.path.join(state, "custom_checkpoint_0.pkl"), "wb") as f:
+        pickle.dump(Planted(str(tmp_path / "pwned")), f)
     assert main(flags(tiny_models, data, part, *common, "--resume_from_checkpoint", "latest")) == 0
+    assert not (tmp_path / "pwned").exists()
     a = load_file(os.path.join(full, "checkpoint-final.safetensors"))
     b = load_file(os.path.join(part, "checkpoint-final.safetensors"))
     assert a.keys() == b.keys()

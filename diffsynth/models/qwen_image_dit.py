@@ -68,6 +68,7 @@ class QwenImageRoPE(nn.Module):
     def _axis(self, positions, dim):
         inv = 1.0 / torch.pow(self.theta, torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         angles = torch.outer(positions.float(), inv)
+        # torch.polar's cos/sin, as diffusers builds them: torch.cos/sin differ from it in the last bit
         return torch.polar(torch.ones_like(angles), angles)
 
     def _image(self, index, frames, h, w):
@@ -82,27 +83,47 @@ class QwenImageRoPE(nn.Module):
         ], dim=-1).reshape(frames * h * w, -1)
 
     def forward(self, shapes, text_len, device):
-        """shapes: list of (frames, h, w) of one sample -> (image freqs (L, D/2), text freqs (T, D/2)), complex."""
+        """shapes: list of (frames, h, w) of one sample -> (cos, sin), each (text_len + image tokens, D/2) fp32,
+        rows in the order attention joins the tokens: text first, then the images. Built once per shape, so the
+        blocks (and a compiled graph) see only real tensors."""
         key = (tuple(map(tuple, shapes)), int(text_len), str(device))
         if key not in self._cache:
             image = torch.cat([self._image(i, *shape) for i, shape in enumerate(shapes)])
             start = max(max(h // 2, w // 2) for _, h, w in shapes)
             positions = torch.arange(start, start + text_len)
             text = torch.cat([self._axis(positions, d) for d in self.axes_dims], dim=-1)
+            freqs = torch.cat([text, image])
             if len(self._cache) > 64:
                 self._cache.clear()
-            self._cache[key] = (image.to(device), text.to(device))
+            self._cache[key] = (freqs.real.contiguous().to(device), freqs.imag.contiguous().to(device))
         return self._cache[key]
 
 
-def apply_rope(x, freqs):
-    # x: (B, S, H, D); rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers, in fp32.
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
+def norm_rope(x, text_len, text_weight, image_weight, cos, sin, eps=1e-6):
+    """The q/k prologue in one function: RMSNorm over the head dim, then the rotary embedding, real-valued.
+
+    x: (B, S, ..., D), text tokens first (S = text_len + image tokens); text_weight / image_weight: the norm
+    weights of the two streams, broadcastable to x's dims after S; cos, sin: (S, D/2) from QwenImageRoPE.
+    Rotating the interleaved pair (x0, x1) by the angle a is the complex product (x0 + i x1)(cos a + i sin a);
+    written with real tensors, inductor fuses norm and rotation into one kernel (it cannot fuse complex ops).
+    The rounding is the reference's (diffusers' RMSNorm and apply_rotary_emb_qwen): statistics in fp32, the
+    normalised value cast to a half-precision weight's dtype before the weight multiplies it, the rotation in
+    fp32, the result in the normalised value's dtype. In fp32 this equals the complex version bit for bit.
+    """
+    per_token = (x.shape[1],) + (1,) * (x.dim() - 3)  # broadcast over the heads (and q/k) after S
+    is_text = (torch.arange(x.shape[1], device=x.device) < text_len).view(*per_token, 1)
+    weight = torch.where(is_text, text_weight, image_weight)
+    x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    x = x * weight
+    cos, sin = cos.view(*per_token, -1), sin.view(*per_token, -1)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class QwenImageAttention(nn.Module):
-    """Joint attention. Subclasses change only how q, k, v are projected (`_make_qkv`, `qkv`)."""
+    """Joint attention. Subclasses change only how q, k, v are projected (`_make_qkv`, `prologue`)."""
 
     def __init__(self, dim, num_heads, head_dim, eps=1e-6):
         super().__init__()
@@ -119,24 +140,19 @@ class QwenImageAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
-    def qkv(self, image, text):
-        """-> (image q, k, v), (text q, k, v), each (B, S, dim)."""
-        return (
-            (self.to_q(image), self.to_k(image), self.to_v(image)),
-            (self.add_q_proj(text), self.add_k_proj(text), self.add_v_proj(text)),
-        )
+    def prologue(self, image, text, rope):
+        """Projections -> SDPA-ready q, k, v (B, H, S, D): text tokens first, q and k normalised and rotated."""
+        heads = (self.num_heads, self.head_dim)
+        q, k, v = (torch.cat(pair, dim=1).unflatten(-1, heads) for pair in (
+            (self.add_q_proj(text), self.to_q(image)), (self.add_k_proj(text), self.to_k(image)),
+            (self.add_v_proj(text), self.to_v(image))))
+        eps, text_len = self.norm_q.eps, text.shape[1]
+        q = norm_rope(q, text_len, self.norm_added_q.weight, self.norm_q.weight, *rope, eps)
+        k = norm_rope(k, text_len, self.norm_added_k.weight, self.norm_k.weight, *rope, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, image, text, rope, attn_mask=None):
-        (iq, ik, iv), (tq, tk, tv) = self.qkv(image, text)
-        heads = lambda x: x.unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731
-        iq, ik, iv, tq, tk, tv = map(heads, (iq, ik, iv, tq, tk, tv))
-        iq, ik = self.norm_q(iq), self.norm_k(ik)
-        tq, tk = self.norm_added_q(tq), self.norm_added_k(tk)
-        image_freqs, text_freqs = rope
-        iq, ik = apply_rope(iq, image_freqs), apply_rope(ik, image_freqs)
-        tq, tk = apply_rope(tq, text_freqs), apply_rope(tk, text_freqs)
-        # Text first, then image; SDPA wants (B, H, S, D).
-        q, k, v = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
+        q, k, v = self.prologue(image, text, rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         text_len = text.shape[1]

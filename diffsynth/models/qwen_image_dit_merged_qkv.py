@@ -9,7 +9,7 @@ import re
 import torch
 import torch.nn as nn
 
-from .qwen_image_dit import QwenImageAttention, QwenImageDiT
+from .qwen_image_dit import QwenImageAttention, QwenImageDiT, norm_rope
 
 # fused module name -> its three standard parts, in q, k, v order
 QKV_GROUPS = {
@@ -26,8 +26,15 @@ class MergedQKVAttention(QwenImageAttention):
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.add_qkv_proj = nn.Linear(dim, 3 * dim)
 
-    def qkv(self, image, text):
-        return self.to_qkv(image).chunk(3, dim=-1), self.add_qkv_proj(text).chunk(3, dim=-1)
+    def prologue(self, image, text, rope):
+        # One copy joins the two streams' projections; q, k and v are views of it, and q and k are normalised
+        # and rotated together in one pass (the standard layout needs three joins and two passes).
+        qkv = torch.cat([self.add_qkv_proj(text), self.to_qkv(image)], dim=1)
+        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))
+        text_weight = torch.stack([self.norm_added_q.weight, self.norm_added_k.weight])[:, None]
+        image_weight = torch.stack([self.norm_q.weight, self.norm_k.weight])[:, None]
+        qk = norm_rope(qkv[:, :, :2], text.shape[1], text_weight, image_weight, *rope, self.norm_q.eps)
+        return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
 
 class QwenImageDiTMergedQKV(QwenImageDiT):

@@ -16,6 +16,7 @@ from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, s
 from ..lora.convert import convert_lora_file
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
+from .checkpoint import list_states, load_training_state, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
 
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
@@ -26,10 +27,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState:
-    """Progress counters, saved with accelerate's state. Each process draws its noise and timesteps from a
+    """Progress counters, saved in every training state. Each process draws its noise and timesteps from a
     generator seeded by (seed, process, epoch, batch), not from a running generator: a resumed run, on any
-    number of processes, draws exactly what the uninterrupted run drew (accelerate saves custom state from
-    the main process only, so per-process generator states would not survive a resume)."""
+    number of processes, draws exactly what the uninterrupted run drew."""
 
     def __init__(self, seed, process_index):
         self.seed, self.process_index = seed, process_index
@@ -106,7 +106,10 @@ class Trainer:
         )
         set_seed(args.seed)
         self.state = TrainState(args.seed, self.accelerator.process_index)
-        self.accelerator.register_for_checkpointing(self.state)
+        # What a training state saves and resume restores besides the trainable weights (checkpoint.py): any
+        # object with state_dict()/load_state_dict() whose state is tensors and json-able values. Register more
+        # (EMA, ...) here by name; optimizers are saved unsharded by parameter name.
+        self.checkpointed = {"train_state": self.state}
         self.log = self.accelerator.print
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class Trainer:
         # wrapper would step it once per process (warm-up N times too short on N GPUs).
         self.dit, self.optimizer = acc.prepare(dit, optimizer)
         self.lr_scheduler = scheduler
-        acc.register_for_checkpointing(scheduler)
+        self.checkpointed.update(optimizer=self.optimizer, lr_scheduler=scheduler)
         self.params = params
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         self.total_steps = args.num_epochs * self.steps_per_epoch
@@ -252,21 +255,23 @@ class Trainer:
         return path
 
     def save_state(self):
-        """A resumable training state (accelerate save_state) under <output_path>/checkpoints/step-N."""
+        """A resumable training state (safetensors + json, checkpoint.py) under <output_path>/checkpoints/step-N."""
         args, acc = self.args, self.accelerator
         root = os.path.join(args.output_path, "checkpoints")
         final = os.path.join(root, f"step-{self.state.step}")
         tmp = final + ".tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp)
+        save_training_state(tmp, self.dit, self.checkpointed, acc.process_index, acc.num_processes,
+                            acc.is_main_process, acc.wait_for_everyone, {"step": self.state.step})
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a state folder exists only once complete
             if args.checkpoints_total_limit:
-                for old in sorted_states(root)[: -args.checkpoints_total_limit]:
+                for old in list_states(root)[: -args.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
@@ -274,14 +279,17 @@ class Trainer:
         args = self.args
         path = args.resume_from_checkpoint
         if path == "latest":
-            states = sorted_states(os.path.join(args.output_path, "checkpoints"))
+            states = list_states(os.path.join(args.output_path, "checkpoints"))
             if not states:
                 self.log(f"--resume_from_checkpoint latest: no state in {args.output_path}/checkpoints, starting fresh")
                 return
             path = states[-1]
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such training state folder")
-        self.accelerator.load_state(path)
+        manifest = load_training_state(path, self.dit, self.checkpointed, self.accelerator.process_index)
+        if manifest["num_processes"] != self.accelerator.num_processes:
+            self.log(f"note: {path} was written by {manifest['num_processes']} process(es), this run has "
+                     f"{self.accelerator.num_processes}: the data order from here differs from the uninterrupted run")
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                  f"batch {self.state.batch_in_epoch})")
 
@@ -415,11 +423,6 @@ class Trainer:
                 grid.paste(tile.resize((w, h)), (i * w, 0))
             grid.save(os.path.join(folder, "grid.png"))
         acc.wait_for_everyone()
-
-
-def sorted_states(root):
-    states = [p for p in glob.glob(os.path.join(root, "step-*")) if not p.endswith(".tmp") and os.path.isdir(p)]
-    return sorted(states, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
 def run(args) -> int:
