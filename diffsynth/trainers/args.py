@@ -82,6 +82,10 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="also keep the checkpointed block inputs on the CPU")
     mem.add_argument("--enable_fp8_training", action="store_true",
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
+    mem.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                     help="keep the frozen weights of the DiT's last N blocks (of 60) in pinned host memory and copy "
+                          "each to the GPU just ahead of its use (LoRA weights stay on the GPU); needs "
+                          "--use_gradient_checkpointing and LoRA. Host RAM must hold the DiT")
     mem.add_argument("--cache_conditioning", nargs="?", const="", default=None, metavar="DIR",
                      help="precompute text embeddings and latents once (default DIR: <output_path>/cache); "
                           "training then loads only the DiT")
@@ -121,8 +125,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
-    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0:
-        problems.append("--dataset_num_workers and --lr_warmup_steps must be >= 0")
+    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0 or args.blocks_to_swap < 0:
+        problems.append("--dataset_num_workers, --lr_warmup_steps and --blocks_to_swap must be >= 0")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
     extra = [x for x in args.extra_inputs.split(",") if x.strip()]
@@ -139,6 +143,11 @@ def check_args(args):
     if args.enable_fp8_training and args.lora_base_model is None:
         problems.append("--enable_fp8_training stores frozen weights in fp8: it needs LoRA training "
                         "(--lora_base_model dit)")
+    if args.blocks_to_swap > 0 and args.lora_base_model is None:
+        problems.append("--blocks_to_swap swaps frozen weights: it needs LoRA training (--lora_base_model dit)")
+    if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:
+        problems.append("--blocks_to_swap needs --use_gradient_checkpointing: without it the backward pass keeps every "
+                        "swapped block's weights on the GPU, so swapping would save nothing")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
     if args.model_paths is None and args.model_id_with_origin_paths is None:

@@ -155,9 +155,12 @@ class Trainer:
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
+        # With block swap the DiT loads into host memory; its resident part goes to the GPU once LoRA and fp8 are
+        # in place, so the whole model is never on the GPU.
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
-            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",))
+            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",),
+            dit_device="cpu" if args.blocks_to_swap else None)
         if todo:
             self.fill_cache(todo)
         if args.validation_prompt:
@@ -165,10 +168,9 @@ class Trainer:
 
             self.validation_inputs = ValidationInputs(self.pipe, args.validation_prompt, args.validation_edit_image,
                                                       args.edit_image_area)
-        if self.cache is not None and need_encoders:
-            # Training reads the cache from here on: free the text encoder, and the VAE unless validation decodes.
+        if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
             self.pipe.text_encoder = None
-            if not args.validation_prompt:
+            if not args.validation_prompt:  # validation decodes its images with the VAE
                 self.pipe.vae = None
             gc.collect()
             if torch.cuda.is_available():
@@ -200,9 +202,16 @@ class Trainer:
         if args.enable_fp8_training:
             from ..utils.fp8 import enable_fp8_linear
 
-            self.log(f"fp8: {enable_fp8_linear(dit)} frozen linear layers stored in float8_e4m3fn")
+            count = enable_fp8_linear(dit, device=acc.device)
+            self.log(f"fp8: {count} frozen linear layers stored in float8_e4m3fn")
         if args.use_gradient_checkpointing:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
+        if args.blocks_to_swap:
+            dit.enable_block_swap(args.blocks_to_swap, acc.device)
+            dit.to(acc.device)  # the resident part only
+            self.log(f"block swap: the frozen weights of the last {args.blocks_to_swap} of "
+                     f"{len(dit.transformer_blocks)} blocks ({dit.block_swap.host_bytes() / 2**30:.2f} GiB) stay in "
+                     "host memory")
         dit.train()
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
