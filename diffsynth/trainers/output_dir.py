@@ -11,7 +11,7 @@ import time
 LOCK = ".lock"
 # What a run writes into its folder (the conditioning cache is content-keyed and shared on purpose: kept).
 RUN_FILES = ("*.safetensors", "train_log.csv", "loss.png")
-RUN_FOLDERS = ("checkpoints", "validation", "tensorboard")
+RUN_FOLDERS = ("checkpoints", "validation", "tensorboard", "wandb", "swanlog")
 
 
 class OutputDirError(ValueError):

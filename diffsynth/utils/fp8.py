@@ -37,17 +37,19 @@ class FP8Linear(nn.Linear):
         return _FP8Linear.apply(x, self.weight, self.weight_scale, self.bias)
 
 
-def enable_fp8_linear(model: nn.Module) -> int:
+def enable_fp8_linear(model: nn.Module, device=None) -> int:
     """Store every frozen base nn.Linear weight of `model` in float8 (LoRA layers are left alone).
-    Returns the number of layers converted."""
+    `device`: where to compute (e.g. the GPU for a model held in host memory); each result stays where its weight
+    was. Returns the number of layers converted."""
     count = 0
     for name, module in model.named_modules():
         # LoRA's own A/B linears stay as they are, even frozen ones: peft casts its input to their dtype
         if type(module) is nn.Linear and not module.weight.requires_grad and ".lora_" not in f".{name}":
-            w = module.weight.data.float()
+            home = module.weight.device
+            w = module.weight.data.to(device or home).float()
             scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-            module.weight = nn.Parameter((w / scale).to(FP8), requires_grad=False)
-            module.register_buffer("weight_scale", scale.to(torch.float32))
+            module.weight = nn.Parameter((w / scale).to(FP8).to(home), requires_grad=False)
+            module.register_buffer("weight_scale", scale.to(home, torch.float32))
             module.__class__ = FP8Linear
             count += 1
     return count

@@ -64,8 +64,16 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--offload", action="store_true", help="keep idle components on the CPU (less GPU memory)")
+    parser.add_argument("--offload", nargs="?", const="model", default=None, choices=["model", "sequential"],
+                        help="keep idle components in host memory, each visiting the GPU only while it runs; "
+                             "'sequential' also streams the text encoder module by module (it is larger than a "
+                             "16 GB GPU)")
+    parser.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                        help="keep the DiT's last N blocks (of 60) in pinned host memory, each copied to the GPU "
+                             "just ahead of its use; QUICKSTART.md has values per GPU size")
     args = parser.parse_args(argv)
+    if args.blocks_to_swap < 0:
+        parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
     if not args.edit_image:
         parser.error("--edit_image is required: the image to edit (--input_image is only the init image, see --help)")
     problems = [f"--{name} must be a finite number (got {getattr(args, name)})"
@@ -115,6 +123,18 @@ def open_inputs(args):
     return edit_images, input_image
 
 
+def peak_memory_line(device):
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return (f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+                "(torch.cuda.max_memory_allocated, after loading)")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return f"peak memory: GPU not used ({device}); peak RSS of this process {rss:.2f} GiB (loading included)"
+
+
 def main(argv=None):
     args = parse_args(argv)
     from diffsynth.utils.image import NonFiniteOutputError
@@ -142,9 +162,11 @@ def main(argv=None):
         pipe = QwenImagePipeline.from_pretrained(
             model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
             models_dir=args.models_dir, tokenizer_path=args.tokenizer_path, processor_path=args.processor_path,
-            merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload,
-            edit_plus=args.edit_plus or None,
+            merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload or False,
+            edit_plus=args.edit_plus or None, blocks_to_swap=args.blocks_to_swap,
         )
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)  # the edit's peak, not the loading's
         if args.lora_path:
             changed = pipe.load_lora(args.lora_path, scale=args.lora_scale)
             print(f"fused {args.lora_path} into {len(changed)} layers (scale {args.lora_scale})")
@@ -164,6 +186,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"saved {args.output} ({image.width}x{image.height})")
+    print(peak_memory_line(device))
     return 0
 
 
