@@ -33,10 +33,14 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=" ",
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
-    parser.add_argument("--cfg_scale", type=float, default=4.0, help="1 turns CFG off (half the DiT passes)")
+    parser.add_argument("--cfg_scale", type=float, default=None,
+                        help="1 turns CFG off (half the DiT passes); default 4, or 1 with --scheduler_preset lightning")
     parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...)")
-    parser.add_argument("--lora_path", default=None, help="LoRA .safetensors to fuse into the DiT")
-    parser.add_argument("--lora_scale", type=float, default=1.0)
+    parser.add_argument("--lora_path", action="append", default=[],
+                        help="LoRA .safetensors to fuse into the DiT; repeat to stack several (e.g. yours and a "
+                             "Lightning LoRA)")
+    parser.add_argument("--lora_scale", type=float, action="append", default=None,
+                        help="strength of each --lora_path, in order (one value applies to all; default 1.0)")
     parser.add_argument("--model_id_with_origin_paths", default=None,
                         help="comma-separated 'model_id:pattern' entries (default: the DiT of Qwen/Qwen-Image-Edit, "
                         "the text encoder and VAE of Qwen/Qwen-Image)")
@@ -49,7 +53,11 @@ def parse_args(argv=None):
     layout.add_argument("--merged_qkv", dest="merged_qkv", action="store_true", default=True,
                         help="run the merged-QKV DiT (default)")
     layout.add_argument("--standard", dest="merged_qkv", action="store_false", help="run the standard DiT")
-    parser.add_argument("--num_steps", type=int, default=30)
+    parser.add_argument("--num_steps", type=int, default=None,
+                        help="denoising steps; default 30, or 8 with --scheduler_preset lightning (4 for a 4-step LoRA)")
+    parser.add_argument("--scheduler_preset", choices=["default", "lightning"], default="default",
+                        help="lightning: the settings of the 4/8-step Lightning LoRAs (lightx2v/Qwen-Image-Lightning, "
+                             "load one with --lora_path): shift 3 at every resolution, no terminal stretch, no CFG")
     parser.add_argument("--height", type=int, default=None,
                         help="output height, rounded down to 16 (default: --input_image's, else the last edit "
                              "image's aspect ratio at --edit_image_area pixels, sides rounded to 32)")
@@ -74,10 +82,24 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.blocks_to_swap < 0:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
+    scales = args.lora_scale or [1.0]
+    if len(scales) not in (1, len(args.lora_path)):
+        parser.error(f"{len(scales)} --lora_scale values for {len(args.lora_path)} --lora_path: give one per LoRA, "
+                     "or one for all")
+    args.lora_scale = scales * len(args.lora_path) if len(scales) == 1 else scales
+    lightning = args.scheduler_preset == "lightning"
+    if lightning and args.cfg_scale is not None and args.cfg_scale > 1:
+        print(f"warning: --cfg_scale {args.cfg_scale} with --scheduler_preset lightning: the Lightning LoRAs are "
+              "distilled to run without CFG (cfg 1); expect overcooked images", file=sys.stderr)
+    if args.num_steps is None:
+        args.num_steps = 8 if lightning else 30
+    args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if lightning else 4.0)
     if not args.edit_image:
         parser.error("--edit_image is required: the image to edit (--input_image is only the init image, see --help)")
-    problems = [f"--{name} must be a finite number (got {getattr(args, name)})"
-                for name in ("lora_scale", "cfg_scale", "denoising_strength") if not math.isfinite(getattr(args, name))]
+    problems = [f"--{name} must be a finite number (got {value})"
+                for name in ("lora_scale", "cfg_scale", "denoising_strength")
+                for value in (getattr(args, name) if name == "lora_scale" else [getattr(args, name)])
+                if not math.isfinite(value)]
     if math.isfinite(args.denoising_strength) and not 0 < args.denoising_strength <= 1:
         problems.append(f"--denoising_strength must be in (0, 1] (got {args.denoising_strength})")
     for name, low in (("num_steps", 1), ("edit_image_area", 32 * 32), ("height", 16), ("width", 16)):
@@ -116,10 +138,10 @@ def open_inputs(args):
     check_output(args.output)
     edit_images = [open_image(p) for p in args.edit_image]
     input_image = open_image(args.input_image) if args.input_image else None
-    if args.lora_path:
-        from diffsynth.lora import read_lora
+    from diffsynth.lora import read_lora
 
-        read_lora(args.lora_path)  # exists, is a Qwen-Image LoRA, holds no NaN/inf; fused after the models load
+    for path in args.lora_path:
+        read_lora(path)  # exists, is a Qwen-Image LoRA, holds no NaN/inf; fused after the models load
     return edit_images, input_image
 
 
@@ -155,6 +177,7 @@ def main(argv=None):
         import torch
 
         from diffsynth.pipelines.qwen_image import QwenImagePipeline, parse_dtype
+        from diffsynth.schedulers import FlowMatchScheduler
         from diffsynth.utils.io import atomic_path
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,11 +188,12 @@ def main(argv=None):
             merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload or False,
             edit_plus=args.edit_plus or None, blocks_to_swap=args.blocks_to_swap,
         )
+        pipe.scheduler = FlowMatchScheduler.from_preset(args.scheduler_preset)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)  # the edit's peak, not the loading's
-        if args.lora_path:
-            changed = pipe.load_lora(args.lora_path, scale=args.lora_scale)
-            print(f"fused {args.lora_path} into {len(changed)} layers (scale {args.lora_scale})")
+        for path, scale in zip(args.lora_path, args.lora_scale):
+            changed = pipe.load_lora(path, scale=scale)
+            print(f"fused {path} into {len(changed)} layers (scale {scale})")
         image = pipe(
             args.prompt, edit_image=edit_images,
             negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, num_inference_steps=args.num_steps,
@@ -179,7 +203,8 @@ def main(argv=None):
         with atomic_path(args.output) as tmp:
             image.save(tmp)  # the temporary name keeps the extension, which picks the format
     except NonFiniteOutputError as e:  # nothing is written: a NaN image would be a black PNG
-        lora = f" with the LoRA {args.lora_path} at --lora_scale {args.lora_scale}" if args.lora_path else ""
+        loras = ", ".join(f"{p} at --lora_scale {s}" for p, s in zip(args.lora_path, args.lora_scale))
+        lora = f" with the LoRA {loras}" if loras else ""
         print(f"error: {e}{lora}; no image written", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:  # bad paths, files, flags, images, LoRAs: one line, no traceback
