@@ -98,7 +98,7 @@ def parse_args(argv=None):
         parser.error("--edit_image is required: the image to edit (--input_image is only the init image, see --help)")
     problems = [f"--{name} must be a finite number (got {value})"
                 for name in ("lora_scale", "cfg_scale", "denoising_strength")
-                for value in (getattr(args, name) if name == "lora_scale" else [getattr(args, name)])
+                for value in (scales if name == "lora_scale" else [getattr(args, name)])
                 if not math.isfinite(value)]
     if math.isfinite(args.denoising_strength) and not 0 < args.denoising_strength <= 1:
         problems.append(f"--denoising_strength must be in (0, 1] (got {args.denoising_strength})")
