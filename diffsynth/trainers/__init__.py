@@ -1,4 +1,5 @@
 import json
+import sys
 
 from .args import build_parser, parse_args
 
@@ -8,6 +9,9 @@ def main(argv=None, merged_qkv=True) -> int:
     args = parse_args(argv, merged_qkv)
     if args.dry_run:
         print(json.dumps(dict(sorted(vars(args).items())), indent=1))
+        from ..utils.vram_planner import plan_report
+
+        print(plan_report(args), file=sys.stderr)
         return 0
     from .trainer import run
 

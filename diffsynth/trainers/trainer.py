@@ -118,6 +118,10 @@ class Trainer:
         from ..pipelines.qwen_image import QwenImagePipeline
 
         args, acc = self.args, self.accelerator
+        if args.vram_budget:
+            from ..utils.vram_planner import plan_report
+
+            self.log(plan_report(args, acc.num_processes, acc.distributed_type == "FSDP"))
         # 1. The data first: every bad row is reported before any model loads.
         self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
                                    args.max_pixels, args.height, args.width, args.edit_image_area, args.dataset_repeat)
@@ -142,12 +146,12 @@ class Trainer:
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
-        # With block swap the DiT loads into host memory; its resident part goes to the GPU once LoRA and fp8 are
-        # in place, so the whole model is never on the GPU.
+        # With block swap or fp8 the DiT loads into host memory and goes to the GPU once LoRA, fp8 and the swap are
+        # in place: the bf16 model is never on the GPU whole.
+        on_host = bool(args.blocks_to_swap or args.enable_fp8_training)
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
-            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",),
-            dit_device="cpu" if args.blocks_to_swap else None)
+            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",), dit_device="cpu" if on_host else None)
         if todo:
             self.fill_cache(todo)
         if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
@@ -185,10 +189,11 @@ class Trainer:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
         if args.blocks_to_swap:
             dit.enable_block_swap(args.blocks_to_swap, acc.device)
-            dit.to(acc.device)  # the resident part only
             self.log(f"block swap: the frozen weights of the last {args.blocks_to_swap} of "
                      f"{len(dit.transformer_blocks)} blocks ({dit.block_swap.host_bytes() / 2**30:.2f} GiB) stay in "
                      "host memory")
+        if on_host:
+            dit.to(acc.device)  # with block swap, the resident part only
         dit.train()
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
@@ -365,6 +370,13 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 self.save_model(f"epoch-{self.state.epoch}")
         bar.close()
+        if torch.cuda.is_available():
+            from ..utils.vram_planner import predicted_training_peak
+
+            predicted = predicted_training_peak(args, acc.num_processes, acc.distributed_type == "FSDP")
+            self.log(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+                     f"(torch.cuda.max_memory_allocated; the planner predicted {predicted:.2f} GiB for these flags "
+                     "at the largest image size they allow)")
         final = self.save_model("checkpoint-final")
         if args.validation_prompt:
             self.validate(writer, final=True)
