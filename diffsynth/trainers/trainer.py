@@ -18,6 +18,7 @@ from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .checkpoint import list_states, load_training_state, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
+from .distributed import describe_sharding, is_fsdp, setup_distributed
 
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
 
@@ -27,17 +28,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState:
-    """Progress counters, saved in every training state. Each process draws its noise and timesteps from a
-    generator seeded by (seed, process, epoch, batch), not from a running generator: a resumed run, on any
-    number of processes, draws exactly what the uninterrupted run drew."""
+    """Progress counters, saved in every training state. Each sample draws its noise and timestep from a
+    generator seeded by (seed, epoch, its position in the repeated dataset), not from a running generator: a
+    resumed run draws exactly what the uninterrupted run drew, and a step's samples get the same noise whether
+    one process takes them as one batch or several processes share them (so 1 GPU at batch 2 and 2 GPUs at
+    batch 1 train alike)."""
 
     def __init__(self, seed, process_index):
         self.seed, self.process_index = seed, process_index
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
 
-    def noise_generator(self):
-        key = ((self.seed * 1_000_003 + self.process_index) * 1_000_033 + self.epoch) * 1_000_037 + self.batch_in_epoch
-        return torch.Generator().manual_seed(key % 2**63)
+    def sample_generators(self, positions):
+        return [torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + p) % 2**63)
+                for p in positions]
 
     def state_dict(self):
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -47,11 +50,16 @@ class TrainState:
 
 
 def flow_matching_loss(dit, scheduler, cond, generator):
-    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample."""
+    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample. `generator`: one
+    for the batch, or a list with one per sample (each sample's sigma, then its noise)."""
     x0, edit = cond["latents"], cond["edit_latents"]
     batch = x0.shape[0]
-    sigma = scheduler.training_sample(batch, generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    if isinstance(generator, (list, tuple)):
+        sigma = torch.cat([scheduler.training_sample(1, generator=g) for g in generator])
+        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generator]).to(x0.device, x0.dtype)
+    else:
+        sigma = scheduler.training_sample(batch, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = scheduler.add_noise(x0, noise, sigma.to(x0.device, x0.dtype))
     x = x_t if edit is None else torch.cat([x_t, edit], dim=1)
     pred = dit(x, cond["prompt_emb"], cond["prompt_mask"], sigma.to(x0.device, x0.dtype), [cond["shapes"]] * batch)
@@ -118,10 +126,11 @@ class Trainer:
         from ..pipelines.qwen_image import QwenImagePipeline
 
         args, acc = self.args, self.accelerator
+        setup_distributed(acc, args)  # before anything is prepared: FSDP2 on the CPU, refusals
         if args.vram_budget:
             from ..utils.vram_planner import plan_report
 
-            self.log(plan_report(args, acc.num_processes, acc.distributed_type == "FSDP"))
+            self.log(plan_report(args, acc.num_processes, is_fsdp(acc)))
         # 1. The data first: every bad row is reported before any model loads.
         self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
                                    args.max_pixels, args.height, args.width, args.edit_image_area, args.dataset_repeat)
@@ -207,7 +216,10 @@ class Trainer:
         self.dit, self.optimizer = acc.prepare(dit, optimizer)
         self.lr_scheduler = scheduler
         self.checkpointed.update(optimizer=self.optimizer, lr_scheduler=scheduler)
-        self.params = params
+        # FSDP2 replaces the parameters with sharded ones: clip the gradients of those (the optimizer has them).
+        self.params = [p for p in self.dit.parameters() if p.requires_grad]
+        if acc.num_processes > 1:
+            print(describe_sharding(acc, self.dit), flush=True)  # every process: what it holds
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         self.total_steps = args.num_epochs * self.steps_per_epoch
         if args.max_steps:
@@ -325,7 +337,7 @@ class Trainer:
                 with acc.accumulate(self.dit):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
-                                                  self.state.noise_generator())
+                                                  self.state.sample_generators(batch["position"]))
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
@@ -373,7 +385,7 @@ class Trainer:
         if torch.cuda.is_available():
             from ..utils.vram_planner import predicted_training_peak
 
-            predicted = predicted_training_peak(args, acc.num_processes, acc.distributed_type == "FSDP")
+            predicted = predicted_training_peak(args, acc.num_processes, is_fsdp(acc))
             self.log(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
                      f"(torch.cuda.max_memory_allocated; the planner predicted {predicted:.2f} GiB for these flags "
                      "at the largest image size they allow)")
@@ -405,7 +417,8 @@ class Trainer:
         from ..utils.image import open_image
 
         args, acc = self.args, self.accelerator
-        if not acc.is_main_process:
+        # Under FSDP each forward gathers the weights from every process: all of them run the pipeline.
+        if not acc.is_main_process and not is_fsdp(acc):
             acc.wait_for_everyone()
             return
         dit = acc.unwrap_model(self.dit)
@@ -418,6 +431,9 @@ class Trainer:
                               num_inference_steps=args.validation_inference_steps,
                               edit_image_area=args.edit_image_area, progress=False)
         dit.train(was_training)
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
         folder = os.path.join(args.output_path, "validation")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
@@ -439,14 +455,14 @@ class Trainer:
 
 def run(args) -> int:
     """Train with parsed flags; errors the user can fix become a message and an exit code."""
-    trainer = Trainer(args)
     try:
+        trainer = Trainer(args)  # accelerate reads the launcher's config here (e.g. DeepSpeed, not installed)
         trainer.setup()
         trainer.train()
     except DatasetError as e:
         print(f"error: dataset {args.dataset_metadata_path}:\n{e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except (NonFiniteLossError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
