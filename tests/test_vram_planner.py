@@ -81,7 +81,10 @@ def test_activation_bytes(real):
     peak = vp.training_peak(real, s)
     assert peak.parts["block inputs kept for the backward"] == 60 * unit
     assert peak.parts["one block's recompute and backward"] == vp.HIDDEN_UNITS_CKPT * unit
-    assert peak.parts["AdamW moments (fp32, from step 2)"] == 8 * real.lora
+    assert peak.parts["optimizer state (from step 2)"] == 8 * real.lora  # AdamW
+    eight_bit = vp.training_peak(real, replace(s, optimizer_state_bytes=vp.OPTIMIZER_STATE_BYTES["adamw8bit"]))
+    assert peak.peak - eight_bit.peak == 6 * real.lora
+    assert vp.training_peak(real, replace(s, ema=True)).peak - peak.peak == 4 * real.lora
     assert peak.first_step == peak.peak - 8 * real.lora
     offloaded = vp.training_peak(real, replace(s, checkpointing_offload=True))
     assert peak.peak - offloaded.peak == 60 * unit  # the block inputs wait in host memory

@@ -206,7 +206,8 @@ class QwenImagePipeline:
     @torch.no_grad()
     def __call__(self, prompt, edit_image=None, negative_prompt=None, cfg_scale=4.0, num_inference_steps=30,
                  height=None, width=None, seed=None, input_image=None, denoising_strength=1.0,
-                 edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil"):
+                 edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil",
+                 prompt_embeds=None, edit_latents=None):
         """Edit `edit_image` (a PIL image, or a list for Edit-2509/2511) as `prompt` says; -> a PIL image, or the
         final packed latent tokens (1, L, 64) with output_type="latent" (turn them into an image with `decode`).
 
@@ -216,6 +217,9 @@ class QwenImagePipeline:
         `edit_image_area` is the pixel area each edit image is resized to for the VAE (diffusers: 1024 x 1024).
         `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
         `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
+        `prompt_embeds` ((emb, mask) of `encode_prompt`) and `edit_latents` ((tokens, shapes) of
+        `encode_edit_images` on the resized edit images) reuse conditioning computed earlier: the text encoder and
+        the VAE encoder are then not needed (the trainer's validation encodes once and frees the text encoder).
         """
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
@@ -239,11 +243,17 @@ class QwenImagePipeline:
 
         # The VL model gets the original images and resizes them itself, as diffusers does: a small
         # edit_image_area shrinks only what the VAE sees.
-        emb, mask = self.encode_prompt([prompt], [originals] if originals else None)
+        if prompt_embeds is not None:
+            emb, mask = prompt_embeds
+        else:
+            emb, mask = self.encode_prompt([prompt], [originals] if originals else None)
         use_cfg = negative_prompt is not None and cfg_scale > 1
         if use_cfg:
             neg_emb, neg_mask = self.encode_prompt([negative_prompt], [originals] if originals else None)
-        edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
+        if edit_latents is not None:
+            edit_tokens, edit_shapes = edit_latents
+        else:
+            edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
         shapes = [(1, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)] + edit_shapes
 
         if latents is None:

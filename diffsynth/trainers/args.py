@@ -1,6 +1,8 @@
 """Command-line flags of train.py / train_merged_qkv.py (DiffSynth-Studio names), checked before anything loads."""
 import argparse
 
+from .options import add_training_options, check_training_options
+
 
 class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
@@ -61,7 +63,6 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
     s.add_argument("--export_format", choices=["diffusers", "comfyui", "kohya", "diffsynth"], default=None,
                    help="also write a standard-layout copy of each LoRA checkpoint in this format")
-    s.add_argument("--report_to", choices=["csv", "tensorboard", "none"], default="csv")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
@@ -95,6 +96,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                    help="image to edit for validation (repeat for several)")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
     v.add_argument("--validation_inference_steps", type=int, default=20)
+    add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
                    help="check the flags, print the resolved settings (stdout, json) and the predicted peak GPU "
                         "memory (stderr), then exit without loading anything")
@@ -152,9 +154,6 @@ def check_args(args):
                         "swapped block's weights on the GPU, so swapping would save nothing")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
-    if args.validation_prompt and args.cache_conditioning is not None:
-        problems.append("--validation_prompt needs the text encoder and VAE, which --cache_conditioning leaves "
-                        "unloaded; drop one of them")
     if args.vram_budget is not None:
         from ..utils.vram_planner import parse_vram
 
@@ -164,5 +163,6 @@ def check_args(args):
             problems.append(str(e))
     if args.model_paths is None and args.model_id_with_origin_paths is None:
         problems.append("give the models with --model_id_with_origin_paths or --model_paths")
+    problems += check_training_options(args)
     if problems:
         raise ArgumentError("; ".join(problems))

@@ -10,9 +10,10 @@ A state folder `checkpoints/step-N/` holds:
 
 Any object with `state_dict()` / `load_state_dict()` whose state is a nested structure of dicts (any json-scalar
 keys), lists, tuples, tensors, numpy arrays, torch dtypes and json scalars round-trips exactly (float values
-through json's shortest repr, tensors bit for bit). An optimizer is saved through torch's distributed-checkpoint
-helpers with full (unsharded) state dicts keyed by parameter name, so the same code serves one process, DDP and
-FSDP (where gathering is a collective every process takes part in).
+through json's shortest repr, tensors bit for bit). An optimizer of a sharded (FSDP) model is saved through torch's
+distributed-checkpoint helpers with full (unsharded) state dicts keyed by parameter name (gathering is a collective
+every process takes part in); otherwise through its own state_dict(), which every optimizer restores exactly
+(torch's helpers cannot rebuild the states of e.g. Prodigy or schedule-free optimizers from an empty one).
 
 Loading reads safetensors and json only: a pickle planted in a state folder is never opened, and states written by
 accelerate's pickling `save_state` (older versions of this trainer) are refused with a message.
@@ -174,6 +175,13 @@ def _raw_optimizer(obj):
     return getattr(obj, "optimizer", obj)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
+def _sharded(model) -> bool:
+    """FSDP shards the parameters (FSDP2: DTensors): the optimizer state must be gathered by torch's helpers."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters()) or "FullyShardedDataParallel" in type(model).__name__
+
+
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     """Full (gathered) trainable weights on the CPU; a collective under FSDP (every process calls it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -208,7 +216,7 @@ def save_training_state(folder, model, objects: dict, process_index=0, num_proce
     weights = trainable_state_dict(model)
     states = {}
     for name, obj in objects.items():
-        if _is_optimizer(obj):
+        if _is_optimizer(obj) and _sharded(model):
             states[name] = get_optimizer_state_dict(model, _raw_optimizer(obj), options=_options(cpu_offload=True))
         else:
             states[name] = obj.state_dict()
@@ -281,7 +289,7 @@ def load_training_state(folder, model, objects: dict, process_index=0) -> dict:
     rng = load_object_state(folder, rng_name) if os.path.isfile(os.path.join(folder, rng_name + ".json")) else None
     # Optimizers first: torch's loader may run one zero-lr step to create empty states; the weights come after.
     for name, obj in objects.items():
-        if _is_optimizer(obj):
+        if _is_optimizer(obj) and _sharded(model):
             set_optimizer_state_dict(model, _raw_optimizer(obj), states[name], options=_options())
         else:
             obj.load_state_dict(states[name])

@@ -1,6 +1,7 @@
 """The training loop: accelerate for processes, mixed precision and accumulation; flow-matching loss on the
 target tokens of Qwen-Image-Edit; LoRA or full fine-tuning of the standard or merged-QKV DiT."""
 import csv
+import gc
 import glob
 import json
 import math
@@ -19,6 +20,9 @@ from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .checkpoint import list_states, load_training_state, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
 from .distributed import describe_sharding, is_fsdp, setup_distributed
+from .ema import create_ema, ema_weights
+from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, resolve_optimizer
+from .timesteps import TimestepSampling
 
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
 
@@ -49,16 +53,18 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
 
 
-def flow_matching_loss(dit, scheduler, cond, generator):
-    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample. `generator`: one
-    for the batch, or a list with one per sample (each sample's sigma, then its noise)."""
+def flow_matching_loss(dit, scheduler, cond, generator, timesteps: TimestepSampling | None = None):
+    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample; `timesteps` says
+    how sigmas are drawn and weighted (default: the scheduler's own training scheme). `generator`: one for the
+    batch, or a list with one per sample (each sample's sigma, then its noise)."""
+    timesteps = timesteps or TimestepSampling()
     x0, edit = cond["latents"], cond["edit_latents"]
     batch = x0.shape[0]
     if isinstance(generator, (list, tuple)):
-        sigma = torch.cat([scheduler.training_sample(1, generator=g) for g in generator])
+        sigma = torch.cat([timesteps.sample(scheduler, 1, g, image_seq_len=x0.shape[1]) for g in generator])
         noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generator]).to(x0.device, x0.dtype)
     else:
-        sigma = scheduler.training_sample(batch, generator=generator)
+        sigma = timesteps.sample(scheduler, batch, generator, image_seq_len=x0.shape[1])
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = scheduler.add_noise(x0, noise, sigma.to(x0.device, x0.dtype))
     x = x_t if edit is None else torch.cat([x_t, edit], dim=1)
@@ -66,7 +72,7 @@ def flow_matching_loss(dit, scheduler, cond, generator):
     pred = pred[:, : x0.shape[1]]
     target = scheduler.training_target(x0, noise)
     per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
-    return (per_sample * scheduler.training_weight(sigma).to(per_sample.device)).mean()
+    return (per_sample * timesteps.weight(scheduler, sigma).to(per_sample.device)).mean()
 
 
 def _write_loss_plot(log_path, out_path):
@@ -99,7 +105,9 @@ def _write_loss_plot(log_path, out_path):
 class Trainer:
     def __init__(self, args):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+        from .options import trackers
 
         self.args = args
         mixed = args.mixed_precision
@@ -111,6 +119,8 @@ class Trainer:
             cpu=not torch.accelerator.is_available(), mixed_precision=mixed,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+            log_with=trackers(args) or None,
+            project_config=ProjectConfiguration(args.output_path, os.path.join(args.output_path, "tensorboard")),
         )
         set_seed(args.seed)
         self.state = TrainState(args.seed, self.accelerator.process_index)
@@ -131,6 +141,8 @@ class Trainer:
             from ..utils.vram_planner import plan_report
 
             self.log(plan_report(args, acc.num_processes, is_fsdp(acc)))
+        resolve_optimizer(args.optimizer)  # an optimizer that cannot be imported fails before anything loads
+        self.timesteps = TimestepSampling.from_args(args)
         # 1. The data first: every bad row is reported before any model loads.
         self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
                                    args.max_pixels, args.height, args.width, args.edit_image_area, args.dataset_repeat)
@@ -151,7 +163,8 @@ class Trainer:
         # and the processes split that one list between them.
         todo = self.cache.missing(self.dataset.samples) if self.cache is not None else []
         acc.wait_for_everyone()
-        need_encoders = self.cache is None or bool(todo)
+        # Validation encodes its prompt and edit images once, below, even when the cache is complete.
+        need_encoders = self.cache is None or bool(todo) or bool(args.validation_prompt)
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
@@ -163,8 +176,18 @@ class Trainer:
             need=("dit", "text_encoder", "vae") if need_encoders else ("dit",), dit_device="cpu" if on_host else None)
         if todo:
             self.fill_cache(todo)
+        if args.validation_prompt:
+            from .validation import ValidationInputs
+
+            self.validation_inputs = ValidationInputs(self.pipe, args.validation_prompt, args.validation_edit_image,
+                                                      args.edit_image_area)
         if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
-            self.pipe.text_encoder = self.pipe.vae = None
+            self.pipe.text_encoder = None
+            if not args.validation_prompt:  # validation decodes its images with the VAE
+                self.pipe.vae = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         for module in (self.pipe.text_encoder and self.pipe.text_encoder.text_encoder, self.pipe.vae):
             if module is not None:
                 module.requires_grad_(False)
@@ -207,23 +230,28 @@ class Trainer:
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        warmup = args.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
+        self.total_steps = args.num_epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        optimizer = create_optimizer(args.optimizer, params, args.learning_rate, args.weight_decay,
+                                     args.optimizer_args)
+        scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, self.total_steps,
+                                        args.lr_min_ratio, args.lr_num_cycles, args.lr_power)
         # The data loader is ours (the bucket sampler already shards by rank): accelerate must not re-shard it.
         # The lr schedule counts optimizer steps: it is stepped by hand after each real step, because accelerate's
         # wrapper would step it once per process (warm-up N times too short on N GPUs).
         self.dit, self.optimizer = acc.prepare(dit, optimizer)
         self.lr_scheduler = scheduler
         self.checkpointed.update(optimizer=self.optimizer, lr_scheduler=scheduler)
-        # FSDP2 replaces the parameters with sharded ones: clip the gradients of those (the optimizer has them).
+        # FSDP2 replaces the parameters with sharded ones: clip (and average) those; the optimizer has them.
         self.params = [p for p in self.dit.parameters() if p.requires_grad]
         if acc.num_processes > 1:
             print(describe_sharding(acc, self.dit), flush=True)  # every process: what it holds
-        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
-        self.total_steps = args.num_epochs * self.steps_per_epoch
-        if args.max_steps:
-            self.total_steps = min(self.total_steps, args.max_steps)
+        self.ema = None
+        if args.ema_decay:
+            self.ema = create_ema(self.params, args.ema_decay)
+            self.checkpointed["ema"] = self.ema
 
     def fill_cache(self, todo):
         """Compute the conditioning of the samples in `todo`, shared out between the processes."""
@@ -248,7 +276,16 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save_model(self, name):
-        """LoRA (or full DiT) weights as `<output_path>/<name>.safetensors`, main process only, atomically."""
+        """LoRA (or full DiT) weights as `<output_path>/<name>.safetensors`, main process only, atomically; with
+        --ema_decay also their EMA as `<name>-ema.safetensors`. A schedule-free optimizer's evaluation weights."""
+        with evaluation_weights(self.optimizer):
+            path = self._save_weights(name)
+            if self.ema is not None:
+                with ema_weights(self.ema, self.params):
+                    self._save_weights(f"{name}-ema")
+        return path
+
+    def _save_weights(self, name):
         args, acc = self.args, self.accelerator
         # Every process takes part: under FSDP gathering the sharded weights is a collective operation.
         state = acc.get_state_dict(self.dit)
@@ -321,7 +358,7 @@ class Trainer:
         if acc.is_main_process and (not os.path.exists(log_path) or not args.resume_from_checkpoint):
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_COLUMNS)
-        writer = self._tensorboard()
+        self._init_trackers()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         start = time.time()
@@ -337,7 +374,7 @@ class Trainer:
                 with acc.accumulate(self.dit):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
-                                                  self.state.sample_generators(batch["position"]))
+                                                  self.state.sample_generators(batch["position"]), self.timesteps)
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
@@ -352,6 +389,8 @@ class Trainer:
                     lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
                     if acc.sync_gradients:
                         self.lr_scheduler.step()
+                        if self.ema is not None:
+                            self.ema.step(self.params)
                     self.optimizer.zero_grad()
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
@@ -364,16 +403,14 @@ class Trainer:
                     with open(log_path, "a", newline="") as f:
                         csv.writer(f).writerow([self.state.step, self.state.epoch, f"{loss_value:.6f}", f"{lr:.3e}",
                                                 f"{time.time() - start:.2f}"])
-                    if writer:
-                        writer.add_scalar("train/loss", loss_value, self.state.step)
-                        writer.add_scalar("train/lr", lr, self.state.step)
+                acc.log({"train/loss": loss_value, "train/lr": lr}, step=self.state.step)
                 if args.save_steps and self.state.step % args.save_steps == 0:
                     self.save_model(f"step-{self.state.step}")
                     self.save_state()
                 # the last step's validation is the final one, below
                 if (args.validation_steps and self.state.step % args.validation_steps == 0
                         and self.state.step < self.total_steps):
-                    self.validate(writer)
+                    self.validate()
                 if self.state.step >= self.total_steps:
                     done = True
                     break
@@ -391,30 +428,42 @@ class Trainer:
                      "at the largest image size they allow)")
         final = self.save_model("checkpoint-final")
         if args.validation_prompt:
-            self.validate(writer, final=True)
+            self.validate(final=True)
         if acc.is_main_process:
             _write_loss_plot(log_path, os.path.join(args.output_path, "loss.png"))
             self.log(f"saved {final}, {log_path} and loss.png")
-        if writer:
-            writer.close()
         acc.end_training()
         return final
 
-    def _tensorboard(self):
-        if self.args.report_to != "tensorboard" or not self.accelerator.is_main_process:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.log("--report_to tensorboard: tensorboard is not installed (pip install tensorboard); csv only")
-            return None
-        return SummaryWriter(os.path.join(self.args.output_path, "tensorboard"))
+    def _init_trackers(self):
+        """tensorboard / wandb / swanlab through accelerate (main process only); the config is the flags."""
+        args, acc = self.args, self.accelerator
+        if not acc.log_with:
+            return
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        acc.init_trackers(args.tracker_project_name, config=config, init_kwargs={
+            "wandb": {"dir": args.output_path}, "swanlab": {"logdir": os.path.join(args.output_path, "swanlog")}})
 
-    def validate(self, writer=None, final=False):
-        """Edit the validation image(s) with the current weights; PNGs beside the checkpoints."""
+    def _log_image(self, key, image):
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({key: np.asarray(image)[None]}, step=self.state.step, dataformats="NHWC")
+            else:
+                tracker.log_images({key: [image]}, step=self.state.step)
+
+    def validate(self, final=False):
+        """Edit the validation image(s) with the current weights (a schedule-free optimizer's evaluation
+        weights): `validation/step-N.png` (or final.png) and `validation/grid.png` with every image so far."""
+        # Every process switches the weights, so they stay equal on all of them.
+        with evaluation_weights(self.optimizer):
+            self._validate(final)
+
+    def _validate(self, final=False):
         from PIL import Image
 
-        from ..utils.image import open_image
+        from .validation import grid, labelled, png_info
 
         args, acc = self.args, self.accelerator
         # Under FSDP each forward gathers the weights from every process: all of them run the pipeline.
@@ -425,31 +474,27 @@ class Trainer:
         was_training = dit.training
         dit.eval()
         self.pipe.dit = dit
-        edits = [open_image(p) for p in args.validation_edit_image or []]
         with acc.autocast():
-            image = self.pipe(args.validation_prompt, edit_image=edits or None, seed=args.seed,
-                              num_inference_steps=args.validation_inference_steps,
-                              edit_image_area=args.edit_image_area, progress=False)
+            image = self.validation_inputs.generate(self.pipe, args.seed, args.validation_inference_steps,
+                                                    args.edit_image_area)
         dit.train(was_training)
         if not acc.is_main_process:
             acc.wait_for_everyone()
             return
         folder = os.path.join(args.output_path, "validation")
         os.makedirs(folder, exist_ok=True)
+        step_label = f"step {self.state.step}" + (" (final)" if final else "")
         path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
-        image.save(path)
-        if writer:
-            import numpy as np
-
-            writer.add_image("validation", np.asarray(image), self.state.step, dataformats="HWC")
+        image.save(path, pnginfo=png_info(step_label, args.validation_prompt))
+        self._log_image("validation", labelled(image, f"{step_label}: {args.validation_prompt}"))
+        shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
+        tiles = [(f"input {i + 1}", img) for i, img in enumerate(self.validation_inputs.edit_images)]
+        tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
         if final:
-            shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
-            tiles = [Image.open(p).convert("RGB") for p in shots + [path]]
-            w, h = tiles[0].size
-            grid = Image.new("RGB", (w * len(tiles), h))
-            for i, tile in enumerate(tiles):
-                grid.paste(tile.resize((w, h)), (i * w, 0))
-            grid.save(os.path.join(folder, "grid.png"))
+            tiles.append((step_label, image))
+        header = f"{args.validation_prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {args.seed}, " \
+                 f"{args.validation_inference_steps} steps"
+        grid(tiles, header).save(os.path.join(folder, "grid.png"))
         acc.wait_for_everyone()
 
 

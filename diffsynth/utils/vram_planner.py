@@ -6,8 +6,9 @@ What is counted (bytes on the GPU, per process):
 - weights: the resident DiT blocks and the layers outside the blocks, in the run's dtype (bf16 on a GPU) or, with
   fp8 storage, 1 byte per linear weight + one fp32 scale per output row (biases and norms stay bf16); with
   block swap, the swapped blocks are replaced by the (prefetch + 1) block copies in flight;
-- the LoRA: fp32 weights, fp32 gradients (all of them at the optimizer step) and AdamW's two fp32 moments (from the
-  second step on: "steady state"; the first step's peak has no optimizer state yet);
+- the LoRA: fp32 weights, fp32 gradients (all of them at the optimizer step), the optimizer's state (AdamW: two
+  fp32 moments, 8 bytes per parameter; see OPTIMIZER_STATE_BYTES; from the second step on: "steady state", the
+  first step's peak has none yet) and, with --ema_decay, an fp32 EMA copy;
 - activations, in units of one hidden state of the whole sequence, U = batch x tokens x 3072 x 2 bytes (bf16):
   with gradient checkpointing every block keeps its input (1 U per block; with the offload they wait in host
   memory instead) and one block at a time holds its recomputed activations during its backward pass;
@@ -60,6 +61,12 @@ STEP_SECONDS = 1.589
 FORWARD_SECONDS = 0.394
 FP8_FACTOR = 1.887 / 1.589
 NO_CHECKPOINTING_FACTOR = 1 / 1.31
+
+
+# Optimizer state per trainable parameter, bytes (fp32 states; 8-bit AdamW: two 1-byte states; Adafactor: factored
+# second moments, a row and a column per matrix, no first moment by default; Prodigy: exp_avg, exp_avg_sq, s, p0).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0, "prodigy": 16, "lion": 4,
+                         "adamw_schedulefree": 8}
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,8 @@ class Setup:
     blocks_to_swap: int = 0
     prefetch: int = 1
     encoders_on_gpu: bool = False  # training without a complete conditioning cache keeps them there
+    optimizer_state_bytes: int = 8  # per LoRA parameter (OPTIMIZER_STATE_BYTES)
+    ema: bool = False
     processes: int = 1  # FSDP shards the weights, the LoRA and its optimizer state over this many processes
     fsdp: bool = False
 
@@ -190,13 +199,15 @@ def encoder_bytes(s: Setup) -> int:
 
 def training_peak(counts: DiTCounts, s: Setup) -> Breakdown:
     """Peak GPU memory of a LoRA training step in the steady state, by part (the larger of the backward pass and
-    the optimizer step); `.first_step`: the same before AdamW has allocated its moments."""
+    the optimizer step); `.first_step`: the same before the optimizer has allocated its state."""
     unit = hidden_unit(counts, s)
     lora = counts.lora / (s.processes if s.fsdp else 1)
     common = {"DiT weights": weight_bytes(counts, s)}
     if s.encoders_on_gpu:
         common["text encoder and VAE"] = encoder_bytes(s)
     backward = {**common, "LoRA weights (fp32)": 4 * lora}
+    if s.ema:
+        common["EMA of the LoRA (fp32)"] = backward["EMA of the LoRA (fp32)"] = 4 * lora
     if s.checkpointing:
         backward["block inputs kept for the backward"] = 0 if s.checkpointing_offload else counts.num_layers * unit
         backward["one block's recompute and backward"] = HIDDEN_UNITS_CKPT * unit
@@ -206,10 +217,10 @@ def training_peak(counts: DiTCounts, s: Setup) -> Breakdown:
     if s.fp8:
         backward["fp8 weight upcast (transient)"] = 2 * counts.largest_linear * s.dtype_bytes
     first = sum(backward.values())
-    backward["AdamW moments (fp32, from step 2)"] = 8 * lora
-    # At the optimizer step the activations are gone and every LoRA gradient exists; foreach AdamW adds about
-    # one gradient-sized temporary.
-    step = {**common, "LoRA weights, gradients, AdamW moments, temporary": 20 * lora}
+    backward["optimizer state (from step 2)"] = s.optimizer_state_bytes * lora
+    # At the optimizer step the activations are gone and every LoRA gradient exists; a foreach optimizer adds
+    # about one gradient-sized temporary.
+    step = {**common, "LoRA weights, gradients, optimizer state, temporary": (12 + s.optimizer_state_bytes) * lora}
     phase = max(backward, step, key=lambda d: sum(d.values()))
     return Breakdown({k: int(v) for k, v in phase.items()}, first_step=int(max(first, sum(step.values()))))
 
@@ -304,7 +315,8 @@ def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> 
                  checkpointing=args.use_gradient_checkpointing,
                  checkpointing_offload=args.use_gradient_checkpointing_offload,
                  blocks_to_swap=args.blocks_to_swap, encoders_on_gpu=args.cache_conditioning is None,
-                 processes=processes, fsdp=fsdp)
+                 processes=processes, fsdp=fsdp, ema=bool(getattr(args, "ema_decay", None)),
+                 optimizer_state_bytes=OPTIMIZER_STATE_BYTES.get(getattr(args, "optimizer", "adamw"), 8))
 
 
 def calibration_errors(counts: DiTCounts = None):
@@ -346,7 +358,10 @@ def plan_report(args, processes=1, fsdp=False) -> str:
         f"  flags: {' '.join(s.flags()) or '(none)'}",
     ]
     lines += ["  " + x for x in describe(counts, s, peak)]
-    lines.append(f"  first step (before AdamW allocates its moments): {peak.first_step / GIB:.1f} GiB")
+    optimizer = getattr(args, "optimizer", "adamw")
+    lines.append(f"  first step (before the optimizer ({optimizer}"
+                 + ("" if optimizer in OPTIMIZER_STATE_BYTES else ", assumed AdamW-sized")
+                 + f") allocates its state): {peak.first_step / GIB:.1f} GiB")
     errors = ", ".join(f"{label} {pred:.1f} vs {meas:.1f} GiB ({err:+.1%})"
                        for label, pred, meas, err in calibration_errors())
     lines.append(f"  calibration (first-step peaks measured on an H100, 1024x1024, r=32): {errors}")
