@@ -225,10 +225,15 @@ def training_peak(counts: DiTCounts, s: Setup) -> Breakdown:
     return Breakdown({k: int(v) for k, v in phase.items()}, first_step=int(max(first, sum(step.values()))))
 
 
+def denoising_bytes(counts: DiTCounts, s: Setup) -> int:
+    """A DiT forward pass without gradients: its weights on the GPU (resident + swap copies) and the activations."""
+    return weight_bytes(counts, s) + HIDDEN_UNITS_INFERENCE * hidden_unit(counts, s)
+
+
 def inference_peak(counts: DiTCounts, s: Setup, offload=None, height=1024, width=1024) -> Breakdown:
     """Peak GPU memory of an edit: the largest of the text-encoding, denoising and decoding phases.
     `offload`: None (everything stays on the GPU), "model" or "sequential" (the pipeline's modes)."""
-    dit = weight_bytes(counts, replace(s, checkpointing=False)) + HIDDEN_UNITS_INFERENCE * hidden_unit(counts, s)
+    dit = denoising_bytes(counts, s)
     text = s.dtype_bytes * TEXT_ENCODER_PARAMS
     if offload == "sequential":  # one module at a time: the largest is the token embedding (152064 x 3584)
         text = s.dtype_bytes * 152064 * 3584
@@ -241,6 +246,19 @@ def inference_peak(counts: DiTCounts, s: Setup, offload=None, height=1024, width
                   "VAE decode (estimate)": resident - HIDDEN_UNITS_INFERENCE * hidden_unit(counts, s) + vae}
     name = max(phases, key=phases.get)
     return Breakdown({name: int(phases[name])}, first_step=int(phases[name]))
+
+
+def inference_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
+    """The fewest swapped blocks (each costs a copy per DiT pass, 60 passes in a 30-step edit with CFG) and then the
+    least offloading (none, the pipeline's "model", "sequential": a copy per edit) that fit an edit into
+    `budget_bytes` minus the headroom. -> (offload, blocks_to_swap, Breakdown) or None."""
+    usable = budget_bytes - HEADROOM_GIB * GIB
+    for swap in range(counts.num_layers + 1):
+        for offload in (None, "model", "sequential"):
+            peak = inference_peak(counts, replace(s, blocks_to_swap=swap), offload=offload)
+            if peak.peak <= usable:
+                return offload, swap, peak
+    return None
 
 
 def step_cost(counts: DiTCounts, s: Setup) -> float:
