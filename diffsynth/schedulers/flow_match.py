@@ -12,6 +12,14 @@ import math
 
 import torch
 
+# Scheduler settings by name. lightning: the 4/8-step Lightning LoRAs (lightx2v/Qwen-Image-Lightning) were distilled
+# with a fixed shift of 3 and no terminal stretch; their published diffusers config sets base_shift = max_shift =
+# log(3) (so mu = log 3 at every resolution) and shift_terminal None, and they run without true CFG.
+SCHEDULER_PRESETS = {
+    "default": {},
+    "lightning": {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None},
+}
+
 
 class FlowMatchScheduler:
     def __init__(
@@ -36,6 +44,12 @@ class FlowMatchScheduler:
         self.sigmas = None  # inference schedule, N + 1 values ending in 0 (set by set_timesteps)
         self.timesteps = None  # sigmas[:-1] * num_train_timesteps
         self._train_cache = {}
+
+    @classmethod
+    def from_preset(cls, name: str) -> "FlowMatchScheduler":
+        if name not in SCHEDULER_PRESETS:
+            raise ValueError(f"unknown scheduler preset {name!r}; choose one of {', '.join(SCHEDULER_PRESETS)}")
+        return cls(**SCHEDULER_PRESETS[name])
 
     # ---- schedule -------------------------------------------------------------------------------------------
 

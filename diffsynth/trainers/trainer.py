@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
 from ..lora.convert import convert_lora_file
+from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .checkpoint import list_states, load_training_state, save_training_state
@@ -71,7 +72,12 @@ def flow_matching_loss(dit, scheduler, cond, generator, timesteps: TimestepSampl
     pred = dit(x, cond["prompt_emb"], cond["prompt_mask"], sigma.to(x0.device, x0.dtype), [cond["shapes"]] * batch)
     pred = pred[:, : x0.shape[1]]
     target = scheduler.training_target(x0, noise)
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
+    if cond.get("mask") is None:
+        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
+    else:  # masked loss: the mean over the tokens weighted by the mask (a black mask contributes nothing)
+        per_token = (pred.float() - target.float()).pow(2).mean(dim=2)
+        mask = cond["mask"].float()
+        per_sample = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-6)
     return (per_sample * timesteps.weight(scheduler, sigma).to(per_sample.device)).mean()
 
 
@@ -157,6 +163,8 @@ class Trainer:
             # The DiT's repo is part of the model list: an Edit-2511 DiT (zero_cond_t) takes another prompt template.
             models = {k: getattr(args, k) for k in ("model_id_with_origin_paths", "model_paths", "models_dir",
                                                      "tokenizer_path", "processor_path", "edit_plus")}
+            if args.caption_dropout_rate:  # these cache files also hold the dropped-caption embedding
+                models["caption_dropout"] = True
             self.cache = ConditionCache(args.cache_conditioning or os.path.join(args.output_path, "cache"),
                                         {**models, "dtype": str(dtype)})
         # Every process lists the missing samples before any process writes one (the barrier): the lists agree,
@@ -260,18 +268,32 @@ class Trainer:
         index_of = {s.cache_key: i for i, s in enumerate(self.dataset.samples)}
         for sample in tqdm(mine, desc="caching conditioning", disable=not acc.is_local_main_process):
             item = self.dataset[index_of[sample.cache_key]]
-            self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images))
+            self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images,
+                                                              bool(self.args.caption_dropout_rate)))
         acc.wait_for_everyone()
 
     def conditions(self, batch):
+        # --caption_dropout_rate: which samples train on the empty prompt, drawn from their own generator (seeded
+        # like the noise's), so the noise and timesteps stay those of a run without dropout.
+        drop = [False] * len(batch["prompt"])
+        if self.args.caption_dropout_rate:
+            g = torch.Generator().manual_seed(self.state.noise_generator().initial_seed() ^ 0xC0FFEE)
+            drop = (torch.rand(len(drop), generator=g) < self.args.caption_dropout_rate).tolist()
         if self.cache is not None:
             conds = [self.cache.get(key) for key in batch["cache_key"]]
         else:
             conds = [condition_sample(self.pipe, {"image": batch["image"][i], "prompt": batch["prompt"][i],
                                                   "edit_images": [e[i] for e in batch["edit_images"]]},
-                                      self.dataset.samples[batch["index"][i]].edit_images)
+                                      self.dataset.samples[batch["index"][i]].edit_images, drop[i])
                      for i in range(len(batch["prompt"]))]
-        return collate_conditions(conds, self.accelerator.device, self.pipe.torch_dtype)
+        conds = [dict(c, prompt_emb=c["empty_prompt_emb"]) if d else c for c, d in zip(conds, drop)]
+        cond = collate_conditions(conds, self.accelerator.device, self.pipe.torch_dtype)
+        if batch.get("mask") is not None:
+            # Loss weight of each target token: the mean of the mask over its 16x16 pixels (VAE 8x, 2x2 patches),
+            # in the tokens' row-major order.
+            cond["mask"] = torch.nn.functional.avg_pool2d(batch["mask"], SIZE_MULTIPLE).flatten(1).to(
+                self.accelerator.device)
+        return cond
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 

@@ -27,10 +27,14 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=" ",
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
-    parser.add_argument("--cfg_scale", type=float, default=4.0, help="1 turns CFG off (half the DiT passes)")
+    parser.add_argument("--cfg_scale", type=float, default=None,
+                        help="1 turns CFG off (half the DiT passes); default 4, or 1 with --scheduler_preset lightning")
     parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...)")
-    parser.add_argument("--lora_path", default=None, help="LoRA .safetensors to fuse into the DiT")
-    parser.add_argument("--lora_scale", type=float, default=1.0)
+    parser.add_argument("--lora_path", action="append", default=[],
+                        help="LoRA .safetensors to fuse into the DiT; repeat to stack several (e.g. yours and a "
+                             "Lightning LoRA)")
+    parser.add_argument("--lora_scale", type=float, action="append", default=None,
+                        help="strength of each --lora_path, in order (one value applies to all; default 1.0)")
     parser.add_argument("--model_id_with_origin_paths", default=None,
                         help="comma-separated 'model_id:pattern' entries (default: the DiT of Qwen/Qwen-Image-Edit, "
                         "the text encoder and VAE of Qwen/Qwen-Image)")
@@ -43,7 +47,11 @@ def parse_args(argv=None):
     layout.add_argument("--merged_qkv", dest="merged_qkv", action="store_true", default=True,
                         help="run the merged-QKV DiT (default)")
     layout.add_argument("--standard", dest="merged_qkv", action="store_false", help="run the standard DiT")
-    parser.add_argument("--num_steps", type=int, default=30)
+    parser.add_argument("--num_steps", type=int, default=None,
+                        help="denoising steps; default 30, or 8 with --scheduler_preset lightning (4 for a 4-step LoRA)")
+    parser.add_argument("--scheduler_preset", choices=["default", "lightning"], default="default",
+                        help="lightning: the settings of the 4/8-step Lightning LoRAs (lightx2v/Qwen-Image-Lightning, "
+                             "load one with --lora_path): shift 3 at every resolution, no terminal stretch, no CFG")
     parser.add_argument("--height", type=int, default=None, help="default: the last edit image's (rounded to 16)")
     parser.add_argument("--width", type=int, default=None, help="default: the last edit image's (rounded to 16)")
     parser.add_argument("--edit_plus", action="store_true",
@@ -65,6 +73,18 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.blocks_to_swap < 0:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
+    scales = args.lora_scale or [1.0]
+    if len(scales) not in (1, len(args.lora_path)):
+        parser.error(f"{len(scales)} --lora_scale values for {len(args.lora_path)} --lora_path: give one per LoRA, "
+                     "or one for all")
+    args.lora_scale = scales * len(args.lora_path) if len(scales) == 1 else scales
+    lightning = args.scheduler_preset == "lightning"
+    if lightning and args.cfg_scale is not None and args.cfg_scale > 1:
+        print(f"warning: --cfg_scale {args.cfg_scale} with --scheduler_preset lightning: the Lightning LoRAs are "
+              "distilled to run without CFG (cfg 1); expect overcooked images", file=sys.stderr)
+    if args.num_steps is None:
+        args.num_steps = 8 if lightning else 30
+    args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if lightning else 4.0)
     if not args.edit_image:
         parser.error("--edit_image is required: the image to edit (--input_image is only an optional init image "
                      "for --denoising_strength < 1)")
@@ -76,7 +96,7 @@ def open_inputs(args):
     fails in seconds, not after minutes of loading."""
     from diffsynth.utils.image import open_image
 
-    for path in args.edit_image + [p for p in (args.input_image, args.lora_path) if p]:
+    for path in args.edit_image + args.lora_path + [p for p in (args.input_image,) if p]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: file not found")
     ext = os.path.splitext(args.output)[1].lower()
@@ -113,6 +133,7 @@ def main(argv=None):
         import torch
 
         from diffsynth.pipelines.qwen_image import QwenImagePipeline, parse_dtype
+        from diffsynth.schedulers import FlowMatchScheduler
         from diffsynth.utils.io import atomic_path
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,11 +144,12 @@ def main(argv=None):
             merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload or False,
             edit_plus=args.edit_plus or None, blocks_to_swap=args.blocks_to_swap,
         )
+        pipe.scheduler = FlowMatchScheduler.from_preset(args.scheduler_preset)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)  # the edit's peak, not the loading's
-        if args.lora_path:
-            changed = pipe.load_lora(args.lora_path, scale=args.lora_scale)
-            print(f"fused {args.lora_path} into {len(changed)} layers (scale {args.lora_scale})")
+        for path, scale in zip(args.lora_path, args.lora_scale):
+            changed = pipe.load_lora(path, scale=scale)
+            print(f"fused {path} into {len(changed)} layers (scale {scale})")
         image = pipe(
             args.prompt, edit_image=edit_images,
             negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, num_inference_steps=args.num_steps,
