@@ -273,12 +273,12 @@ class Trainer:
         acc.wait_for_everyone()
 
     def conditions(self, batch):
-        # --caption_dropout_rate: which samples train on the empty prompt, drawn from their own generator (seeded
-        # like the noise's), so the noise and timesteps stay those of a run without dropout.
+        # --caption_dropout_rate: which samples train on the empty prompt, each drawn from a generator of its own
+        # (seeded like the sample's noise), so the noise and timesteps stay those of a run without dropout.
         drop = [False] * len(batch["prompt"])
         if self.args.caption_dropout_rate:
-            g = torch.Generator().manual_seed(self.state.noise_generator().initial_seed() ^ 0xC0FFEE)
-            drop = (torch.rand(len(drop), generator=g) < self.args.caption_dropout_rate).tolist()
+            drop = [torch.rand(1, generator=torch.Generator().manual_seed(g.initial_seed() ^ 0xC0FFEE)).item()
+                    < self.args.caption_dropout_rate for g in self.state.sample_generators(batch["position"])]
         if self.cache is not None:
             conds = [self.cache.get(key) for key in batch["cache_key"]]
         else:
