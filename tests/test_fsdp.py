@@ -73,6 +73,7 @@ def test_fsdp2_shards_the_dit_and_trains_as_one_process(tiny_models, data, tmp_p
 
 class _Args:
     blocks_to_swap = 0
+    batch_size = 1
     gradient_accumulation_steps = 1
     max_grad_norm = 1.0
 

@@ -2,6 +2,7 @@
 activation bytes on known configurations, its error on the measured H100 peaks, the cheapest fit for a budget,
 and the trainer's --dry_run / --vram_budget (which load nothing)."""
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -198,3 +199,27 @@ def test_bad_budget_is_a_flag_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--dataset_metadata_path", "m.csv", "--model_paths", "[]", "--vram_budget", "lots", "--dry_run"])
     assert e.value.code == 2 and "--vram_budget 'lots': write the GPU's memory, e.g. 24GB" in capsys.readouterr().err
+
+
+def test_the_quickstart_tables_are_the_planners():
+    """QUICKSTART.md's "which flags for my GPU" tables: every row's flags and predicted peak are what the planner
+    says for that card (so the docs cannot drift from the code)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "QUICKSTART.md").read_text()
+    section = text.split("## Which flags for my GPU")[1].split("\n## ")[0]
+    counts = vp.dit_counts(lora_targets=MERGED, rank=32)
+    training = re.findall(r"^\| (\d+) GB \| `([^`]+)` \| ([0-9.]+) GiB \| ([0-9.]+)x \|", section, re.M)
+    assert [int(g) for g, *_ in training] == [80, 48, 32, 24, 16, 12]
+    fp8_resident = vp.step_cost(counts, vp.Setup(fp8=True))
+    for gib, flags, peak, cost in training:
+        cand, predicted, estimate = vp.cheapest_fit(counts, vp.Setup(), int(gib) * vp.GIB)
+        assert flags.split() == [f for f in cand.flags() if f != "--use_gradient_checkpointing"], gib
+        assert float(peak) == round(predicted.gib(), 1) and float(cost) == round(estimate / fp8_resident, 2), gib
+    inference = re.findall(r"^\| (\d+) GB \| (?:`([^`]*)`|\(none\)) \| ([0-9.]+) GiB \|$", section, re.M)
+    assert [int(g) for g, *_ in inference] == [80, 48, 24, 16, 12]
+    for gib, flags, peak in inference:
+        offload, swap, predicted = vp.inference_fit(counts, vp.Setup(), int(gib) * vp.GIB)
+        expected = ([f"--offload {offload}" if offload == "sequential" else "--offload"] if offload else []) \
+            + ([f"--blocks_to_swap {swap}"] if swap else [])
+        assert flags == " ".join(expected) and float(peak) == round(predicted.gib(), 1), gib

@@ -56,6 +56,11 @@ def setup_distributed(accelerator, args):
         if args.blocks_to_swap:
             raise DistributedSetupError("--blocks_to_swap cannot be combined with DeepSpeed; use DDP or one GPU")
         config = state.deepspeed_plugin.deepspeed_config
+        # accelerate takes DeepSpeed's batch size from the prepared data loaders; the trainer's is its own
+        # (bucket sampler), so the sizes are set here (else prepare() stops: "requires you to pass at least one of
+        # training or evaluation dataloaders").
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+        config["train_batch_size"] = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         for key, flag, value in (("gradient_accumulation_steps", "--gradient_accumulation_steps",
                                   args.gradient_accumulation_steps),
                                  ("gradient_clipping", "--max_grad_norm", args.max_grad_norm)):
