@@ -163,7 +163,7 @@ def test_parse_vram(text, gib):
     assert vp.parse_vram(text) == gib * vp.GIB
 
 
-def test_dry_run_prints_the_plan_and_loads_nothing(monkeypatch, capsys):
+def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, capsys):
     from diffsynth.models import dit_loader
     from diffsynth.pipelines import qwen_image
     from diffsynth.trainers import main
@@ -173,8 +173,9 @@ def test_dry_run_prints_the_plan_and_loads_nothing(monkeypatch, capsys):
 
     monkeypatch.setattr(dit_loader, "load_qwen_image_dit", refuse)
     monkeypatch.setattr(qwen_image.QwenImagePipeline, "from_pretrained", refuse)
-    argv = ["--dataset_metadata_path", "data/metadata.csv", "--model_id_with_origin_paths", "Qwen/Qwen-Image-Edit:x",
-            "--lora_base_model", "dit", "--use_gradient_checkpointing", "--cache_conditioning", "--dry_run"]
+    argv = ["--dataset_base_path", data, "--dataset_metadata_path", f"{data}/metadata.csv", "--output_path",
+            str(tmp_path / "out"), "--model_id_with_origin_paths", "Qwen/Qwen-Image-Edit:x", "--lora_base_model", "dit",
+            "--use_gradient_checkpointing", "--cache_conditioning", "--dry_run"]
     assert main(argv + ["--vram_budget", "24GB"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["vram_budget"] == "24GB"  # stdout stays the resolved settings
