@@ -19,7 +19,8 @@ FORMATS = ("diffusers", "comfyui", "kohya", "diffsynth", "native")
 # diffusers-format keys (`transformer.` prefix, lora_A/B, scale in B) load in diffusers and in ComfyUI.
 DEFAULT_FORMAT = "diffusers"
 _LORA_KEY_ENDINGS = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight",
-                     ".lora_A.default.weight", ".lora_B.default.weight")
+                     ".lora_A.default.weight", ".lora_B.default.weight",
+                     ".hada_w1_a", ".lokr_w1", ".lokr_w1_a")  # LoHa / LoKr (diffsynth.lora.adapters)
 
 
 def lora_deltas(lora) -> dict[str, torch.Tensor]:
@@ -128,7 +129,7 @@ def is_lora_file(path) -> bool:
 
 
 def convert_lora_file(input, output, direction: str, format: str | None = None, rank: int | None = None,
-                      extra_metadata: dict | None = None) -> list[str]:
+                      extra_metadata: dict | None = None, base_weights=None) -> list[str]:
     """Convert a LoRA file to the standard or merged layout and write it atomically. Returns report lines.
 
     `format` defaults to diffusers for to_standard (loads in diffusers and ComfyUI) and to native for to_merged
@@ -138,6 +139,10 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     """
     if direction not in ("to_standard", "to_merged"):
         raise ValueError(f"direction must be to_standard or to_merged, got {direction!r}")
+    from diffsynth.lora.adapters import adapter_type, convert_adapter_file
+
+    if adapter_type(input) != "lora":  # LoHa, LoKr, DoRA; `base_weights` (module -> weight) for DoRA to ComfyUI
+        return convert_adapter_file(input, output, direction, format, rank, extra_metadata, base_weights)
     if rank is not None and direction != "to_merged":
         raise ValueError("--rank only applies to --direction to_merged (merged -> standard is exact at the same rank)")
     fmt = format or (DEFAULT_FORMAT if direction == "to_standard" else "native")

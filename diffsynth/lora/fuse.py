@@ -75,6 +75,10 @@ def fuse_lora(model: nn.Module, lora, scale: float = 1.0, keep_original: bool = 
     changed weight is first copied to CPU (once, before its first kept fuse) so that unfuse_lora(model) can restore
     it bit-exactly; this costs one CPU copy of every changed weight.
     """
+    from diffsynth.lora.adapters import adapter_type, fuse_adapters
+
+    if adapter_type(lora) != "lora":  # LoHa, LoKr, DoRA
+        return fuse_adapters(model, lora, scale, keep_original)
     plan = _plan(model, lora)
     for _, linear, rows, A, B in plan:
         weight = linear.weight
