@@ -38,9 +38,10 @@ def _keys(lora):
     if isinstance(lora, dict):
         return list(lora)
     path = os.fspath(lora)
-    if not path.endswith(".safetensors") or not os.path.isfile(path):
+    try:
+        return list(read_keys_and_shapes([path])) if path.endswith(".safetensors") and os.path.isfile(path) else []
+    except Exception:  # not a readable safetensors file: the LoRA reader reports it
         return []
-    return list(read_keys_and_shapes([path]))
 
 
 def adapter_type(lora) -> str:
