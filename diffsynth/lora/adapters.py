@@ -139,6 +139,10 @@ def read_adapters(lora, source=None) -> tuple[dict[str, Adapter], dict]:
             unknown.append(key)
             continue
         entries.setdefault(name, {})[_ROLES[suffix]] = value
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise LoraError(f"{source}: {len(bad)} tensors hold NaN or inf values ({', '.join(bad[:4])}); the file is "
+                        "damaged or comes from a diverged run")
     if unknown:
         raise LoraError(f"{source}: {len(unknown)} keys name no linear layer of the Qwen-Image DiT or no {kind} "
                         f"weight: {', '.join(unknown[:8])}")

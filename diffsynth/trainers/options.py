@@ -164,8 +164,8 @@ def check_training_options(args) -> list[str]:
     if args.lora_type != "lora" and args.export_format:
         from ..lora.adapters import FORMATS_BY_TYPE
 
-        formats = [f for f in FORMATS_BY_TYPE[args.lora_type] if f != "native"]
-        if args.export_format not in formats:
+        formats = list(FORMATS_BY_TYPE[args.lora_type])
+        if args.export_format not in formats + ["none"]:
             problems.append(f"--export_format {args.export_format} cannot hold a {args.lora_type} (diffusers loads LoRA "
                             "and DoRA only; DiffSynth-Studio reads lora_A/lora_B only): use " + " or ".join(formats))
     args.report_to = [t.strip() for item in (args.report_to or ["csv"]) for t in item.split(",") if t.strip()]
