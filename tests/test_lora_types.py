@@ -120,9 +120,9 @@ def test_continue_an_adapter_with_lora_checkpoint(tiny_models, shared, tmp_path,
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-12)
-    # another type or rank does not fit: one message, exit 1
+    # another type or rank does not fit: one message, exit 2
     assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
-                      "--cache_conditioning", cache, "--lora_type", "lokr")) == 1
+                      "--cache_conditioning", cache, "--lora_type", "lokr")) == 2
     assert "does not match the model's adapters" in capsys.readouterr().err
 
 
