@@ -4,8 +4,14 @@ reference the consumers are compared with. Runs with THIS project's Python (its 
     PYTHONPATH=. .venv/bin/python interop/export_formats.py --out /tmp/interop
 
 Writes <out>/<targets>/<file>.safetensors for three target sets ("quickstart": the quickstart's block modules;
-"all": every linear layer of the DiT; "all_but_timestep": all but the timestep embedder), and <out>/<targets>/expected.safetensors: `<module>.A` / `<module>.B` in the
-standard layout with the alpha/rank scale folded into B (this project's reading of the LoRA: delta W = B @ A).
+"all": every linear layer of the DiT; "all_but_timestep": all but the timestep embedder), and
+<out>/<targets>/expected.safetensors: `<module>.A` / `<module>.B` in the standard layout with the alpha/rank scale
+folded into B (this project's reading of the LoRA: delta W = B @ A).
+
+With --adapters also <out>/loha, lokr, dora: a merged-layout LoHa / LoKr / DoRA on `to_qkv` and `to_out.0` (peft's
+adapters, as `--lora_type` trains them), its exports, `base.safetensors` (the base weights `<module>.weight` the
+consumer's DiT gets first: DoRA's delta depends on them) and `expected.safetensors` with `<module>.delta`, the full
+weight delta this project applies (`Adapter.delta`).
 """
 import argparse
 import json
@@ -14,8 +20,12 @@ import os
 import torch
 
 from diffsynth.lora import convert_lora_file, lora_to_standard, save_lora
+from diffsynth.lora.adapters import FORMATS_BY_TYPE, base_weight_getter, read_adapters, save_adapter, to_standard
+from diffsynth.lora.fuse import linear_layers
+from diffsynth.lora.inject import inject_lora, lora_state_dict
 from diffsynth.lora.reader import lora_modules
 from diffsynth.lora.reader import BLOCK_LINEARS, TOP_LINEARS  # noqa: E402
+from diffsynth.models.qwen_image_dit_merged_qkv import QwenImageDiTMergedQKV
 from diffsynth.utils.io import save_safetensors
 
 WIDTH, TEXT, LATENT, RANK, ALPHA = 3072, 3584, 64, 4, 8.0  # alpha != rank: a wrong scale shows
@@ -42,9 +52,51 @@ def merged_lora(targets, seed=0):
     return sd
 
 
+ADAPTER_TARGETS = ("attn.to_qkv", "attn.to_out.0")  # the merged split and a plain layer: full deltas are stored
+
+
+@torch.no_grad()
+def adapter_exports(folder, lora_type, seed=1):
+    """A merged LoHa / LoKr / DoRA as the trainer writes it (peft's adapters on the target layers of the real
+    one-block merged DiT, every factor random), the files the trainer and the conversion script make of it, the
+    base weights and this project's deltas."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):  # only the target layers get memory: nothing else is read
+        dit = QwenImageDiTMergedQKV(num_layers=1)
+    for name, layer in linear_layers(dit).items():
+        if name.endswith(ADAPTER_TARGETS):
+            layer.to_empty(device="cpu")
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / layer.in_features ** 0.5)
+            layer.bias.zero_()
+    inject_lora(dit, ",".join(ADAPTER_TARGETS), RANK, ALPHA, lora_type=lora_type)
+    for name, p in dit.named_parameters():
+        if p.requires_grad:  # the adapter's own weights (peft starts them with a zero delta)
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(p * (1 + 0.2 * noise) if "magnitude" in name else noise * 0.05)
+    native = os.path.join(folder, "native_merged.safetensors")
+    save_adapter(lora_state_dict(dit), native, lora_type, RANK, ALPHA, ",".join(ADAPTER_TARGETS), "merged_qkv")
+    base = base_weight_getter(dit)
+    files = {"native_merged": native}
+    for fmt in FORMATS_BY_TYPE[lora_type]:  # the trainer's default copy (native keys), then --export_format
+        name = "standard_copy" if fmt == "native" else fmt
+        files[name] = path = os.path.join(folder, f"{name}.safetensors")
+        convert_lora_file(native, path, "to_standard", format=fmt, base_weights=base)
+    standard = to_standard(read_adapters(native)[0])
+    # a standard-layout native file as train.py writes it (alpha != rank, the scale NOT folded in)
+    keys = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+    files["native_standard"] = os.path.join(folder, "native_standard.safetensors")
+    save_adapter({f"{n}.{keys.get(role, role)}": t.clone() for n, a in standard.items() for role, t in a.t.items()},
+                 files["native_standard"], lora_type, RANK, ALPHA, ",".join(ADAPTER_TARGETS), "standard")
+    save_safetensors({f"{n}.weight": base(n).contiguous() for n in standard}, os.path.join(folder, "base.safetensors"))
+    save_safetensors({f"{n}.delta": a.delta(base(n)).contiguous() for n, a in standard.items()},
+                     os.path.join(folder, "expected.safetensors"))
+    return files, len(standard)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--adapters", action="store_true", help="also LoHa, LoKr and DoRA (about 300 MB each)")
     args = parser.parse_args()
     every = tuple(l for l in BLOCK_LINEARS if l not in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
                                                          "attn.add_k_proj", "attn.add_v_proj")) + tuple(TOP_LINEARS)
@@ -75,6 +127,13 @@ def main():
         with open(os.path.join(folder, "files.json"), "w") as f:
             json.dump({k: os.path.basename(v) for k, v in files.items()}, f, indent=1)
         print(f"{folder}: {', '.join(sorted(files))} ({len(standard)} standard-layout modules)")
+    for lora_type in FORMATS_BY_TYPE if args.adapters else ():
+        folder = os.path.join(args.out, lora_type)
+        os.makedirs(folder, exist_ok=True)
+        files, modules = adapter_exports(folder, lora_type)
+        with open(os.path.join(folder, "files.json"), "w") as f:
+            json.dump({k: os.path.basename(v) for k, v in files.items()}, f, indent=1)
+        print(f"{folder}: {', '.join(sorted(files))} ({modules} standard-layout modules)")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ def test_adapter_resumes_exactly(tiny_models, shared, tmp_path, lora_type):
     assert_resumes_exactly(tiny_models, shared, tmp_path, "--lora_type", lora_type)
 
 
-def test_dora_export_loads_in_diffusers(tiny_models, shared, tmp_path):
-    """diffusers' own Qwen LoRA loader reads the DoRA export (lora_magnitude_vector) and computes what we trained."""
+def test_dora_export_loads_in_diffusers(tiny_models, shared, tmp_path, capsys):
+    """diffusers' own Qwen LoRA loader reads the DoRA export (lora_magnitude_vector) and computes what we trained.
+    ComfyUI drops that vector (measured with its loader, interop/): the run says to export comfyui for it."""
     from diffusers import QwenImageTransformer2DModel
     from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
 
@@ -95,6 +96,7 @@ def test_dora_export_loads_in_diffusers(tiny_models, shared, tmp_path):
                             "--learning_rate", "5e-2", "--lora_type", "dora", "--export_format", "diffusers"))
     t = Trainer(args)
     t.setup()
+    assert "ComfyUI reads a DoRA's magnitude only as dora_scale (--export_format comfyui" in capsys.readouterr().out
     t.train()
     t.dit.eval()
     x = inputs(1)
@@ -149,13 +151,14 @@ def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys)
         torch.testing.assert_close(parts[f"transformer_blocks.0.attn.{part}"].delta(None), full[i * 64:(i + 1) * 64])
 
 
-def test_dora_for_comfyui_is_computed_for_comfyuis_rule(tiny_models, shared, tmp_path):
+def test_dora_for_comfyui_is_computed_for_comfyuis_rule(tiny_models, shared, tmp_path, capsys):
     """ComfyUI applies an output-axis dora_scale d as (W + dW) * d / (||W|| + eps) (base-weight norms); the
     export's d makes that equal peft's m (W + dW) / ||W + dW||. Computed here from that rule, independently."""
     data, cache = shared
     out = str(tmp_path / "out")
     assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", cache, "--learning_rate",
                       "5e-2", "--lora_type", "dora", "--export_format", "comfyui"), merged_qkv=False) == 0
+    assert "ComfyUI reads a DoRA" not in capsys.readouterr().out  # this export is the one it reads
     native = load_file(os.path.join(out, "checkpoint-final.safetensors"))
     comfy = load_file(os.path.join(out, "checkpoint-final-comfyui.safetensors"))
     model = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=False)
@@ -179,3 +182,40 @@ def test_dora_for_comfyui_is_computed_for_comfyuis_rule(tiny_models, shared, tmp
         convert_lora_file(os.path.join(out, "checkpoint-final.safetensors"), str(tmp_path / "x.safetensors"),
                           "to_standard", format="comfyui")
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("lora_type", ["loha", "lokr"])
+def test_native_loha_lokr_files_carry_alpha_for_tensor_only_readers(tiny_models, tmp_path, lora_type):
+    """ComfyUI (and LyCORIS) take a LoHa's / LoKr's scale from `<module>.alpha` tensors divided by the rank of the
+    decomposed factor, never from the metadata: a native file (a standard run's checkpoint, loaded as it is) must
+    carry them. Without them ComfyUI 0.3.64's own loader applied a LoHa with alpha 8, rank 4 at half its delta
+    (interop/check_consumer.py comfyui). ComfyUI's rule is computed here from the tensors alone."""
+    from diffsynth.lora import inject_lora, lora_state_dict
+    from diffsynth.lora.adapters import load_adapter_weights, save_adapter
+
+    rank, alpha, targets = 2, 6.0, "to_q,to_out.0,img_mlp.net.2"
+    dit = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=False)
+    inject_lora(dit, targets, rank, alpha, lora_type=lora_type)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for p in dit.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g))
+    path = str(tmp_path / "native.safetensors")
+    save_adapter(lora_state_dict(dit), path, lora_type, rank, alpha, targets, "standard")
+    sd = load_file(path)
+    modules, _ = read_adapters(path)  # this project: peft's alpha / rank from the metadata
+    assert len(modules) == 6  # 3 targets in each of 2 blocks
+    for name, adapter in modules.items():
+        t = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        if lora_type == "loha":
+            diff, dim = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]), t["hada_w1_b"].shape[0]
+        else:
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            diff = torch.kron(w1, w2)
+            dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0]
+        comfy = diff * (t["alpha"] / dim)
+        torch.testing.assert_close(comfy, adapter.delta(None), rtol=1e-5, atol=1e-6)
+        assert adapter.scale == alpha / rank
+    # the file still continues training (--lora_checkpoint): the .alpha tensors are no adapter weights
+    assert sorted(load_adapter_weights(dit, path)) == sorted(k for k in sd if not k.endswith(".alpha"))

@@ -3,7 +3,7 @@
 Keys. Native files (this trainer) keep peft's names without the adapter name: `<module>.hada_w1_a/_b`,
 `.hada_w2_a/_b` (LoHa), `<module>.lokr_w1` or `.lokr_w1_a/_b`, `.lokr_w2` or `.lokr_w2_a/_b` (LoKr),
 `<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` (DoRA); rank, alpha and `lora_type` in the
-metadata, scale alpha/rank as in peft. ComfyUI (`diffusion_model.<module>.`) and kohya/LyCORIS (`lora_unet_...`)
+metadata, scale alpha/rank as in peft, and for LoHa / LoKr `<module>.alpha` tensors (what ComfyUI reads). ComfyUI (`diffusion_model.<module>.`) and kohya/LyCORIS (`lora_unet_...`)
 files use LyCORIS' names (the same `hada_*` / `lokr_*`, `lora_down/up`, `.alpha`, DoRA's `.dora_scale`).
 
 Deltas (W the base weight, s the scale): LoHa s (w1a w1b) * (w2a w2b); LoKr s kron(w1, w2); DoRA
@@ -246,12 +246,35 @@ def fuse_adapters(model, lora, scale: float = 1.0, keep_original: bool = False) 
 # ---- native files and the trainer ------------------------------------------------------------------------------
 
 def save_adapter(sd, path, lora_type, rank, alpha, target_modules, architecture, extra_metadata=None):
-    """A native LoHa / LoKr / DoRA file: peft's keys without the adapter name, rank, alpha, lora_type."""
+    """A native LoHa / LoKr / DoRA file: peft's keys without the adapter name, rank, alpha, lora_type; LoHa and
+    LoKr modules also get `<module>.alpha` tensors, the scale readers of tensors alone (ComfyUI, LyCORIS) take."""
     if lora_type not in LORA_TYPES[1:]:
         raise ValueError(f"lora_type must be one of {LORA_TYPES[1:]}, got {lora_type!r}")
     metadata = lora_metadata({}, architecture, rank, alpha, target_modules, {"lora_type": lora_type,
                                                                            **(extra_metadata or {})})
-    save_safetensors({k: v.contiguous() for k, v in sd.items()}, path, metadata)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    sd.update(_alphas(sd, lora_type, rank, alpha))
+    save_safetensors(sd, path, metadata)
+
+
+def _alphas(sd, lora_type, rank, alpha) -> dict[str, torch.Tensor]:
+    """`<module>.alpha` tensors for which ComfyUI's / LyCORIS' alpha / (rows of the decomposed factor: hada_w1_b,
+    lokr_w2_b else lokr_w1_b, each `rank` rows in peft) is peft's alpha / rank. A LoKr module that peft keeps
+    undecomposed (rank >= half its w2 factor) gets none: those readers apply it at scale 1, whatever alpha says.
+    DoRA gets none: diffusers refuses a DoRA file with `.alpha` keys, and ComfyUI ignores its magnitude anyway."""
+    if lora_type == "loha":
+        stems = [k[: -len(".hada_w1_b")] for k in sd if k.endswith(".hada_w1_b")]
+    elif lora_type == "lokr":
+        stems = {k.rsplit(".", 1)[0] for k in sd if k.endswith((".lokr_w1_b", ".lokr_w2_b"))}
+    else:
+        return {}
+    return {f"{stem}.alpha": torch.tensor(float(alpha) * _decomposed_rank(sd, stem) / rank) for stem in stems}
+
+
+def _decomposed_rank(sd, stem):
+    for key in (f"{stem}.hada_w1_b", f"{stem}.lokr_w2_b", f"{stem}.lokr_w1_b"):
+        if key in sd:
+            return sd[key].shape[0]
 
 
 @torch.no_grad()
@@ -260,7 +283,7 @@ def load_adapter_weights(model, path, adapter_name="default") -> list[str]:
     (--lora_checkpoint); anything that does not match is an error before anything changes."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    sd = load_safetensors(path)
+    sd = {k: v for k, v in load_safetensors(path).items() if not k.endswith(".alpha")}  # the scale is the config's
     have = get_peft_model_state_dict(model, adapter_name=adapter_name)
     extra, missing = sorted(set(sd) - set(have)), sorted(set(have) - set(sd))
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(have[k].shape)}" for k in set(sd) & set(have)

@@ -167,6 +167,9 @@ class Trainer:
             self.log(plan_report(args, acc.num_processes, is_fsdp(acc)))
         resolve_optimizer(args.optimizer)  # an optimizer that cannot be imported fails before anything loads
         self.export_copy = True  # the standard-layout copy of each LoRA checkpoint (export_copy_name)
+        if args.lora_base_model and args.lora_type == "dora" and args.export_format not in ("comfyui", "kohya"):
+            self.log("note: ComfyUI reads a DoRA's magnitude only as dora_scale (--export_format comfyui or kohya); "
+                     "it drops the lora_magnitude_vector of the files this run writes and applies plain LoRA deltas")
         self.timesteps = TimestepSampling.from_args(args)
         # 1. The data first: every bad row is reported before any model loads.
         self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
