@@ -81,6 +81,13 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="also keep the checkpointed block inputs on the CPU")
     mem.add_argument("--enable_fp8_training", action="store_true",
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
+    mem.add_argument("--fp8_compute", action="store_true",
+                     help="fp8 storage (as --enable_fp8_training) AND fp8 matmuls for the frozen base linears (activations "
+                          "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); elsewhere "
+                          "it says so and falls back to fp8 storage")
+    mem.add_argument("--compile", action="store_true",
+                     help="torch.compile each DiT block (one graph shared by the identical blocks): faster steps "
+                          "after a first step that compiles (about a minute)")
     mem.add_argument("--cache_conditioning", nargs="?", const="", default=None, metavar="DIR",
                      help="precompute text embeddings and latents once (default DIR: <output_path>/cache); "
                           "training then loads only the DiT")
@@ -134,9 +141,9 @@ def check_args(args):
                 problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
     if args.use_gradient_checkpointing_offload and not args.use_gradient_checkpointing:
         problems.append("--use_gradient_checkpointing_offload needs --use_gradient_checkpointing")
-    if args.enable_fp8_training and args.lora_base_model is None:
-        problems.append("--enable_fp8_training stores frozen weights in fp8: it needs LoRA training "
-                        "(--lora_base_model dit)")
+    for flag in ("enable_fp8_training", "fp8_compute"):
+        if getattr(args, flag) and args.lora_base_model is None:
+            problems.append(f"--{flag} stores frozen weights in fp8: it needs LoRA training (--lora_base_model dit)")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
     if args.validation_prompt and args.cache_conditioning is not None:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
 from ..lora.convert import convert_lora_file
+from ..utils.compile import watch_compile
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
@@ -168,12 +169,16 @@ class Trainer:
         for name, p in dit.named_parameters():
             if p.requires_grad and name.startswith(tuple(m + "." for m in dit.unused_in_output())):
                 p.requires_grad_(False)
-        if args.enable_fp8_training:
-            from ..utils.fp8 import enable_fp8_linear
-
-            self.log(f"fp8: {enable_fp8_linear(dit)} frozen linear layers stored in float8_e4m3fn")
+        if args.enable_fp8_training or args.fp8_compute:
+            from ..utils.fp8 import enable_fp8
+            self.log(enable_fp8(dit, args.fp8_compute, acc.device))
         if args.use_gradient_checkpointing:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
+        if args.compile:
+            from ..utils.compile import compile_blocks
+
+            self.log(f"--compile: {compile_blocks(dit)} DiT blocks compile on the first step (torch.compile, one graph "
+                     "shared by the identical blocks)")
         dit.train()
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
@@ -297,7 +302,7 @@ class Trainer:
             for batch in loader:
                 # Conditioning outside autocast, exactly as the cache computes it: cached == uncached.
                 cond = self.conditions(batch)
-                with acc.accumulate(self.dit):
+                with acc.accumulate(self.dit), watch_compile(self.dit, self._write):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
                                                   self.state.noise_generator())
@@ -355,6 +360,11 @@ class Trainer:
             writer.close()
         acc.end_training()
         return final
+
+    def _write(self, message):
+        """A line beside the progress bar (main process)."""
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
 
     def _tensorboard(self):
         if self.args.report_to != "tensorboard" or not self.accelerator.is_main_process:
