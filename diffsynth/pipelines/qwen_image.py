@@ -251,8 +251,8 @@ class QwenImagePipeline:
             for i, sigma in enumerate(tqdm(self.scheduler.sigmas[:-1], desc="denoising", disable=not progress)):
                 with watch_compile(self.dit, tqdm.write if progress else (lambda _: None), "denoising step"):
                     pred = self.predict(x, edit_tokens, shapes, sigma, emb, mask)
-                    if use_cfg:
-                        neg = self.predict(x, edit_tokens, shapes, sigma, neg_emb, neg_mask)
+                    neg = self.predict(x, edit_tokens, shapes, sigma, neg_emb, neg_mask) if use_cfg else None
+                if use_cfg:
                     comb = neg + cfg_scale * (pred - neg)
                     # keep each token's norm that of the conditional prediction (Qwen-Image's true CFG)
                     pred = comb * (pred.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
