@@ -166,7 +166,7 @@ def test_missing_column_and_bad_json_lines(data):
     with pytest.raises(DatasetError, match="row 2: no 'edit_image' value"):
         validate_metadata(root / "m.json", str(root))
     with pytest.raises(DatasetError, match="unsupported column"):
-        validate_metadata(root / "m.json", str(root), data_file_keys="image,mask")
+        validate_metadata(root / "m.json", str(root), data_file_keys="image,depth")
     with pytest.raises(DatasetError, match="unsupported metadata format '.txt'"):
         (root / "m.txt").write_text("x")
         validate_metadata(root / "m.txt", str(root))

@@ -66,6 +66,7 @@ def test_quickstart_command_writes_the_png(tiny_models, images, merged_lora, tmp
     assert pixels.std() > 0
     assert "--input_image has no effect at --denoising_strength 1.0" in result.stderr
     assert "fused" in result.stdout and "into 4 layers" in result.stdout
+    assert "peak memory:" in result.stdout
     assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
 
 
@@ -80,9 +81,12 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
                  "--tokenizer_path", f"{root}/Qwen-Image/tokenizer",
                  "--processor_path", f"{root}/Qwen-Image-Edit/processor",
                  "--input_image", images["input"], "--denoising_strength", "0.6", "--cfg_scale", "1",
-                 "--height", "48", "--width", "40", "--dtype", "fp32", *FAST)
+                 "--height", "48", "--width", "40", "--dtype", "fp32", "--blocks_to_swap", "1",
+                 "--offload", "sequential", *FAST)
     assert result.returncode == 0, result.stderr
     assert "no effect" not in result.stderr
+    # the peak is printed; without a GPU it says so and gives the process's RSS instead
+    assert "peak memory: GPU not used (cpu); peak RSS of this process" in result.stdout
     with Image.open(out) as img:
         assert img.format == "JPEG" and img.size == (32, 48)  # width rounded down to 16
     # the merged LoRA is split over the standard DiT's to_q/to_k/to_v (+ the added projections)

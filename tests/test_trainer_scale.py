@@ -67,8 +67,19 @@ def test_resume_equals_uninterrupted(tiny_models, data, tmp_path):
     assert main(flags(tiny_models, data, full, *common)) == 0
     part = str(tmp_path / "part")
     assert main(flags(tiny_models, data, part, *common, "--max_steps", "3")) == 0
-    assert os.path.isdir(os.path.join(part, "checkpoints", "step-3"))
+    state = os.path.join(part, "checkpoints", "step-3")
+    assert sorted(os.listdir(state)) == ["lr_scheduler.json", "lr_scheduler.safetensors", "model.safetensors",
+                                         "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
+                                         "state.json", "train_state.json", "train_state.safetensors"]
+    # a pickle planted where accelerate's save_state kept custom state is never opened
+    import pickle
+
+    from test_checkpoint import Planted
+
+    with open(os.path.join(state, "custom_checkpoint_0.pkl"), "wb") as f:
+        pickle.dump(Planted(str(tmp_path / "pwned")), f)
     assert main(flags(tiny_models, data, part, *common, "--resume_from_checkpoint", "latest")) == 0
+    assert not (tmp_path / "pwned").exists()
     a = load_file(os.path.join(full, "checkpoint-final.safetensors"))
     b = load_file(os.path.join(part, "checkpoint-final.safetensors"))
     assert a.keys() == b.keys()
@@ -144,19 +155,29 @@ def test_ddp_two_processes_on_cpu_and_exact_resume(tiny_models, data, tmp_path):
 def test_validation_images_and_grid(tiny_models, data, tmp_path):
     from PIL import Image
 
-    out = str(tmp_path / "out")
     edit = os.path.join(data, "edits", "edit000.png")
-    assert main(flags(tiny_models, data, out, "--num_epochs", "3", "--max_steps", "5",
-                      "--validation_prompt", "make the red square blue",
-                      "--validation_edit_image", edit, "--validation_steps", "2",
-                      "--validation_inference_steps", "2")) == 0
+    common = ["--num_epochs", "3", "--max_steps", "5", "--validation_prompt", "make the red square blue",
+              "--validation_edit_image", edit, "--validation_steps", "2", "--validation_inference_steps", "2"]
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, *common)) == 0
     folder = os.path.join(out, "validation")
     assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-2.png", "step-4.png"]
-    assert Image.open(os.path.join(folder, "step-2.png")).size == (64, 64)  # the edit image's size
-    assert Image.open(os.path.join(folder, "grid.png")).size == (3 * 64, 64)
+    shot = Image.open(os.path.join(folder, "step-2.png"))
+    assert shot.size == (64, 64)  # the edit image's size, unlabelled; the label is in the PNG's text chunks
+    assert shot.text == {"step": "step 2", "prompt": "make the red square blue"}
+    # the grid: a header band, then the input and the three outputs, each with a label band under it
+    grid = Image.open(os.path.join(folder, "grid.png"))
+    assert grid.width == 4 * 64 and grid.height > 64 + 2 * 10
     # training changed the LoRA between two validations, so the pictures differ
     a, b = (Image.open(os.path.join(folder, f)).tobytes() for f in ("step-2.png", "final.png"))
     assert a != b
+    # with the conditioning cache: the prompt and edit image are encoded once at the start and the text encoder
+    # is freed; the same pictures come out
+    cached = str(tmp_path / "cached")
+    assert main(flags(tiny_models, data, cached, *common, "--cache_conditioning")) == 0
+    for name in ("step-2.png", "step-4.png", "final.png"):
+        assert Image.open(os.path.join(cached, "validation", name)).tobytes() == \
+            Image.open(os.path.join(folder, name)).tobytes(), name
 
 
 def test_report_to_tensorboard(tiny_models, data, tmp_path, capsys):
@@ -168,5 +189,6 @@ def test_report_to_tensorboard(tiny_models, data, tmp_path, capsys):
     if importlib.util.find_spec("tensorboard") is None:
         assert "tensorboard is not installed (pip install tensorboard); csv only" in capsys.readouterr().out
     else:
-        assert any(f.startswith("events.") for f in os.listdir(os.path.join(out, "tensorboard")))
+        logged = [f for _, _, files in os.walk(os.path.join(out, "tensorboard")) for f in files]
+        assert any(f.startswith("events.") for f in logged)
     assert len(losses(out)) == 2  # the CSV log is always written

@@ -282,6 +282,7 @@ class QwenImageDiT(nn.Module):
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.gradient_checkpointing = False
         self.gradient_checkpointing_offload = False
+        self.block_swap = None
 
     def unused_in_output(self):
         """Modules whose output never reaches the prediction: the last block's text stream after attention
@@ -292,6 +293,27 @@ class QwenImageDiT(nn.Module):
     def enable_gradient_checkpointing(self, offload=False):
         """Recompute each block in backward; with offload, the saved block inputs wait on the CPU."""
         self.gradient_checkpointing, self.gradient_checkpointing_offload = True, offload
+
+    def enable_block_swap(self, num_blocks, device, prefetch=1):
+        """Keep the frozen weights of the last `num_blocks` blocks in (pinned) host memory; each visits `device`
+        only while its block runs (`block_swap.py`). Call it after LoRA injection and fp8 conversion; afterwards
+        `.to(device)` moves only the resident part. 0 turns swapping off."""
+        from .block_swap import BlockSwap
+
+        self.disable_block_swap()
+        if num_blocks:
+            self.block_swap = BlockSwap(self, num_blocks, device, prefetch)
+
+    def disable_block_swap(self):
+        if self.block_swap is not None:
+            self.block_swap.close()
+            self.block_swap = None
+
+    def _apply(self, fn, recurse=True):
+        if self.block_swap is None:
+            return super()._apply(fn, recurse)
+        with self.block_swap.detached():  # swapped weights stay in host memory whatever .to() asks
+            return super()._apply(fn, recurse)
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
         batch, seq_len = hidden_states.shape[:2]
@@ -327,7 +349,9 @@ class QwenImageDiT(nn.Module):
             attn_mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
 
         rope = self.pos_embed(shapes, text.shape[1], image.device)
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
+            if self.block_swap is not None:
+                block = self.block_swap.bind(i)  # the same call, with the block's weights on the device
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 image, text = self._checkpointed(block, image, text, temb, rope, attn_mask, modulate_index)
             else:

@@ -111,6 +111,7 @@ class QwenImageTextEncoder:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.execution_device = None  # set when offload hooks stream the weights (they sit on "meta" meanwhile)
 
     @classmethod
     def from_pretrained(cls, text_encoder_path, tokenizer_path, processor_path=None, torch_dtype=torch.bfloat16,
@@ -181,7 +182,7 @@ class QwenImageTextEncoder:
         if template not in TEMPLATES:
             raise ValueError(f"unknown prompt template {template!r}; choose one of {sorted(TEMPLATES)}")
         drop = TEMPLATES[template][1]
-        device = next(self.text_encoder.parameters()).device
+        device = self.execution_device or next(self.text_encoder.parameters()).device
         inputs = {k: v.to(device) for k, v in self._inputs(prompts, per_prompt_images, template).items()}
         # The base model's last hidden state (after the final norm) is what diffusers takes as hidden_states[-1];
         # skipping the LM head saves a (T x 152k) logits tensor.

@@ -74,38 +74,70 @@ def locate_model_files(model_id_with_origin_paths=None, model_paths=None, models
     return found
 
 
+OFFLOAD_MODES = {False: None, None: None, True: "model", "model": "model", "sequential": "sequential"}
+
+
 class QwenImagePipeline:
     def __init__(self, dit, text_encoder=None, vae=None, scheduler=None, device="cpu", torch_dtype=torch.float32,
                  offload=False, edit_plus=None):
+        """`offload`: False keeps every component on `device`. True / "model": idle components wait in host
+        memory and each visits `device` only while it runs. "sequential": as "model", and the text encoder
+        (7B, about 16.6 GB in bf16) never moves as a whole: its weights stream to `device` module by module
+        (accelerate's cpu_offload), so that it runs on a GPU smaller than itself."""
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload={offload!r}: use False, True / 'model' or 'sequential'")
         self.dit, self.text_encoder, self.vae = dit, text_encoder, vae
         self.edit_plus = edit_plus  # prompt template choice, see encode_prompt
         self.scheduler = scheduler or FlowMatchScheduler()
         self.device, self.torch_dtype = torch.device(device), torch_dtype
-        self.offload = offload  # idle components wait on the CPU; each visits `device` only while it runs
+        self.offload = OFFLOAD_MODES[offload]
+        if self.offload == "sequential" and text_encoder is not None:
+            from accelerate import cpu_offload
+
+            cpu_offload(text_encoder.text_encoder.to("cpu"), execution_device=self.device)
+            text_encoder.execution_device = self.device
 
     @classmethod
     def from_pretrained(cls, model_id_with_origin_paths=None, model_paths=None, models_dir=None, tokenizer_path=None,
                         processor_path=None, merged_qkv=True, device="cpu", torch_dtype=torch.float32, download=True,
-                        need=("dit", "text_encoder", "vae"), offload=False, edit_plus=None):
-        """Locate (downloading what is missing) and load every component; `offload` keeps idle ones on the CPU.
-        `edit_plus`: see `encode_prompt`."""
+                        need=("dit", "text_encoder", "vae"), offload=False, edit_plus=None, blocks_to_swap=0,
+                        dit_device=None):
+        """Locate (downloading what is missing) and load every component; `offload`: see `__init__`.
+        `edit_plus`: see `encode_prompt`. `blocks_to_swap`: see `enable_block_swap`; the DiT then loads into host
+        memory and never is on the device whole. `dit_device`: where the DiT's weights load (default: `device`,
+        or host memory with offload or block swap)."""
         files = locate_model_files(model_id_with_origin_paths, model_paths, models_dir, tokenizer_path,
                                    processor_path, download, need)
         load_device = "cpu" if offload else device
         dit_files = files.get("dit") or files.get("dit_merged_qkv")
-        dit = load_qwen_image_dit(dit_files, merged_qkv, torch_dtype, load_device) if "dit" in need else None
+        dit_device = dit_device or ("cpu" if blocks_to_swap else load_device)
+        dit = load_qwen_image_dit(dit_files, merged_qkv, torch_dtype, dit_device) if "dit" in need else None
         text_encoder = None
         if "text_encoder" in need:
             text_encoder = QwenImageTextEncoder.from_pretrained(files["text_encoder"], files["tokenizer"],
                                                                files["processor"], torch_dtype, load_device)
         vae = load_qwen_image_vae(files["vae"], torch_dtype, load_device) if "vae" in need else None
-        return cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype, offload=offload,
+        pipe = cls(dit, text_encoder, vae, device=device, torch_dtype=torch_dtype, offload=offload,
                    edit_plus=edit_plus)
+        if blocks_to_swap and dit is not None:
+            pipe.enable_block_swap(blocks_to_swap)
+        return pipe
+
+    def enable_block_swap(self, num_blocks, prefetch=1):
+        """Keep the frozen weights of the DiT's last `num_blocks` blocks in pinned host memory, each copied to the
+        device ahead of its use (`diffsynth/models/block_swap.py`); the other blocks are resident (with offload,
+        while the DiT runs). Fuse LoRAs before or after: the host copy is the one that counts."""
+        self.dit.enable_block_swap(num_blocks, self.device, prefetch)
+        if not self.offload:
+            self.dit.to(self.device)
 
     @contextlib.contextmanager
     def _on_device(self, module):
-        """With offload on, a component visits the device only while it is used."""
-        if self.offload and module is not None:
+        """With offload on, a component visits the device only while it is used (a streamed text encoder
+        moves module by module by itself)."""
+        streamed = self.offload == "sequential" and self.text_encoder is not None and \
+            module is self.text_encoder.text_encoder
+        if self.offload and module is not None and not streamed:
             module.to(self.device)
             try:
                 yield
@@ -139,7 +171,7 @@ class QwenImagePipeline:
                 edit_images = [images[0] for images in edit_images]
         with self._on_device(self.text_encoder.text_encoder):
             emb, mask = self.text_encoder.encode(prompts, edit_images, template=template)
-        return emb.to(self.torch_dtype), mask
+        return emb.to(self.device, self.torch_dtype), (None if mask is None else mask.to(self.device))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> packed latent tokens (B, H/16 * W/16, 64)."""
@@ -181,7 +213,14 @@ class QwenImagePipeline:
         from ..utils.fp8 import enable_fp8
 
         self.dit.requires_grad_(False)
-        return enable_fp8(self.dit, compute, self.device)
+        swap = self.dit.block_swap
+        if swap is None:
+            return enable_fp8(self.dit, compute, self.device)
+        # the conversion replaces the weights block swap holds in host memory: set the swap up again around it
+        self.dit.disable_block_swap()
+        done = enable_fp8(self.dit, compute, self.device)
+        self.enable_block_swap(len(swap.swapped), swap.prefetch)
+        return done
 
     def compile(self) -> int:
         """torch.compile each DiT block (one graph shared by the identical blocks); the first denoising step
@@ -195,7 +234,8 @@ class QwenImagePipeline:
     @torch.no_grad()
     def __call__(self, prompt, edit_image=None, negative_prompt=None, cfg_scale=4.0, num_inference_steps=30,
                  height=None, width=None, seed=None, input_image=None, denoising_strength=1.0,
-                 edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil"):
+                 edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil",
+                 prompt_embeds=None, edit_latents=None):
         """Edit `edit_image` (a PIL image, or a list for Edit-2509/2511) as `prompt` says; -> a PIL image, or the
         final packed latent tokens (1, L, 64) with output_type="latent" (turn them into an image with `decode`).
 
@@ -205,6 +245,9 @@ class QwenImagePipeline:
         `edit_image_area` is the pixel area each edit image is resized to for the VAE (diffusers: 1024 x 1024).
         `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
         `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
+        `prompt_embeds` ((emb, mask) of `encode_prompt`) and `edit_latents` ((tokens, shapes) of
+        `encode_edit_images` on the resized edit images) reuse conditioning computed earlier: the text encoder and
+        the VAE encoder are then not needed (the trainer's validation encodes once and frees the text encoder).
         """
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
@@ -228,11 +271,17 @@ class QwenImagePipeline:
 
         # The VL model gets the original images and resizes them itself, as diffusers does: a small
         # edit_image_area shrinks only what the VAE sees.
-        emb, mask = self.encode_prompt([prompt], [originals] if originals else None)
+        if prompt_embeds is not None:
+            emb, mask = prompt_embeds
+        else:
+            emb, mask = self.encode_prompt([prompt], [originals] if originals else None)
         use_cfg = negative_prompt is not None and cfg_scale > 1
         if use_cfg:
             neg_emb, neg_mask = self.encode_prompt([negative_prompt], [originals] if originals else None)
-        edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
+        if edit_latents is not None:
+            edit_tokens, edit_shapes = edit_latents
+        else:
+            edit_tokens, edit_shapes = self.encode_edit_images(edit_images) if edit_images else (None, [])
         shapes = [(1, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)] + edit_shapes
 
         if latents is None:

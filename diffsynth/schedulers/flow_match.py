@@ -12,6 +12,14 @@ import math
 
 import torch
 
+# Scheduler settings by name. lightning: the 4/8-step Lightning LoRAs (lightx2v/Qwen-Image-Lightning) were distilled
+# with a fixed shift of 3 and no terminal stretch; their published diffusers config sets base_shift = max_shift =
+# log(3) (so mu = log 3 at every resolution) and shift_terminal None, and they run without true CFG.
+SCHEDULER_PRESETS = {
+    "default": {},
+    "lightning": {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None},
+}
+
 
 class FlowMatchScheduler:
     def __init__(
@@ -37,6 +45,12 @@ class FlowMatchScheduler:
         self.timesteps = None  # sigmas[:-1] * num_train_timesteps
         self._train_cache = {}
 
+    @classmethod
+    def from_preset(cls, name: str) -> "FlowMatchScheduler":
+        if name not in SCHEDULER_PRESETS:
+            raise ValueError(f"unknown scheduler preset {name!r}; choose one of {', '.join(SCHEDULER_PRESETS)}")
+        return cls(**SCHEDULER_PRESETS[name])
+
     # ---- schedule -------------------------------------------------------------------------------------------
 
     def calculate_shift(self, image_seq_len: int) -> float:
@@ -44,10 +58,14 @@ class FlowMatchScheduler:
         m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return image_seq_len * m + self.base_shift - m * self.base_image_seq_len
 
+    @staticmethod
+    def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+        """The exponential time shift: exp(mu) / (exp(mu) + 1/sigma - 1), i.e. shift = exp(mu)."""
+        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
     def shifted_sigmas(self, num_steps: int, mu: float) -> torch.Tensor:
         """linspace(1, 1/N, N), exponentially shifted by mu, stretched so the last sigma is shift_terminal."""
-        sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-        sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        sigmas = self.time_shift(torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64), mu)
         # A single step is sigma 1 alone: the terminal stretch would divide 0 by 0 (diffusers returns NaN there).
         if self.shift_terminal and num_steps > 1:
             one_minus = 1 - sigmas

@@ -1,6 +1,8 @@
 """Command-line flags of train.py / train_merged_qkv.py (DiffSynth-Studio names), checked before anything loads."""
 import argparse
 
+from .options import add_training_options, check_training_options
+
 
 class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
@@ -61,7 +63,6 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
     s.add_argument("--export_format", choices=["diffusers", "comfyui", "kohya", "diffsynth"], default=None,
                    help="also write a standard-layout copy of each LoRA checkpoint in this format")
-    s.add_argument("--report_to", choices=["csv", "tensorboard", "none"], default="csv")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
@@ -88,6 +89,10 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     mem.add_argument("--compile", action="store_true",
                      help="torch.compile each DiT block (one graph shared by the identical blocks): faster steps "
                           "after a first step that compiles (about a minute)")
+    mem.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                     help="keep the frozen weights of the DiT's last N blocks (of 60) in pinned host memory and copy "
+                          "each to the GPU just ahead of its use (LoRA weights stay on the GPU); needs "
+                          "--use_gradient_checkpointing and LoRA. Host RAM must hold the DiT")
     mem.add_argument("--cache_conditioning", nargs="?", const="", default=None, metavar="DIR",
                      help="precompute text embeddings and latents once (default DIR: <output_path>/cache); "
                           "training then loads only the DiT")
@@ -98,6 +103,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                    help="image to edit for validation (repeat for several)")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
     v.add_argument("--validation_inference_steps", type=int, default=20)
+    add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
                    help="check the flags and print the resolved settings, then exit without loading anything")
     return p
@@ -126,8 +132,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
-    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0:
-        problems.append("--dataset_num_workers and --lr_warmup_steps must be >= 0")
+    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0 or args.blocks_to_swap < 0:
+        problems.append("--dataset_num_workers, --lr_warmup_steps and --blocks_to_swap must be >= 0")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
     extra = [x for x in args.extra_inputs.split(",") if x.strip()]
@@ -144,12 +150,15 @@ def check_args(args):
     for flag in ("enable_fp8_training", "fp8_compute"):
         if getattr(args, flag) and args.lora_base_model is None:
             problems.append(f"--{flag} stores frozen weights in fp8: it needs LoRA training (--lora_base_model dit)")
+    if args.blocks_to_swap > 0 and args.lora_base_model is None:
+        problems.append("--blocks_to_swap swaps frozen weights: it needs LoRA training (--lora_base_model dit)")
+    if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:
+        problems.append("--blocks_to_swap needs --use_gradient_checkpointing: without it the backward pass keeps every "
+                        "swapped block's weights on the GPU, so swapping would save nothing")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
-    if args.validation_prompt and args.cache_conditioning is not None:
-        problems.append("--validation_prompt needs the text encoder and VAE, which --cache_conditioning leaves "
-                        "unloaded; drop one of them")
     if args.model_paths is None and args.model_id_with_origin_paths is None:
         problems.append("give the models with --model_id_with_origin_paths or --model_paths")
+    problems += check_training_options(args)
     if problems:
         raise ArgumentError("; ".join(problems))

@@ -12,23 +12,33 @@ import torch
 from ..utils.image import SIZE_MULTIPLE, open_image
 from ..utils.io import load_safetensors, read_metadata, save_safetensors
 
+# The prompt of a dropped caption (--caption_dropout_rate): the negative prompt the inference script and Qwen's
+# examples use for true CFG, so a dropped-caption sample trains exactly the branch CFG's negative pass runs. The
+# text encoder sees the edit images too, so this embedding is per sample.
+DROPOUT_PROMPT = " "
+
 
 @torch.no_grad()
-def condition_sample(pipe, item, edit_files=()) -> dict:
+def condition_sample(pipe, item, edit_files=(), dropout_prompt=False) -> dict:
     """item: one dataset item (image (3,H,W), edit_images [(3,h,w)...] sized for the VAE, prompt);
-    edit_files: the edit images' files, which the text encoder sizes itself, as at inference -> CPU tensors."""
+    edit_files: the edit images' files, which the text encoder sizes itself, as at inference -> CPU tensors.
+    dropout_prompt: also the embedding of DROPOUT_PROMPT with the same edit images ("empty_prompt_emb")."""
     image, edits = item["image"], list(item["edit_images"])
     originals = [open_image(path) for path in edit_files]
-    emb, mask = pipe.encode_prompt([item["prompt"]], [originals] if originals else None)
-    if mask is not None:
-        emb = emb[:, : int(mask[0].sum())]  # one sample: padding, if any, is at the end
+
+    def embed(prompt):
+        emb, mask = pipe.encode_prompt([prompt], [originals] if originals else None)
+        return (emb if mask is None else emb[:, : int(mask[0].sum())])[0].cpu()  # one sample: padding at the end
+
     cond = {
-        "prompt_emb": emb[0].cpu(),
+        "prompt_emb": embed(item["prompt"]),
         "latents": pipe.encode_images(image[None])[0].cpu(),
         "edit_latents": torch.cat([pipe.encode_images(e[None])[0] for e in edits]).cpu() if edits else None,
         "shapes": [(1, image.shape[1] // SIZE_MULTIPLE, image.shape[2] // SIZE_MULTIPLE)]
                   + [(1, e.shape[1] // SIZE_MULTIPLE, e.shape[2] // SIZE_MULTIPLE) for e in edits],
     }
+    if dropout_prompt:
+        cond["empty_prompt_emb"] = embed(DROPOUT_PROMPT)
     return cond
 
 
@@ -77,11 +87,13 @@ class ConditionCache:
         return todo
 
     def put(self, key, cond):
-        tensors = {k: cond[k] for k in ("prompt_emb", "latents", "edit_latents") if cond[k] is not None}
+        tensors = {k: cond[k] for k in ("prompt_emb", "latents", "edit_latents", "empty_prompt_emb")
+                   if cond.get(k) is not None}
         save_safetensors(tensors, self.path(key), {"shapes": json.dumps(cond["shapes"])})
 
     def get(self, key):
         path = self.path(key)
         tensors = load_safetensors(path)
         return {"prompt_emb": tensors["prompt_emb"], "latents": tensors["latents"],
-                "edit_latents": tensors.get("edit_latents"), "shapes": json.loads(read_metadata(path)["shapes"])}
+                "edit_latents": tensors.get("edit_latents"), "empty_prompt_emb": tensors.get("empty_prompt_emb"),
+                "shapes": json.loads(read_metadata(path)["shapes"])}

@@ -13,6 +13,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -23,7 +24,7 @@ from diffsynth.utils.image import (
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
-SUPPORTED_FILE_KEYS = ("image", "edit_image")
+SUPPORTED_FILE_KEYS = ("image", "edit_image", "mask")  # mask: optional loss mask of the target, white = train
 MAX_LISTED_PROBLEMS = 100
 # Bump when the pixels a sample yields for the same files change (resampling, cropping), so caches keyed
 # by `cache_key` are recomputed.
@@ -43,6 +44,7 @@ class Sample:
     target_size: tuple[int, int]  # (w, h) of the image tensor
     edit_sizes: tuple[tuple[int, int], ...]  # (w, h) of each edit tensor
     cache_key: str  # hash of file contents, prompt and sizes: what a conditioning cache depends on
+    mask: str | None = None  # loss mask (white = train), sized and cropped like the target; not conditioning
 
 
 def parse_file_keys(data_file_keys) -> list[str]:
@@ -149,6 +151,9 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
     problems, same_content, samples, inspected = [], [], [], {}
 
     present = Counter(c for _, row in rows if isinstance(row, dict) for c in columns if c in row)
+    if "mask" not in keys and any(isinstance(row, dict) and row.get("mask") for _, row in rows):
+        warnings.warn(f"{metadata_path}: the metadata has a mask column, but --data_file_keys {','.join(keys)} does "
+                      "not name it, so the loss is not masked; add mask to --data_file_keys to use it", stacklevel=2)
     absent = [c for c in columns if present[c] == 0]
     for c in absent:
         found = sorted({k for _, row in rows if isinstance(row, dict) for k in row})
@@ -177,6 +182,8 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             if column in absent:
                 ok = False
                 continue
+            if column == "mask" and row.get("mask") is None:
+                continue  # a row without a mask trains on the whole target
             if column not in row:
                 problems.append(f"  {where}: no {column!r} value; add it")
                 ok = False
@@ -187,12 +194,15 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
                 problems.append(f"  {where}: {column} {row[column]!r} is not a JSON list of paths ({e})")
                 ok = False
                 continue
+            if column == "mask" and not rels:
+                continue  # a row without a mask trains on the whole target
             if not rels or any(not r for r in rels):
                 problems.append(f"  {where}: empty path in column {column!r}; name a file")
                 ok = False
                 continue
-            if column == "image" and len(rels) != 1:
-                problems.append(f"  {where}: image holds {len(rels)} paths; the target must be one image")
+            if column in ("image", "mask") and len(rels) != 1:
+                problems.append(f"  {where}: {column} holds {len(rels)} paths; the target{' mask' * (column == 'mask')}"
+                                " must be one image")
                 ok = False
                 continue
             paths = [check_file(where, column, r) for r in rels]
@@ -216,6 +226,13 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         except ValueError as e:
             problems.append(f"  {where}: image {row['image']}: {e}")
             continue
+        mask = (files.get("mask") or [None])[0]
+        if mask is not None:
+            (mw, mh), (iw, ih) = inspected[mask][1], image_wh
+            if abs(mw * ih - mh * iw) > max(mw, mh, iw, ih):  # more than a pixel of rounding apart
+                problems.append(f"  {where}: mask {row['mask']} is {mw}x{mh}, the image {iw}x{ih}: a mask is resized "
+                                "and cropped like its target, so it needs the target's aspect ratio (best: its size)")
+                continue
         edit_sizes = tuple(edit_image_size(*inspected[p][1], target_area=edit_area) for p in edits)
         if any(w <= 0 or h <= 0 for w, h in edit_sizes):
             problems.append(f"  {where}: an edit image is too narrow to resize to a {edit_area} px area")
@@ -224,7 +241,8 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         if image_digest in edit_digests:
             same_content.append(f"  {where}: {row['image']}")
         key = json.dumps([SAMPLE_FORMAT_VERSION, image_digest, edit_digests, prompt, size, edit_sizes])
-        samples.append(Sample(where, image, edits, prompt, size, edit_sizes, hashlib.sha256(key.encode()).hexdigest()))
+        samples.append(Sample(where, image, edits, prompt, size, edit_sizes, hashlib.sha256(key.encode()).hexdigest(),
+                              mask))
 
     if problems:
         listed = problems[:MAX_LISTED_PROBLEMS]
@@ -271,8 +289,13 @@ class EditDataset(torch.utils.data.Dataset):
         s = self.sample(index)
         image = resize_and_center_crop(open_image(s.image), *s.target_size)
         edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
+        mask = None
+        if s.mask is not None:  # white = 1 (train), black = 0, grey in between
+            mask = resize_and_center_crop(open_image(s.mask).convert("L"), *s.target_size)
+            mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
         return {
             "image": pil_to_tensor(image),
+            "mask": mask,
             "edit_images": [pil_to_tensor(e) for e in edits],
             "prompt": s.prompt,
             "index": index % len(self.samples),
@@ -293,6 +316,9 @@ def collate_fn(items):
         "prompt": [x["prompt"] for x in items],
         "index": [x["index"] for x in items],
         "cache_key": [x["cache_key"] for x in items],
+        # (B, 1, H, W) in [0, 1] when any sample has a mask (the others train everywhere), else None
+        "mask": None if all(x.get("mask") is None for x in items) else torch.stack(
+            [x["mask"] if x.get("mask") is not None else torch.ones_like(x["image"][:1]) for x in items]),
     }
 
 

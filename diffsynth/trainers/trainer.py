@@ -1,6 +1,7 @@
 """The training loop: accelerate for processes, mixed precision and accumulation; flow-matching loss on the
 target tokens of Qwen-Image-Edit; LoRA or full fine-tuning of the standard or merged-QKV DiT."""
 import csv
+import gc
 import glob
 import json
 import math
@@ -15,9 +16,14 @@ from tqdm.auto import tqdm
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
 from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
+from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
+from .checkpoint import list_states, load_training_state, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
+from .ema import create_ema, ema_weights
+from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, resolve_optimizer
+from .timesteps import TimestepSampling
 
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
 
@@ -27,10 +33,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState:
-    """Progress counters, saved with accelerate's state. Each process draws its noise and timesteps from a
+    """Progress counters, saved in every training state. Each process draws its noise and timesteps from a
     generator seeded by (seed, process, epoch, batch), not from a running generator: a resumed run, on any
-    number of processes, draws exactly what the uninterrupted run drew (accelerate saves custom state from
-    the main process only, so per-process generator states would not survive a resume)."""
+    number of processes, draws exactly what the uninterrupted run drew."""
 
     def __init__(self, seed, process_index):
         self.seed, self.process_index = seed, process_index
@@ -47,19 +52,26 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
 
 
-def flow_matching_loss(dit, scheduler, cond, generator):
-    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample."""
+def flow_matching_loss(dit, scheduler, cond, generator, timesteps: TimestepSampling | None = None):
+    """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample; `timesteps` says
+    how sigmas are drawn and weighted (default: the scheduler's own training scheme)."""
+    timesteps = timesteps or TimestepSampling()
     x0, edit = cond["latents"], cond["edit_latents"]
     batch = x0.shape[0]
-    sigma = scheduler.training_sample(batch, generator=generator)
+    sigma = timesteps.sample(scheduler, batch, generator, image_seq_len=x0.shape[1])
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = scheduler.add_noise(x0, noise, sigma.to(x0.device, x0.dtype))
     x = x_t if edit is None else torch.cat([x_t, edit], dim=1)
     pred = dit(x, cond["prompt_emb"], cond["prompt_mask"], sigma.to(x0.device, x0.dtype), [cond["shapes"]] * batch)
     pred = pred[:, : x0.shape[1]]
     target = scheduler.training_target(x0, noise)
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
-    return (per_sample * scheduler.training_weight(sigma).to(per_sample.device)).mean()
+    if cond.get("mask") is None:
+        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
+    else:  # masked loss: the mean over the tokens weighted by the mask (a black mask contributes nothing)
+        per_token = (pred.float() - target.float()).pow(2).mean(dim=2)
+        mask = cond["mask"].float()
+        per_sample = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-6)
+    return (per_sample * timesteps.weight(scheduler, sigma).to(per_sample.device)).mean()
 
 
 def _write_loss_plot(log_path, out_path):
@@ -92,7 +104,9 @@ def _write_loss_plot(log_path, out_path):
 class Trainer:
     def __init__(self, args):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+        from .options import trackers
 
         self.args = args
         mixed = args.mixed_precision
@@ -104,10 +118,15 @@ class Trainer:
             cpu=not torch.accelerator.is_available(), mixed_precision=mixed,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+            log_with=trackers(args) or None,
+            project_config=ProjectConfiguration(args.output_path, os.path.join(args.output_path, "tensorboard")),
         )
         set_seed(args.seed)
         self.state = TrainState(args.seed, self.accelerator.process_index)
-        self.accelerator.register_for_checkpointing(self.state)
+        # What a training state saves and resume restores besides the trainable weights (checkpoint.py): any
+        # object with state_dict()/load_state_dict() whose state is tensors and json-able values. Register more
+        # (EMA, ...) here by name; optimizers are saved unsharded by parameter name.
+        self.checkpointed = {"train_state": self.state}
         self.log = self.accelerator.print
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -116,6 +135,8 @@ class Trainer:
         from ..pipelines.qwen_image import QwenImagePipeline
 
         args, acc = self.args, self.accelerator
+        resolve_optimizer(args.optimizer)  # an optimizer that cannot be imported fails before anything loads
+        self.timesteps = TimestepSampling.from_args(args)
         # 1. The data first: every bad row is reported before any model loads.
         self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
                                    args.max_pixels, args.height, args.width, args.edit_image_area, args.dataset_repeat)
@@ -130,21 +151,39 @@ class Trainer:
             # The DiT's repo is part of the model list: an Edit-2511 DiT (zero_cond_t) takes another prompt template.
             models = {k: getattr(args, k) for k in ("model_id_with_origin_paths", "model_paths", "models_dir",
                                                      "tokenizer_path", "processor_path", "edit_plus")}
+            if args.caption_dropout_rate:  # these cache files also hold the dropped-caption embedding
+                models["caption_dropout"] = True
             self.cache = ConditionCache(args.cache_conditioning or os.path.join(args.output_path, "cache"),
                                         {**models, "dtype": str(dtype)})
         # Every process lists the missing samples before any process writes one (the barrier): the lists agree,
         # and the processes split that one list between them.
         todo = self.cache.missing(self.dataset.samples) if self.cache is not None else []
         acc.wait_for_everyone()
-        need_encoders = self.cache is None or bool(todo)
+        # Validation encodes its prompt and edit images once, below, even when the cache is complete.
+        need_encoders = self.cache is None or bool(todo) or bool(args.validation_prompt)
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
+        # With block swap the DiT loads into host memory; its resident part goes to the GPU once LoRA and fp8 are
+        # in place, so the whole model is never on the GPU.
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
-            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",))
+            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",),
+            dit_device="cpu" if args.blocks_to_swap else None)
         if todo:
             self.fill_cache(todo)
+        if args.validation_prompt:
+            from .validation import ValidationInputs
+
+            self.validation_inputs = ValidationInputs(self.pipe, args.validation_prompt, args.validation_edit_image,
+                                                      args.edit_image_area)
+        if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
+            self.pipe.text_encoder = None
+            if not args.validation_prompt:  # validation decodes its images with the VAE
+                self.pipe.vae = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         for module in (self.pipe.text_encoder and self.pipe.text_encoder.text_encoder, self.pipe.vae):
             if module is not None:
                 module.requires_grad_(False)
@@ -171,9 +210,16 @@ class Trainer:
                 p.requires_grad_(False)
         if args.enable_fp8_training or args.fp8_compute:
             from ..utils.fp8 import enable_fp8
+
             self.log(enable_fp8(dit, args.fp8_compute, acc.device))
         if args.use_gradient_checkpointing:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
+        if args.blocks_to_swap:
+            dit.enable_block_swap(args.blocks_to_swap, acc.device)
+            dit.to(acc.device)  # the resident part only
+            self.log(f"block swap: the frozen weights of the last {args.blocks_to_swap} of "
+                     f"{len(dit.transformer_blocks)} blocks ({dit.block_swap.host_bytes() / 2**30:.2f} GiB) stay in "
+                     "host memory")
         if args.compile:
             from ..utils.compile import compile_blocks
 
@@ -183,20 +229,25 @@ class Trainer:
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        warmup = args.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
+        self.total_steps = args.num_epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        optimizer = create_optimizer(args.optimizer, params, args.learning_rate, args.weight_decay,
+                                     args.optimizer_args)
+        scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, self.total_steps,
+                                        args.lr_min_ratio, args.lr_num_cycles, args.lr_power)
         # The data loader is ours (the bucket sampler already shards by rank): accelerate must not re-shard it.
         # The lr schedule counts optimizer steps: it is stepped by hand after each real step, because accelerate's
         # wrapper would step it once per process (warm-up N times too short on N GPUs).
         self.dit, self.optimizer = acc.prepare(dit, optimizer)
         self.lr_scheduler = scheduler
-        acc.register_for_checkpointing(scheduler)
+        self.checkpointed.update(optimizer=self.optimizer, lr_scheduler=scheduler)
         self.params = params
-        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
-        self.total_steps = args.num_epochs * self.steps_per_epoch
-        if args.max_steps:
-            self.total_steps = min(self.total_steps, args.max_steps)
+        self.ema = None
+        if args.ema_decay:
+            self.ema = create_ema(params, args.ema_decay)
+            self.checkpointed["ema"] = self.ema
 
     def fill_cache(self, todo):
         """Compute the conditioning of the samples in `todo`, shared out between the processes."""
@@ -205,23 +256,46 @@ class Trainer:
         index_of = {s.cache_key: i for i, s in enumerate(self.dataset.samples)}
         for sample in tqdm(mine, desc="caching conditioning", disable=not acc.is_local_main_process):
             item = self.dataset[index_of[sample.cache_key]]
-            self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images))
+            self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images,
+                                                              bool(self.args.caption_dropout_rate)))
         acc.wait_for_everyone()
 
     def conditions(self, batch):
+        # --caption_dropout_rate: which samples train on the empty prompt, drawn from their own generator (seeded
+        # like the noise's), so the noise and timesteps stay those of a run without dropout.
+        drop = [False] * len(batch["prompt"])
+        if self.args.caption_dropout_rate:
+            g = torch.Generator().manual_seed(self.state.noise_generator().initial_seed() ^ 0xC0FFEE)
+            drop = (torch.rand(len(drop), generator=g) < self.args.caption_dropout_rate).tolist()
         if self.cache is not None:
             conds = [self.cache.get(key) for key in batch["cache_key"]]
         else:
             conds = [condition_sample(self.pipe, {"image": batch["image"][i], "prompt": batch["prompt"][i],
                                                   "edit_images": [e[i] for e in batch["edit_images"]]},
-                                      self.dataset.samples[batch["index"][i]].edit_images)
+                                      self.dataset.samples[batch["index"][i]].edit_images, drop[i])
                      for i in range(len(batch["prompt"]))]
-        return collate_conditions(conds, self.accelerator.device, self.pipe.torch_dtype)
+        conds = [dict(c, prompt_emb=c["empty_prompt_emb"]) if d else c for c, d in zip(conds, drop)]
+        cond = collate_conditions(conds, self.accelerator.device, self.pipe.torch_dtype)
+        if batch.get("mask") is not None:
+            # Loss weight of each target token: the mean of the mask over its 16x16 pixels (VAE 8x, 2x2 patches),
+            # in the tokens' row-major order.
+            cond["mask"] = torch.nn.functional.avg_pool2d(batch["mask"], SIZE_MULTIPLE).flatten(1).to(
+                self.accelerator.device)
+        return cond
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save_model(self, name):
-        """LoRA (or full DiT) weights as `<output_path>/<name>.safetensors`, main process only, atomically."""
+        """LoRA (or full DiT) weights as `<output_path>/<name>.safetensors`, main process only, atomically; with
+        --ema_decay also their EMA as `<name>-ema.safetensors`. A schedule-free optimizer's evaluation weights."""
+        with evaluation_weights(self.optimizer):
+            path = self._save_weights(name)
+            if self.ema is not None:
+                with ema_weights(self.ema, self.params):
+                    self._save_weights(f"{name}-ema")
+        return path
+
+    def _save_weights(self, name):
         args, acc = self.args, self.accelerator
         # Every process takes part: under FSDP gathering the sharded weights is a collective operation.
         state = acc.get_state_dict(self.dit)
@@ -245,21 +319,23 @@ class Trainer:
         return path
 
     def save_state(self):
-        """A resumable training state (accelerate save_state) under <output_path>/checkpoints/step-N."""
+        """A resumable training state (safetensors + json, checkpoint.py) under <output_path>/checkpoints/step-N."""
         args, acc = self.args, self.accelerator
         root = os.path.join(args.output_path, "checkpoints")
         final = os.path.join(root, f"step-{self.state.step}")
         tmp = final + ".tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp)
+        save_training_state(tmp, self.dit, self.checkpointed, acc.process_index, acc.num_processes,
+                            acc.is_main_process, acc.wait_for_everyone, {"step": self.state.step})
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a state folder exists only once complete
             if args.checkpoints_total_limit:
-                for old in sorted_states(root)[: -args.checkpoints_total_limit]:
+                for old in list_states(root)[: -args.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
@@ -267,14 +343,17 @@ class Trainer:
         args = self.args
         path = args.resume_from_checkpoint
         if path == "latest":
-            states = sorted_states(os.path.join(args.output_path, "checkpoints"))
+            states = list_states(os.path.join(args.output_path, "checkpoints"))
             if not states:
                 self.log(f"--resume_from_checkpoint latest: no state in {args.output_path}/checkpoints, starting fresh")
                 return
             path = states[-1]
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such training state folder")
-        self.accelerator.load_state(path)
+        manifest = load_training_state(path, self.dit, self.checkpointed, self.accelerator.process_index)
+        if manifest["num_processes"] != self.accelerator.num_processes:
+            self.log(f"note: {path} was written by {manifest['num_processes']} process(es), this run has "
+                     f"{self.accelerator.num_processes}: the data order from here differs from the uninterrupted run")
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                  f"batch {self.state.batch_in_epoch})")
 
@@ -289,7 +368,7 @@ class Trainer:
         if acc.is_main_process and (not os.path.exists(log_path) or not args.resume_from_checkpoint):
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_COLUMNS)
-        writer = self._tensorboard()
+        self._init_trackers()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         start = time.time()
@@ -305,7 +384,7 @@ class Trainer:
                 with acc.accumulate(self.dit), watch_compile(self.dit, self._write):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
-                                                  self.state.noise_generator())
+                                                  self.state.noise_generator(), self.timesteps)
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
@@ -320,6 +399,8 @@ class Trainer:
                     lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
                     if acc.sync_gradients:
                         self.lr_scheduler.step()
+                        if self.ema is not None:
+                            self.ema.step(self.params)
                     self.optimizer.zero_grad()
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
@@ -332,16 +413,14 @@ class Trainer:
                     with open(log_path, "a", newline="") as f:
                         csv.writer(f).writerow([self.state.step, self.state.epoch, f"{loss_value:.6f}", f"{lr:.3e}",
                                                 f"{time.time() - start:.2f}"])
-                    if writer:
-                        writer.add_scalar("train/loss", loss_value, self.state.step)
-                        writer.add_scalar("train/lr", lr, self.state.step)
+                acc.log({"train/loss": loss_value, "train/lr": lr}, step=self.state.step)
                 if args.save_steps and self.state.step % args.save_steps == 0:
                     self.save_model(f"step-{self.state.step}")
                     self.save_state()
                 # the last step's validation is the final one, below
                 if (args.validation_steps and self.state.step % args.validation_steps == 0
                         and self.state.step < self.total_steps):
-                    self.validate(writer)
+                    self.validate()
                 if self.state.step >= self.total_steps:
                     done = True
                     break
@@ -352,12 +431,10 @@ class Trainer:
         bar.close()
         final = self.save_model("checkpoint-final")
         if args.validation_prompt:
-            self.validate(writer, final=True)
+            self.validate(final=True)
         if acc.is_main_process:
             _write_loss_plot(log_path, os.path.join(args.output_path, "loss.png"))
             self.log(f"saved {final}, {log_path} and loss.png")
-        if writer:
-            writer.close()
         acc.end_training()
         return final
 
@@ -366,21 +443,35 @@ class Trainer:
         if self.accelerator.is_main_process:
             tqdm.write(message)
 
-    def _tensorboard(self):
-        if self.args.report_to != "tensorboard" or not self.accelerator.is_main_process:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.log("--report_to tensorboard: tensorboard is not installed (pip install tensorboard); csv only")
-            return None
-        return SummaryWriter(os.path.join(self.args.output_path, "tensorboard"))
+    def _init_trackers(self):
+        """tensorboard / wandb / swanlab through accelerate (main process only); the config is the flags."""
+        args, acc = self.args, self.accelerator
+        if not acc.log_with:
+            return
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        acc.init_trackers(args.tracker_project_name, config=config, init_kwargs={
+            "wandb": {"dir": args.output_path}, "swanlab": {"logdir": os.path.join(args.output_path, "swanlog")}})
 
-    def validate(self, writer=None, final=False):
-        """Edit the validation image(s) with the current weights; PNGs beside the checkpoints."""
+    def _log_image(self, key, image):
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({key: np.asarray(image)[None]}, step=self.state.step, dataformats="NHWC")
+            else:
+                tracker.log_images({key: [image]}, step=self.state.step)
+
+    def validate(self, final=False):
+        """Edit the validation image(s) with the current weights (a schedule-free optimizer's evaluation
+        weights): `validation/step-N.png` (or final.png) and `validation/grid.png` with every image so far."""
+        # Every process switches the weights, so they stay equal on all of them.
+        with evaluation_weights(self.optimizer):
+            self._validate(final)
+
+    def _validate(self, final=False):
         from PIL import Image
 
-        from ..utils.image import open_image
+        from .validation import grid, labelled, png_info
 
         args, acc = self.args, self.accelerator
         if not acc.is_main_process:
@@ -390,34 +481,25 @@ class Trainer:
         was_training = dit.training
         dit.eval()
         self.pipe.dit = dit
-        edits = [open_image(p) for p in args.validation_edit_image or []]
         with acc.autocast():
-            image = self.pipe(args.validation_prompt, edit_image=edits or None, seed=args.seed,
-                              num_inference_steps=args.validation_inference_steps,
-                              edit_image_area=args.edit_image_area, progress=False)
+            image = self.validation_inputs.generate(self.pipe, args.seed, args.validation_inference_steps,
+                                                    args.edit_image_area)
         dit.train(was_training)
         folder = os.path.join(args.output_path, "validation")
         os.makedirs(folder, exist_ok=True)
+        step_label = f"step {self.state.step}" + (" (final)" if final else "")
         path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
-        image.save(path)
-        if writer:
-            import numpy as np
-
-            writer.add_image("validation", np.asarray(image), self.state.step, dataformats="HWC")
+        image.save(path, pnginfo=png_info(step_label, args.validation_prompt))
+        self._log_image("validation", labelled(image, f"{step_label}: {args.validation_prompt}"))
+        shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
+        tiles = [(f"input {i + 1}", img) for i, img in enumerate(self.validation_inputs.edit_images)]
+        tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
         if final:
-            shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
-            tiles = [Image.open(p).convert("RGB") for p in shots + [path]]
-            w, h = tiles[0].size
-            grid = Image.new("RGB", (w * len(tiles), h))
-            for i, tile in enumerate(tiles):
-                grid.paste(tile.resize((w, h)), (i * w, 0))
-            grid.save(os.path.join(folder, "grid.png"))
+            tiles.append((step_label, image))
+        header = f"{args.validation_prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {args.seed}, " \
+                 f"{args.validation_inference_steps} steps"
+        grid(tiles, header).save(os.path.join(folder, "grid.png"))
         acc.wait_for_everyone()
-
-
-def sorted_states(root):
-    states = [p for p in glob.glob(os.path.join(root, "step-*")) if not p.endswith(".tmp") and os.path.isdir(p)]
-    return sorted(states, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
 def run(args) -> int:

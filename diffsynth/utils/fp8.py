@@ -118,17 +118,19 @@ def fp8_compute_problem(device) -> str | None:
     return None
 
 
-def enable_fp8_linear(model: nn.Module, compute: bool = False) -> int:
+def enable_fp8_linear(model: nn.Module, compute: bool = False, device=None) -> int:
     """Store every frozen base nn.Linear weight of `model` in float8 (LoRA layers are left alone); with `compute`,
-    their matmuls run in fp8 too (check `fp8_compute_problem` first). Returns the number of layers converted."""
+    their matmuls run in fp8 too (check `fp8_compute_problem` first). `device`: where to convert (e.g. the GPU for
+    a model held in host memory); each result stays where its weight was. Returns the number of layers converted."""
     count = 0
     for name, module in model.named_modules():
         # LoRA's own A/B linears stay as they are, even frozen ones: peft casts its input to their dtype
         if type(module) is nn.Linear and not module.weight.requires_grad and ".lora_" not in f".{name}":
-            w = module.weight.data.float()
+            home = module.weight.device
+            w = module.weight.data.to(device or home).float()
             scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-            module.weight = nn.Parameter((w / scale).to(FP8), requires_grad=False)
-            module.register_buffer("weight_scale", scale.to(torch.float32))
+            module.weight = nn.Parameter((w / scale).to(FP8).to(home), requires_grad=False)
+            module.register_buffer("weight_scale", scale.to(home, torch.float32))
             module.__class__ = FP8Linear
             count += 1
         if isinstance(module, FP8Linear):
@@ -146,7 +148,7 @@ def enable_fp8(model: nn.Module, compute: bool, device) -> str:
     """fp8 storage for the frozen linears of `model`, with fp8 matmuls too if `compute` and `device` can run them
     (else storage only). -> the line that says what was done, and why not fp8 compute where it was asked for."""
     problem = fp8_compute_problem(device) if compute else None
-    count = enable_fp8_linear(model, compute=compute and problem is None)
+    count = enable_fp8_linear(model, compute=compute and problem is None, device=device)
     if not compute:
         return f"fp8: {count} frozen linear layers stored in float8_e4m3fn"
     if problem:

@@ -27,10 +27,14 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=" ",
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
-    parser.add_argument("--cfg_scale", type=float, default=4.0, help="1 turns CFG off (half the DiT passes)")
+    parser.add_argument("--cfg_scale", type=float, default=None,
+                        help="1 turns CFG off (half the DiT passes); default 4, or 1 with --scheduler_preset lightning")
     parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...)")
-    parser.add_argument("--lora_path", default=None, help="LoRA .safetensors to fuse into the DiT")
-    parser.add_argument("--lora_scale", type=float, default=1.0)
+    parser.add_argument("--lora_path", action="append", default=[],
+                        help="LoRA .safetensors to fuse into the DiT; repeat to stack several (e.g. yours and a "
+                             "Lightning LoRA)")
+    parser.add_argument("--lora_scale", type=float, action="append", default=None,
+                        help="strength of each --lora_path, in order (one value applies to all; default 1.0)")
     parser.add_argument("--model_id_with_origin_paths", default=None,
                         help="comma-separated 'model_id:pattern' entries (default: the DiT of Qwen/Qwen-Image-Edit, "
                         "the text encoder and VAE of Qwen/Qwen-Image)")
@@ -43,7 +47,11 @@ def parse_args(argv=None):
     layout.add_argument("--merged_qkv", dest="merged_qkv", action="store_true", default=True,
                         help="run the merged-QKV DiT (default)")
     layout.add_argument("--standard", dest="merged_qkv", action="store_false", help="run the standard DiT")
-    parser.add_argument("--num_steps", type=int, default=30)
+    parser.add_argument("--num_steps", type=int, default=None,
+                        help="denoising steps; default 30, or 8 with --scheduler_preset lightning (4 for a 4-step LoRA)")
+    parser.add_argument("--scheduler_preset", choices=["default", "lightning"], default="default",
+                        help="lightning: the settings of the 4/8-step Lightning LoRAs (lightx2v/Qwen-Image-Lightning, "
+                             "load one with --lora_path): shift 3 at every resolution, no terminal stretch, no CFG")
     parser.add_argument("--height", type=int, default=None, help="default: the last edit image's (rounded to 16)")
     parser.add_argument("--width", type=int, default=None, help="default: the last edit image's (rounded to 16)")
     parser.add_argument("--edit_plus", action="store_true",
@@ -55,7 +63,13 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--offload", action="store_true", help="keep idle components on the CPU (less GPU memory)")
+    parser.add_argument("--offload", nargs="?", const="model", default=None, choices=["model", "sequential"],
+                        help="keep idle components in host memory, each visiting the GPU only while it runs; "
+                             "'sequential' also streams the text encoder module by module (it is larger than a "
+                             "16 GB GPU)")
+    parser.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                        help="keep the DiT's last N blocks (of 60) in pinned host memory, each copied to the GPU "
+                             "just ahead of its use; QUICKSTART.md has values per GPU size")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the DiT blocks: the first step compiles (about a minute), the others run "
                              "faster; worth it from a few images on")
@@ -63,6 +77,20 @@ def parse_args(argv=None):
                         help="DiT weights in fp8 and fp8 matmuls on GPUs with compute capability 8.9+ (Ada, Hopper); "
                              "elsewhere fp8 storage only (half the DiT's weight memory)")
     args = parser.parse_args(argv)
+    if args.blocks_to_swap < 0:
+        parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
+    scales = args.lora_scale or [1.0]
+    if len(scales) not in (1, len(args.lora_path)):
+        parser.error(f"{len(scales)} --lora_scale values for {len(args.lora_path)} --lora_path: give one per LoRA, "
+                     "or one for all")
+    args.lora_scale = scales * len(args.lora_path) if len(scales) == 1 else scales
+    lightning = args.scheduler_preset == "lightning"
+    if lightning and args.cfg_scale is not None and args.cfg_scale > 1:
+        print(f"warning: --cfg_scale {args.cfg_scale} with --scheduler_preset lightning: the Lightning LoRAs are "
+              "distilled to run without CFG (cfg 1); expect overcooked images", file=sys.stderr)
+    if args.num_steps is None:
+        args.num_steps = 8 if lightning else 30
+    args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if lightning else 4.0)
     if not args.edit_image:
         parser.error("--edit_image is required: the image to edit (--input_image is only an optional init image "
                      "for --denoising_strength < 1)")
@@ -74,7 +102,7 @@ def open_inputs(args):
     fails in seconds, not after minutes of loading."""
     from diffsynth.utils.image import open_image
 
-    for path in args.edit_image + [p for p in (args.input_image, args.lora_path) if p]:
+    for path in args.edit_image + args.lora_path + [p for p in (args.input_image,) if p]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: file not found")
     ext = os.path.splitext(args.output)[1].lower()
@@ -88,6 +116,18 @@ def open_inputs(args):
     return edit_images, input_image
 
 
+def peak_memory_line(device):
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return (f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+                "(torch.cuda.max_memory_allocated, after loading)")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return f"peak memory: GPU not used ({device}); peak RSS of this process {rss:.2f} GiB (loading included)"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -99,6 +139,7 @@ def main(argv=None):
         import torch
 
         from diffsynth.pipelines.qwen_image import QwenImagePipeline, parse_dtype
+        from diffsynth.schedulers import FlowMatchScheduler
         from diffsynth.utils.io import atomic_path
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,12 +147,15 @@ def main(argv=None):
         pipe = QwenImagePipeline.from_pretrained(
             model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
             models_dir=args.models_dir, tokenizer_path=args.tokenizer_path, processor_path=args.processor_path,
-            merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload,
-            edit_plus=args.edit_plus or None,
+            merged_qkv=args.merged_qkv, device=device, torch_dtype=dtype, offload=args.offload or False,
+            edit_plus=args.edit_plus or None, blocks_to_swap=args.blocks_to_swap,
         )
-        if args.lora_path:
-            changed = pipe.load_lora(args.lora_path, scale=args.lora_scale)
-            print(f"fused {args.lora_path} into {len(changed)} layers (scale {args.lora_scale})")
+        pipe.scheduler = FlowMatchScheduler.from_preset(args.scheduler_preset)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)  # the edit's peak, not the loading's
+        for path, scale in zip(args.lora_path, args.lora_scale):
+            changed = pipe.load_lora(path, scale=scale)
+            print(f"fused {path} into {len(changed)} layers (scale {scale})")
         if args.fp8_compute:
             print(pipe.enable_fp8(compute=True))
         if args.compile:
@@ -128,6 +172,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"saved {args.output} ({image.width}x{image.height})")
+    print(peak_memory_line(device))
     return 0
 
 

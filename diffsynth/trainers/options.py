@@ -1,0 +1,174 @@
+"""Flags of the training options users know from musubi-tuner, ai-toolkit and diffusers' scripts (optimizers, lr
+schedules, timestep sampling, EMA, caption dropout, trackers, LoRA flavours), and their checks. Every check runs
+before anything loads; an optional package that an option needs and that is missing is named with its pip
+command."""
+import ast
+import importlib.util
+
+# name -> (module, class, pip extra of this project, PyPI package); torch's and transformers' come with the install.
+OPTIMIZERS = {
+    "adamw": ("torch.optim", "AdamW", None, None),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bnb", "bitsandbytes"),
+    "adafactor": ("transformers.optimization", "Adafactor", None, None),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigy", "prodigyopt"),
+    "lion": ("lion_pytorch", "Lion", "lion", "lion-pytorch"),
+    "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree", "schedulefree"),
+}
+LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class OptimizerError(ValueError):
+    """An optimizer flag that cannot work: unknown class, missing package, bad --optimizer_args."""
+
+
+def missing_package_message(flag: str, package: str, extra: str) -> str:
+    return (f"{flag} needs the `{package}` package, which is not installed: pip install -e .[{extra}] "
+            f"(or pip install {package})")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets or quotes: "betas=(0.9,0.99),eps=1e-8" -> two items."""
+    parts, depth, quote, current = [], 0, None, ""
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_optimizer_args(items) -> dict:
+    """["betas=(0.9,0.99),weight_decay=0.1", "decouple=True"] -> {"betas": (0.9, 0.99), ...}.
+
+    Values are Python literals (numbers, True/False/None, tuples, lists, quoted strings); anything else is kept
+    as text, so `d_coef=2` is an int and `foo=bar` the string "bar".
+    """
+    out = {}
+    for item in items or []:
+        for pair in _split_top_level(item):
+            key, sep, value = pair.partition("=")
+            key = key.strip()
+            if not sep or not key.isidentifier():
+                raise OptimizerError(f"--optimizer_args {pair!r}: expected key=value, e.g. betas=(0.9,0.99)")
+            try:
+                out[key] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                out[key] = value.strip()
+    return out
+
+SAMPLERS = ("diffsynth", "uniform", "logit_normal", "shift", "qwen_shift")
+WEIGHTINGS = ("bell", "none", "logit_normal")
+
+TRACKERS = {"csv": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "swanlab": ("swanlab", "swanlab")}  # name -> (module, pip extra); csv is always written
+LORA_TYPES = ("lora", "loha", "lokr", "dora")
+
+
+def add_training_options(p):
+    g = p.add_argument_group("optimizer, schedule, timesteps, EMA (musubi-tuner / ai-toolkit / diffusers options)")
+    g.add_argument("--optimizer", default="adamw", metavar="NAME",
+                   help=f"{' | '.join(OPTIMIZERS)} | an import path such as torch.optim.RAdam (default adamw)")
+    g.add_argument("--optimizer_args", nargs="+", action="extend", default=None, metavar="K=V",
+                   help="extra optimizer arguments as Python literals, comma- or space-separated, e.g. "
+                        "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay)")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
+                   help="decay after --lr_warmup_steps, counted in optimizer steps")
+    g.add_argument("--lr_min_ratio", type=float, default=0.0,
+                   help="the decaying schedules end at this fraction of --learning_rate (default 0)")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts: number of cosine cycles")
+    g.add_argument("--lr_power", type=float, default=1.0, help="polynomial: the decay's power")
+    g.add_argument("--timestep_sampling", choices=SAMPLERS, default="diffsynth",
+                   help="how noise levels are drawn (default diffsynth: uniform over the 1000 shifted steps)")
+    g.add_argument("--weighting_scheme", choices=WEIGHTINGS, default="bell",
+                   help="loss weight per noise level (default bell, DiffSynth's)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / shift / qwen_shift: mean")
+    g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / shift / qwen_shift: std")
+    g.add_argument("--discrete_flow_shift", type=float, default=3.0, help="--timestep_sampling shift: the shift")
+    g.add_argument("--min_timestep", type=float, default=None, help="lowest timestep drawn, 0..1000")
+    g.add_argument("--max_timestep", type=float, default=None, help="highest timestep drawn, 0..1000")
+    g.add_argument("--ema_decay", type=float, default=None,
+                   help="keep an EMA of the trained weights (e.g. 0.999), saved as <checkpoint>-ema.safetensors")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="train this fraction of samples on the empty prompt (for true-CFG-friendly LoRAs)")
+    g.add_argument("--lora_type", choices=LORA_TYPES, default="lora",
+                   help="adapter family (peft): lora, loha, lokr or dora")
+    g.add_argument("--report_to", action="append", default=None, metavar="TRACKER",
+                   help="csv (always written), tensorboard, wandb, swanlab; comma list or repeat the flag. "
+                        "Offline: WANDB_MODE=offline, SWANLAB_MODE=local")
+    g.add_argument("--tracker_project_name", default="qwen-image-edit-lora",
+                   help="project name for tensorboard / wandb / swanlab")
+
+
+def check_optimizer_installed(name: str):
+    """The optimizer's package is installed (found without importing it: torch and friends load slowly)."""
+    if name in OPTIMIZERS:
+        module, _, extra, package = OPTIMIZERS[name]
+        if package and importlib.util.find_spec(module.split(".")[0]) is None:
+            raise OptimizerError(missing_package_message(f"--optimizer {name}", package, extra))
+        return
+    module = name.rpartition(".")[0]
+    if not module:
+        raise OptimizerError(f"--optimizer {name!r}: use one of {', '.join(OPTIMIZERS)} or the import path of a "
+                             "torch.optim.Optimizer subclass, e.g. torch.optim.RAdam")
+    try:
+        found = importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise OptimizerError(f"--optimizer {name}: module {module.split('.')[0]!r} is not installed")
+
+
+def check_training_options(args) -> list[str]:
+    """Problems with the flags above (and resolves --optimizer_args to a dict and --report_to to a list)."""
+    problems = []
+    try:
+        if not isinstance(args.optimizer_args, dict):
+            args.optimizer_args = parse_optimizer_args(args.optimizer_args)
+        check_optimizer_installed(args.optimizer)
+    except OptimizerError as e:
+        problems.append(str(e))
+    if args.lr_scheduler != "constant" and args.optimizer == "adamw_schedulefree":
+        problems.append("--optimizer adamw_schedulefree replaces the lr schedule (that is its point): use "
+                        "--lr_scheduler constant, with --lr_warmup_steps if you want a warm-up")
+    if not 0.0 <= args.lr_min_ratio <= 1.0:
+        problems.append(f"--lr_min_ratio must be in [0, 1] (got {args.lr_min_ratio})")
+    if args.lr_num_cycles < 1 or args.lr_power <= 0:
+        problems.append("--lr_num_cycles must be >= 1 and --lr_power > 0")
+    if args.logit_std <= 0 or args.discrete_flow_shift <= 0:
+        problems.append("--logit_std and --discrete_flow_shift must be > 0")
+    low, high = args.min_timestep, args.max_timestep
+    for name, value in (("min_timestep", low), ("max_timestep", high)):
+        if value is not None and not 0 <= value <= 1000:
+            problems.append(f"--{name} must be in [0, 1000] (got {value})")
+    if low is not None and high is not None and low >= high:
+        problems.append(f"--min_timestep {low} must be below --max_timestep {high}")
+    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
+        problems.append(f"--ema_decay must be in (0, 1), e.g. 0.999 (got {args.ema_decay})")
+    if not 0.0 <= args.caption_dropout_rate <= 1.0:
+        problems.append(f"--caption_dropout_rate must be in [0, 1] (got {args.caption_dropout_rate})")
+    if args.lora_type != "lora" and args.lora_base_model is None:
+        problems.append(f"--lora_type {args.lora_type} needs --lora_base_model dit")
+    args.report_to = [t.strip() for item in (args.report_to or ["csv"]) for t in item.split(",") if t.strip()]
+    for tracker in args.report_to:
+        if tracker == "none":
+            continue
+        if tracker not in TRACKERS:
+            problems.append(f"--report_to {tracker}: choose from {', '.join(TRACKERS)} (several: a comma list)")
+        elif TRACKERS[tracker] and importlib.util.find_spec(TRACKERS[tracker][0]) is None:
+            problems.append(missing_package_message(f"--report_to {tracker}", *TRACKERS[tracker]))
+    return problems
+
+
+def trackers(args) -> list[str]:
+    """The accelerate trackers the run logs to (csv is the trainer's own log and always written)."""
+    return [t for t in dict.fromkeys(args.report_to) if t not in ("csv", "none")]
