@@ -267,3 +267,28 @@ def test_inference_script_with_compile_or_fp8_compute(tiny_models, tmp_path, fla
     else:
         assert "fp8 compute: 26 frozen linear layers stored in float8_e4m3fn, 26 of them with fp8 matmuls" in printed
     assert Image.open(out).size == (64, 64)  # the output size follows the edit image at --edit_image_area
+
+
+def test_compile_and_fp8_with_block_swap():
+    """Block swap binds each block around its call, outside the compiled forward: the compiled DiT with its last
+    block swapped gives the compiled DiT's output (no-grad graph of test_identical_blocks_share_one_graph); and the
+    pipeline's fp8 conversion sets the swap up again around itself."""
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    reference = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
+    model = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
+    model.enable_block_swap(1, "cpu")
+    compile_blocks(model)
+    batch = edit_batch(batch=1, pad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*batch), reference(*batch), rtol=1e-5, atol=1e-5)
+    assert model.block_swap.copies > 0
+
+    pipe = QwenImagePipeline(build(QwenImageDiTMergedQKV, random_diffusers_dit(), False))
+    pipe.enable_block_swap(1)
+    assert "fp8 compute: 26 frozen linear layers" in pipe.enable_fp8(compute=True)
+    fp8_reference = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False).requires_grad_(False)
+    enable_fp8_linear(fp8_reference, compute=True)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.dit(*batch), fp8_reference(*batch), rtol=0, atol=0)
+    assert pipe.dit.block_swap is not None and pipe.dit.block_swap.copies > 0
