@@ -52,7 +52,8 @@ def _not_found_message(missing, names) -> str:
 
 def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None = None,
                 adapter_name: str = "default") -> nn.Module:
-    """Add LoRA adapters (peft) to the linear layers named by `target_modules`; only LoRA weights stay trainable.
+    """Add LoRA adapters (peft, with the forward of `fused_linear.py`) to the linear layers named by
+    `target_modules`; only LoRA weights stay trainable.
 
     Targets match like peft matches a list of names: a module whose path equals a target or ends with
     "." + target. Every target must match at least one nn.Linear, checked before anything is changed.
@@ -66,6 +67,9 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
 
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    from .fused_linear import fuse_lora_forward
+
+    fuse_lora_forward(model)  # peft's layers with a forward that makes fewer passes over the activations
     for name, param in model.named_parameters():
         param.requires_grad_(f".{adapter_name}." in name and ".lora_" in name)
     return model
