@@ -206,4 +206,4 @@ def test_trainer_swap_flag_checks(tiny_models, data, tmp_path, capsys):
     assert e.value.code == 2 and "--blocks_to_swap needs --use_gradient_checkpointing" in capsys.readouterr().err
     code = main(flags(tiny_models, data, str(tmp_path / "b"), "--blocks_to_swap", "3", "--use_gradient_checkpointing",
                       "--max_steps", "1"))
-    assert code == 1 and "blocks_to_swap 3: the DiT has 2 blocks; swap 1 to 2" in capsys.readouterr().err
+    assert code == 2 and "blocks_to_swap 3: the DiT has 2 blocks; swap 1 to 2" in capsys.readouterr().err

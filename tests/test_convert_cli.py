@@ -48,11 +48,13 @@ def test_lora_through_the_cli(tmp_path):
     r = convert("--input", merged, "--output", standard, "--direction", "to_standard")
     assert r.returncode == 0, r.stderr
     out = load_file(standard)
-    # the default format is diffusers' (which ComfyUI reads too); q, k, v share A and take B's row thirds
-    a = out["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"]
+    # the default key style is native (bare keys + `.alpha`, read by all four consumers); q, k, v share A and take
+    # B's row thirds
+    a = out["transformer_blocks.0.attn.to_k.lora_A.weight"]
     assert torch.equal(a, lora["transformer_blocks.0.attn.to_qkv.lora_A.weight"])
-    assert torch.equal(out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"],
+    assert torch.equal(out["transformer_blocks.0.attn.to_k.lora_B.weight"],
                        lora["transformer_blocks.0.attn.to_qkv.lora_B.weight"][64:128])
+    assert out["transformer_blocks.0.attn.to_k.alpha"].item() == 4.0
     kohya = tmp_path / "kohya.safetensors"
     assert convert("--input", standard, "--output", kohya, "--direction", "to_merged", "--rank", "4",
                    "--format", "kohya").returncode == 0
@@ -64,11 +66,11 @@ def test_lora_through_the_cli(tmp_path):
 def test_cli_errors_leave_no_output(tmp_path):
     r = convert("--input", tmp_path / "missing.safetensors", "--output", tmp_path / "o.safetensors",
                 "--direction", "to_merged")
-    assert r.returncode == 1 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
     save_file({"encoder.conv_in.weight": torch.zeros(3)}, tmp_path / "vae.safetensors")
     r = convert("--input", tmp_path / "vae.safetensors", "--output", tmp_path / "o.safetensors",
                 "--direction", "to_merged")
-    assert r.returncode == 1 and "not a Qwen-Image DiT" in r.stderr
+    assert r.returncode == 2 and "not a Qwen-Image DiT" in r.stderr
     r = convert("--input", tmp_path / "vae.safetensors", "--output", tmp_path / "o.safetensors",
                 "--direction", "sideways")
     assert r.returncode == 2 and "invalid choice" in r.stderr

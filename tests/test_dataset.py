@@ -149,7 +149,7 @@ def test_every_bad_row_in_one_error(data, tmp_path):
     assert "row 3 (line 4): image images/corrupt.png is not a readable image" in msg
     assert "row 4 (line 5): empty prompt" in msg
     assert "row 5 (line 6): empty path in column 'edit_image'" in msg
-    assert "row 6 (line 7): image images/truncated.jpg is not a readable image" in msg
+    assert "row 6 (line 7): image images/truncated.jpg is truncated" in msg
     assert "row 6 (line 7): edit_image file not found: edits/nope.png" in msg
     assert "--dataset_base_path" in msg
 

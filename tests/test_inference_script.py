@@ -61,10 +61,12 @@ def test_quickstart_command_writes_the_png(tiny_models, images, merged_lora, tmp
                  "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models, *FAST)
     assert result.returncode == 0, result.stderr
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size == (96, 64)  # 80x48 at 4096 px area, sides rounded to 32
+        # --input_image (64x64) sets the output's aspect ratio at --edit_image_area 4096: 64x64 (the edit image,
+        # 80x48, would give 96x64)
+        assert img.format == "PNG" and img.size == (64, 64)
         pixels = np.asarray(img)
     assert pixels.std() > 0
-    assert "--input_image has no effect at --denoising_strength 1.0" in result.stderr
+    assert "sets the output size 64x64; its pixels are not used at --denoising_strength 1.0" in result.stderr
     assert "fused" in result.stdout and "into 4 layers" in result.stdout
     assert "peak memory:" in result.stdout
     assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
@@ -94,11 +96,11 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
 
 
 @pytest.mark.slow
-def test_missing_input_file_is_one_line_and_exit_1(tmp_path, images):
+def test_missing_input_file_is_one_line_and_exit_2(tmp_path, images):
     missing = str(tmp_path / "no-such-edit.png")
     result = run("--input_image", images["input"], "--edit_image", missing, "--prompt", "x",
                  "--output", str(tmp_path / "o.png"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert missing in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "o.png").exists()
@@ -119,7 +121,7 @@ def test_missing_models_offline_is_a_clear_error(tmp_path, images, monkeypatch, 
     code = load_script().main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
                                "--models_dir", str(tmp_path / "models")])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     # the default model ids, resolved under --models_dir
     assert f"{tmp_path}/models/Qwen/Qwen-Image-Edit/transformer/diffusion_pytorch_model*.safetensors" in err
     assert "download failed (ConnectionError" in err and "Traceback" not in err
@@ -130,5 +132,5 @@ def test_bad_flags(tmp_path, images, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--input_image", images["input"], "--prompt", "x"])
     assert e.value.code == 2 and "--edit_image is required" in capsys.readouterr().err
-    assert script.main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.xyz")]) == 1
+    assert script.main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.xyz")]) == 2
     assert "unknown image extension '.xyz'" in capsys.readouterr().err

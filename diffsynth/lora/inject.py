@@ -90,7 +90,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default", state_dict=
 
 def save_lora(model_or_state_dict, path, rank: int, alpha: float, target_modules, architecture: str,
               extra_metadata: dict | None = None):
-    """Write a native LoRA checkpoint atomically, with rank, alpha, targets, architecture and format version."""
+    """Write a native LoRA checkpoint atomically: `<module>.lora_A.weight` / `.lora_B.weight` as trained and
+    `<module>.alpha` tensors (what other tools read), with rank, alpha, targets, architecture and format version
+    also in the metadata."""
     sd = model_or_state_dict
     if isinstance(sd, nn.Module):
         sd = lora_state_dict(sd)
@@ -100,7 +102,9 @@ def save_lora(model_or_state_dict, path, rank: int, alpha: float, target_modules
     if bad:
         raise ValueError(f"save_lora takes native keys (<module>.lora_A.weight / .lora_B.weight); got {bad[:5]}")
     metadata = lora_metadata(sd, architecture, rank, alpha, parse_target_modules(target_modules), extra_metadata)
-    save_safetensors(sd, path, metadata)
+    alphas = {k[: -len("lora_A.weight")] + "alpha": torch.tensor(float(alpha))
+              for k in sd if k.endswith(".lora_A.weight")}
+    save_safetensors({**sd, **alphas}, path, metadata)
 
 
 def _lora_layers(model, adapter_name):
@@ -121,7 +125,11 @@ def load_lora_weights(model: nn.Module, lora, adapter_name: str = "default") -> 
     layers = _lora_layers(model, adapter_name)
     if not layers:
         raise LoraError(f"the model holds no LoRA adapter {adapter_name!r}; call inject_lora before load_lora_weights")
-    modules, scales, _ = _read_raw(lora)
+    modules, scales, diffs, _ = _read_raw(lora)
+    if diffs:
+        raise LoraError(f"the LoRA holds full or bias deltas (.diff / .diff_b, e.g. {next(iter(diffs))}), which have no "
+                        "place in LoRA adapters, so training cannot continue from it; fuse it into the DiT instead "
+                        "(--lora_fused) and train a new LoRA on top")
     unexpected = sorted(set(modules) - set(layers))
     missing = sorted(set(layers) - set(modules))
     if unexpected or missing:

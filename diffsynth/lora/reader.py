@@ -2,11 +2,14 @@
 
 Formats (facts page section 4): diffusers `transformer.<module>.lora_A/B.weight`, ComfyUI
 `diffusion_model.<module>...`, bare `<module>...`, kohya/musubi `lora_unet_<module_with_underscores>.lora_down/up.weight`
-+ `.alpha`, DiFFSynth `<module>.lora_A.default.weight`, and this project's native files (bare keys; rank and alpha in
-the safetensors metadata). Both DiT layouts are understood: separate `to_q/to_k/to_v` and merged `to_qkv`.
++ `.alpha`, DiFFSynth `<module>.lora_A.default.weight`, and this project's native files (bare keys + `.alpha`; rank
+and alpha also in the safetensors metadata). Both DiT layouts are understood: separate `to_q/to_k/to_v` and merged
+`to_qkv`. ComfyUI's own trainer adds `<module>.diff_b` (a bias delta, for every biased linear) and `<module>.diff`
+(a full weight delta; it writes them for the 1-D norm weights): both are read, for linears and norms.
 
 The normalised form is a plain state dict with native keys `<module>.lora_A.weight` (r x in) and
-`<module>.lora_B.weight` (out x r) whose alpha/rank scale is already folded into B: delta W = B @ A.
+`<module>.lora_B.weight` (out x r) whose alpha/rank scale is already folded into B: delta W = B @ A; plus
+`<module>.diff` (delta of the weight, its shape) and `<module>.diff_b` (delta of the bias), applied at scale 1.
 """
 import json
 import os
@@ -29,6 +32,9 @@ BLOCK_LINEARS = {
     "img_mlp.net.0.proj": (4, 1), "img_mlp.net.2": (1, 4),
     "txt_mlp.net.0.proj": (4, 1), "txt_mlp.net.2": (1, 4),
 }
+# Modules with a 1-D weight that a `.diff` may change: the q/k RMSNorms and the text input norm.
+BLOCK_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
+TOP_NORMS = ("txt_norm",)
 TOP_LINEARS = {
     "img_in": (1, None), "txt_in": (1, None), "proj_out": (None, 1), "norm_out.linear": (2, 1),
     "time_text_embed.timestep_embedder.linear_1": (1, None), "time_text_embed.timestep_embedder.linear_2": (1, 1),
@@ -39,8 +45,8 @@ PART_OF = {part: (merged, i) for merged, parts in MERGED_PARTS.items() for i, pa
 
 # kohya flattens module paths with underscores, which is ambiguous in general (`to_out_0`, `linear_1`);
 # mapping back through the known names is exact.
-_KOHYA_BLOCK = {name.replace(".", "_"): name for name in BLOCK_LINEARS}
-_KOHYA_TOP = {name.replace(".", "_"): name for name in TOP_LINEARS}
+_KOHYA_BLOCK = {name.replace(".", "_"): name for name in (*BLOCK_LINEARS, *BLOCK_NORMS)}
+_KOHYA_TOP = {name.replace(".", "_"): name for name in (*TOP_LINEARS, *TOP_NORMS)}
 _BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 _KOHYA_BLOCK_RE = re.compile(r"transformer_blocks_(\d+)_(.+)")
 
@@ -48,8 +54,9 @@ _SUFFIXES = (
     (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B"),
     (".lora_A.weight", "A"), (".lora_B.weight", "B"),
     (".lora_down.weight", "A"), (".lora_up.weight", "B"),
-    (".alpha", "alpha"),
+    (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
 )
+DIFF_ROLES = ("diff", "diff_b")
 _PREFIXES = ("transformer.", "diffusion_model.")
 
 
@@ -59,7 +66,11 @@ class LoraError(ValueError):
 
 def _known(name: str) -> bool:
     m = _BLOCK_RE.fullmatch(name)
-    return (m is not None and m.group(2) in BLOCK_LINEARS) or name in TOP_LINEARS
+    return (m is not None and m.group(2) in (*BLOCK_LINEARS, *BLOCK_NORMS)) or name in (*TOP_LINEARS, *TOP_NORMS)
+
+
+def is_norm(name: str) -> bool:
+    return short_name(name) in (*BLOCK_NORMS, *TOP_NORMS)
 
 
 def _module_name(stem: str) -> str | None:
@@ -115,37 +126,56 @@ def _parse(sd: dict, source: str) -> dict:
         raise LoraError(f"{source}: not a Qwen-Image DiT LoRA: {len(foreign)} keys name no linear layer of the "
                         f"Qwen-Image DiT: {_summary(foreign)}. Is this a LoRA for another model?")
     if unknown:
-        raise LoraError(f"{source}: {len(unknown)} keys are not LoRA down/up/alpha weights and cannot be used "
-                        f"(DoRA, bias or full-diff LoRAs are not supported): {_summary(unknown)}")
+        raise LoraError(f"{source}: {len(unknown)} keys are not LoRA down/up/alpha/diff/diff_b weights and cannot be "
+                        f"used (DoRA, LoHa, LoKr and LoCon mid weights are not supported): {_summary(unknown)}")
     for name, entry in modules.items():
-        if "A" not in entry or "B" not in entry:
+        if ("A" in entry) != ("B" in entry) or (not any(r in entry for r in ("A", *DIFF_ROLES))):
             missing = "down (lora_A)" if "A" not in entry else "up (lora_B)"
             raise LoraError(f"{source}: module {name} has no {missing} weight; the file is incomplete")
-        A, B = entry["A"], entry["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise LoraError(f"{source}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                            "are not a rank-r pair (r x in, out x r) of linear LoRA weights")
+        if is_norm(name) and set(entry) - {"diff"}:
+            raise LoraError(f"{source}: module {name} is a norm: only a `.diff` of its weight can change it, "
+                            f"but the file gives {', '.join(sorted(set(entry) - {'diff'}))}")
+        if "A" in entry:
+            A, B = entry["A"], entry["B"]
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise LoraError(f"{source}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                                "are not a rank-r pair (r x in, out x r) of linear LoRA weights")
+        elif "alpha" in entry:
+            raise LoraError(f"{source}: module {name} has an alpha but no lora_A/lora_B weights")
+        want_ndim = {"diff": 1 if is_norm(name) else 2, "diff_b": 1}
+        for role in DIFF_ROLES:
+            if role in entry and entry[role].ndim != want_ndim[role]:
+                raise LoraError(f"{source}: module {name}: .{role} has shape {tuple(entry[role].shape)}; expected a "
+                                f"{want_ndim[role]}-D delta of its {'bias' if role == 'diff_b' else 'weight'}")
     return modules
 
 
-def _check_shapes(modules: dict, source: str):
+def _check_shapes(modules: dict, source: str, diffs: dict | None = None):
     """All shapes must fit one DiT width d: catches LoRAs of other models that reuse the module names."""
     width, witness = None, None
-    for name, (A, B) in modules.items():
+    sizes = [(name, B.shape[0], A.shape[1]) for name, (A, B) in modules.items()]
+    for name, entry in (diffs or {}).items():
+        if is_norm(name):
+            continue  # a head-dim or text-width vector: not a multiple of d
+        if "diff" in entry:
+            sizes.append((name, *entry["diff"].shape))
+        if "diff_b" in entry:
+            sizes.append((name, entry["diff_b"].shape[0], None))
+    for name, out_size, in_size in sizes:
         out_mult, in_mult = BLOCK_LINEARS.get(short_name(name)) or TOP_LINEARS[name]
-        for mult, size in ((out_mult, B.shape[0]), (in_mult, A.shape[1])):
-            if mult is None:
+        for mult, size in ((out_mult, out_size), (in_mult, in_size)):
+            if mult is None or size is None:
                 continue
             if width is None and size % mult == 0:
                 width, witness = size // mult, name
             elif width is None or size != mult * width:
                 fit = f"a Qwen-Image DiT of width {width} (read from {witness})" if width else "a Qwen-Image DiT"
-                raise LoraError(f"{source}: module {name} has shape {B.shape[0]}x{A.shape[1]} (out x in), which "
+                raise LoraError(f"{source}: module {name} has shape {out_size}x{in_size} (out x in), which "
                                 f"does not fit {fit}. Is this a LoRA for another model?")
 
 
 def _read_raw(lora, source=None):
-    """Path or state dict -> ({module: (A, B)} unscaled, {module: scale}, metadata)."""
+    """Path or state dict -> ({module: (A, B)} unscaled, {module: scale}, {module: {diff/diff_b: t}}, metadata)."""
     if isinstance(lora, (str, os.PathLike)):
         source = source or os.fspath(lora)
         if not os.fspath(lora).endswith(".safetensors"):
@@ -158,17 +188,25 @@ def _read_raw(lora, source=None):
     else:
         raise TypeError(f"expected a LoRA path or state dict, got {type(lora).__name__}")
     entries = _parse(sd, source)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise LoraError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({_summary(bad, 4)}); the LoRA is "
+                        "damaged or was saved from a diverged run, and would turn every output into NaN. Use an "
+                        "earlier checkpoint")
     # Our own files keep alpha and rank in the metadata; they apply to modules without an `.alpha` key.
     default_scale = 1.0
     if metadata.get("format_version") and "alpha" in metadata and "rank" in metadata:
         default_scale = float(metadata["alpha"]) / float(metadata["rank"])
-    modules, scales = {}, {}
+    modules, scales, diffs = {}, {}, {}
     for name, entry in entries.items():
-        modules[name] = (entry["A"], entry["B"])
-        alpha = entry.get("alpha")
-        scales[name] = float(alpha) / entry["A"].shape[0] if alpha is not None else default_scale
-    _check_shapes(modules, source)
-    return modules, scales, metadata
+        if "A" in entry:
+            modules[name] = (entry["A"], entry["B"])
+            alpha = entry.get("alpha")
+            scales[name] = float(alpha) / entry["A"].shape[0] if alpha is not None else default_scale
+        if any(role in entry for role in DIFF_ROLES):
+            diffs[name] = {role: entry[role] for role in DIFF_ROLES if role in entry}
+    _check_shapes(modules, source, diffs)
+    return modules, scales, diffs, metadata
 
 
 def read_lora(lora, source: str | None = None) -> dict[str, torch.Tensor]:
@@ -177,34 +215,45 @@ def read_lora(lora, source: str | None = None) -> dict[str, torch.Tensor]:
     A state dict without `.alpha` keys is taken as already scaled (alpha == rank), as diffusers does.
     Tensors keep their dtype; the scale is applied in fp32.
     """
-    modules, scales, _ = _read_raw(lora, source)
-    out = {}
+    modules, scales, diffs, _ = _read_raw(lora, source)
     for name, (A, B) in modules.items():
         if scales[name] != 1.0:
-            B = (B.float() * scales[name]).to(B.dtype)
-        out[f"{name}.lora_A.weight"] = A
-        out[f"{name}.lora_B.weight"] = B
-    return out
+            modules[name] = (A, (B.float() * scales[name]).to(B.dtype))
+    return from_modules(modules, diffs)
 
 
 def lora_modules(lora) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised LoRA (or anything read_lora reads) -> {module: (A, B)}."""
+    """Normalised LoRA (or anything read_lora reads) -> {module: (A, B)} (its low-rank pairs only)."""
     sd = read_lora(lora)
     return {k[: -len(".lora_A.weight")]: (v, sd[k[: -len("A.weight")] + "B.weight"])
             for k, v in sd.items() if k.endswith(".lora_A.weight")}
 
 
-def from_modules(modules: dict) -> dict[str, torch.Tensor]:
+def lora_diffs(lora) -> dict[str, dict[str, torch.Tensor]]:
+    """Normalised LoRA (or anything read_lora reads) -> {module: {"diff": weight delta, "diff_b": bias delta}}."""
+    diffs = {}
+    for key, value in read_lora(lora).items():
+        name, _, role = key.rpartition(".")
+        if role in DIFF_ROLES:
+            diffs.setdefault(name, {})[role] = value
+    return diffs
+
+
+def from_modules(modules: dict, diffs: dict | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for name, (A, B) in modules.items():
         out[f"{name}.lora_A.weight"] = A
         out[f"{name}.lora_B.weight"] = B
+    for name, entry in (diffs or {}).items():
+        for role, value in entry.items():
+            out[f"{name}.{role}"] = value
     return out
 
 
 def lora_architecture(lora) -> str | None:
     """"merged_qkv", "standard", or None when the LoRA touches no q/k/v projection (fits either DiT)."""
-    leaves = {name.rsplit(".", 1)[-1] for name in lora_modules(lora)}
+    sd = read_lora(lora)
+    leaves = {name.rsplit(".", 1)[-1] for name in (*lora_modules(sd), *lora_diffs(sd))}
     merged, standard = bool(leaves & set(MERGED_PARTS)), bool(leaves & set(PART_OF))
     if merged and standard:
         raise LoraError("LoRA mixes merged (to_qkv/add_qkv_proj) and separate (to_q/to_k/to_v) projections")

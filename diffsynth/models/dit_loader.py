@@ -1,4 +1,5 @@
 """Load a Qwen-Image DiT from the official file layout (or ours), in either QKV layout, shard by shard."""
+import glob
 import json
 import os
 import re
@@ -6,7 +7,8 @@ import re
 import torch
 
 from ..utils.io import (
-    WeightFileError, load_safetensors, read_keys_and_shapes, read_meta_tensors, read_metadata, resolve_safetensors_files,
+    WeightFileError, check_not_input, load_safetensors, loading, read_keys_and_shapes, read_meta_tensors, read_metadata,
+    resolve_safetensors_files,
 )
 from .qwen_image_dit import QwenImageDiT
 from .qwen_image_dit_merged_qkv import (
@@ -69,17 +71,18 @@ def infer_dit_config(files) -> dict:
     return config
 
 
-def iter_dit_state_dict(files, merged_qkv: bool, torch_dtype=None, device="cpu"):
+def iter_dit_state_dict(files, merged_qkv: bool, torch_dtype=None, device="cpu", progress=None):
     """Yield the checkpoint converted to the wanted layout, one shard at a time.
 
     A q/k/v triple split over two shards is held back until complete, so peak memory stays near one shard.
     device="meta" reads only the headers: the same chunks as meta tensors, to plan a file before writing it.
+    `progress`: a description for a progress bar over the bytes read (None: no bar).
     """
     convert = merge_qkv_state_dict if merged_qkv else split_qkv_state_dict
     source_layout = dit_layout(read_keys_and_shapes(files))
     needs_conversion = source_layout != ("merged_qkv" if merged_qkv else "standard")
     pending = {}
-    for file in files:
+    for file in loading(files, progress, enabled=progress is not None):
         tensors = read_meta_tensors(file) if str(device) == "meta" else load_safetensors(file, device=device)
         chunk = {**pending, **tensors}
         if torch_dtype is not None:
@@ -93,7 +96,7 @@ def iter_dit_state_dict(files, merged_qkv: bool, torch_dtype=None, device="cpu")
         raise WeightFileError("incomplete q/k/v triples in the checkpoint: " + ", ".join(sorted(pending)))
 
 
-def load_qwen_image_dit(paths, merged_qkv: bool, torch_dtype=torch.float32, device="cpu"):
+def load_qwen_image_dit(paths, merged_qkv: bool, torch_dtype=torch.float32, device="cpu", progress=True):
     """One file, a list, a directory or an index json, in either layout -> QwenImageDiT(MergedQKV), strictly loaded.
 
     The model is built on the meta device and each converted shard is assigned in place: no second copy.
@@ -105,7 +108,7 @@ def load_qwen_image_dit(paths, merged_qkv: bool, torch_dtype=torch.float32, devi
         model = cls(**config)
     expected = set(model.state_dict())
     loaded, unexpected = set(), []
-    for chunk in iter_dit_state_dict(files, merged_qkv, torch_dtype, device):
+    for chunk in iter_dit_state_dict(files, merged_qkv, torch_dtype, device, "loading DiT" if progress else None):
         unexpected += [k for k in chunk if k not in expected]
         chunk = {k: v for k, v in chunk.items() if k in expected}
         model.load_state_dict(chunk, strict=False, assign=True)
@@ -150,6 +153,12 @@ def convert_dit_checkpoint(input_paths, output, direction: str, max_shard_size=N
     if direction not in ("to_merged", "to_standard"):
         raise ValueError(f"--direction must be to_merged or to_standard, not {direction!r}")
     files = resolve_safetensors_files(input_paths)
+    output = os.fspath(output)
+    single = output.endswith(".safetensors") and max_shard_size is None
+    index_files = [os.fspath(p) for p in ([input_paths] if isinstance(input_paths, (str, os.PathLike)) else input_paths)
+                   if os.fspath(p).endswith(".json")]
+    index_files += glob.glob(os.path.join(os.path.dirname(files[0]), "*.safetensors.index.json"))
+    check_not_input(output, files + index_files, folder_output=not single)
     config = infer_dit_config(files)
     merged = direction == "to_merged"
     layout = "merged_qkv" if merged else "standard"
@@ -157,13 +166,11 @@ def convert_dit_checkpoint(input_paths, output, direction: str, max_shard_size=N
         raise WeightFileError(f"{files[0]}: checkpoint is already in the {layout} layout; "
                               f"use --direction {'to_standard' if merged else 'to_merged'} to convert it the other way")
     metadata = {"format": "pt", "qkv_layout": layout, "config": json.dumps(config)}
-    output = os.fspath(output)
-    single = output.endswith(".safetensors") and max_shard_size is None
     if single:
         plan = {}
         for chunk in iter_dit_state_dict(files, merged, device="meta"):
             plan.update(chunk)
-        save_safetensors_streaming(output, plan, iter_dit_state_dict(files, merged), metadata)
+        save_safetensors_streaming(output, plan, iter_dit_state_dict(files, merged, progress="converting"), metadata)
         return [output]
 
     limit = parse_size(max_shard_size or "5GB")
@@ -184,7 +191,7 @@ def convert_dit_checkpoint(input_paths, output, direction: str, max_shard_size=N
                 shards.append((name, list(buffer)))
                 buffer, size = {}, 0
 
-        for chunk in iter_dit_state_dict(files, merged):
+        for chunk in iter_dit_state_dict(files, merged, progress="converting"):
             for key, tensor in chunk.items():
                 nbytes = tensor.numel() * tensor.element_size()
                 if buffer and size + nbytes > limit:

@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from diffsynth.utils.io import (
-    WeightFileError, check_state_dict, config_beside, load_safetensors, resolve_safetensors_files,
+    WeightFileError, check_state_dict, config_beside, load_safetensors, loading, resolve_safetensors_files,
 )
 
 T2I_TEMPLATE = (
@@ -83,7 +83,7 @@ def load_qwen_image_text_encoder(paths, torch_dtype=torch.bfloat16, device="cpu"
     with init_empty_weights():
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
     state_dict = {}
-    for file in files:
+    for file in loading(files, "loading text encoder"):
         for key, value in load_safetensors(file, device=device).items():
             state_dict[to_current_layout(key)] = value.to(torch_dtype)
     check_state_dict(model, state_dict, ", ".join(files))

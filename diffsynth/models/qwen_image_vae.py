@@ -7,7 +7,7 @@ come out as (B, 16, 1, H/8, W/8). The helpers below take and return 4D tensors a
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from diffsynth.utils.io import check_state_dict, config_beside, load_safetensors, resolve_safetensors_files
+from diffsynth.utils.io import check_state_dict, config_beside, load_safetensors, loading, resolve_safetensors_files
 
 
 def load_qwen_image_vae(paths, torch_dtype=torch.float32, device="cpu") -> AutoencoderKLQwenImage:
@@ -22,7 +22,7 @@ def load_qwen_image_vae(paths, torch_dtype=torch.float32, device="cpu") -> Autoe
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage.from_config(config)
     state_dict = {}
-    for file in files:
+    for file in loading(files, "loading VAE"):
         state_dict.update(load_safetensors(file, device=device))
     check_state_dict(vae, state_dict, ", ".join(files))
     # Cast before assigning: diffusers' ModelMixin.to(dtype) warns on every call.

@@ -10,8 +10,8 @@ from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_im
 from ..schedulers import FlowMatchScheduler
 from ..utils.compile import watch_compile
 from ..utils.image import (
-    SIZE_MULTIPLE, VAE_EDIT_AREA, edit_image_size, pil_to_tensor, resize_and_center_crop, resize_edit_image,
-    tensor_to_pil,
+    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, edit_image_size, pil_to_tensor, resize_and_center_crop,
+    resize_edit_image, tensor_to_pil,
 )
 from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
 
@@ -306,6 +306,11 @@ class QwenImagePipeline:
                     # keep each token's norm that of the conditional prediction (Qwen-Image's true CFG)
                     pred = comb * (pred.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
                 x = self.scheduler.step(pred, i, x)
+                if not torch.isfinite(x).all():  # never decode NaN into a black picture
+                    raise NonFiniteOutputError(
+                        f"the latents became NaN/inf at denoising step {i + 1} of {len(self.scheduler.sigmas) - 1} "
+                        f"({self.torch_dtype}); a fused LoRA too strong for the model (lower its scale) or an "
+                        "overflow in float16 (use bfloat16 or float32) are the usual causes")
         if output_type == "latent":
             return x
         return self.decode(x, height, width)

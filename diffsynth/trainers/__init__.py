@@ -7,7 +7,22 @@ def main(argv=None, merged_qkv=True) -> int:
     """Entry point of train.py / train_merged_qkv.py. The heavy imports wait until the flags are known good."""
     args = parse_args(argv, merged_qkv)
     if args.dry_run:
+        import sys
+
+        from .dataset import DatasetError
+        from .preflight import preflight
+
+        try:  # everything that needs no model: the data, the output path, LoRA and validation files
+            samples = preflight(args)
+        except DatasetError as e:
+            print(f"error: dataset {args.dataset_metadata_path}:\n{e}", file=sys.stderr)
+            return 2
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(dict(sorted(vars(args).items())), indent=1))
+        print(f"dry run: the flags, {len(samples)} training samples and the output path check out; no model was "
+              "loaded", file=sys.stderr)
         return 0
     from .trainer import run
 

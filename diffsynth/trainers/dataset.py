@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, displayed_size, edit_image_size, open_image, pil_to_tensor,
-    resize_and_center_crop, resize_edit_image, target_size,
+    VAE_EDIT_AREA, ImageError, check_header, displayed_size, edit_image_size, file_problem, open_image, pil_to_tensor,
+    resize_and_center_crop, resize_edit_image, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -60,30 +60,47 @@ def parse_file_keys(data_file_keys) -> list[str]:
     return keys
 
 
+def _check_utf8(path):
+    """Metadata must be UTF-8 (with or without a BOM): name the first line that is not, and the likely encoding."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                guess = "UTF-16" if b"\x00" in line else "Latin-1 / Windows-1252 (Excel's 'CSV')"
+                raise DatasetError(
+                    f"{path}: line {line_no} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}; "
+                    f"the file looks {guess}-encoded). Save it as UTF-8 (in Excel: 'CSV UTF-8'; or "
+                    f"`iconv -f latin1 -t utf-8`)") from None
+
+
 def read_metadata(path) -> list[tuple[str, dict]]:
     """Rows of a metadata file as (where, row dict); a file that cannot be parsed raises DatasetError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: metadata file not found (--dataset_metadata_path)")
     ext = os.path.splitext(path)[1].lower()
+    _check_utf8(path)
     if ext == ".csv":
         try:  # all as text: a prompt "1" or an empty cell must not turn into a number or NaN
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise DatasetError(f"{path}: not a readable CSV file ({e}); expected a header line image,edit_image,prompt")
+        # "image, edit_image, prompt": the header names count without the spaces around them
+        frame.columns = [str(c).strip() for c in frame.columns]
         rows = [(f"row {i + 1} (line {i + 2})", row) for i, row in enumerate(frame.to_dict("records"))]
     elif ext == ".json":
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except json.JSONDecodeError as e:
             raise DatasetError(f"{path}: not valid JSON ({e})")
         if not isinstance(data, list):
             raise DatasetError(f"{path}: a .json metadata file must hold a list of objects, one per sample")
         rows = [(f"row {i + 1}", row) for i, row in enumerate(data)]
     elif ext == ".jsonl":
         rows, bad = [], []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -117,6 +134,9 @@ def parse_file_list(value) -> list[str]:
 
 def _inspect_file(path):
     """(sha256, displayed (w, h)) of an image file, or an error text. Reads the bytes once."""
+    problem = file_problem(path)
+    if problem:
+        return problem
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -124,14 +144,21 @@ def _inspect_file(path):
         return f"cannot be read ({e.strerror})"
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_header(img)
             img.verify()  # checks structure and checksums without decoding pixels; must come first
         with Image.open(io.BytesIO(data)) as img:
             size = displayed_size(img)
             if img.format == "JPEG":  # verify() barely checks JPEGs; a 1/8-scale decode catches truncation cheaply
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
+            elif img.mode in ("I", "F"):  # rare; their pixel range decides whether they convert: decode now
+                img.load()
+                to_rgb(img)
+    except ImageError as e:
+        return str(e)
     except Exception as e:  # PIL raises many types for damaged files
-        return f"is not a readable image ({type(e).__name__}: {e})"
+        what = "is truncated" if "truncated" in str(e).lower() else "is not a readable image"
+        return f"{what} ({type(e).__name__}: {e})"
     return hashlib.sha256(data).hexdigest(), size
 
 
@@ -162,7 +189,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
 
     def check_file(where, column, rel):
         path = os.path.abspath(os.path.join(base_path, os.path.expanduser(rel)))  # an absolute rel stays as is
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             problems.append(f"  {where}: {column} file not found: {rel} (looked at {path})")
             return None
         if path not in inspected:

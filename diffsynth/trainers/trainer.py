@@ -19,17 +19,20 @@ from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
-from .checkpoint import list_states, load_training_state, save_training_state
+from .checkpoint import check_setup, list_states, load_training_state, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
 from .ema import create_ema, ema_weights
 from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, resolve_optimizer
+from .output_dir import claim, trim_log
+from .preflight import preflight
 from .timesteps import TimestepSampling
 
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in the loss, the gradients or the trained weights: the run stops, its last good checkpoint kept."""
+
 
 
 class TrainState:
@@ -129,12 +132,27 @@ class Trainer:
         self.checkpointed = {"train_state": self.state}
         self.log = self.accelerator.print
 
+    def release(self):
+        """Give the output folder's lock back (at the end of train(), and when a run stops on an error)."""
+        if getattr(self, "output_dir", None) is not None:
+            self.output_dir.release()
+
     # ---- setup ---------------------------------------------------------------------------------------------
 
     def setup(self):
         from ..pipelines.qwen_image import QwenImagePipeline
 
         args, acc = self.args, self.accelerator
+        # 0. The output folder belongs to this run, a state to resume must fit its flags, and the LoRA and validation
+        # files must be usable: checked first.
+        preflight(args, dataset=False)
+        self.output_dir = claim(args.output_path, bool(args.resume_from_checkpoint), args.overwrite, acc)
+        if self.output_dir is not None and self.output_dir.removed_temp:
+            self.log(f"removed {len(self.output_dir.removed_temp)} temporary file(s) of an interrupted run: "
+                     f"{', '.join(self.output_dir.removed_temp[:5])}")
+        self.resume_from = self._resume_path() if args.resume_from_checkpoint else None
+        if self.resume_from:
+            check_setup(self.resume_from, self.setup_info())
         resolve_optimizer(args.optimizer)  # an optimizer that cannot be imported fails before anything loads
         self.timesteps = TimestepSampling.from_args(args)
         # 1. The data first: every bad row is reported before any model loads.
@@ -249,6 +267,17 @@ class Trainer:
             self.ema = create_ema(params, args.ema_decay)
             self.checkpointed["ema"] = self.ema
 
+    def _check_weights_finite(self, lr):
+        """After an update: any NaN/inf in the trainable weights (on any process) stops the run unsaved."""
+        norms = torch._foreach_norm([p.detach() for p in self.params])  # inf/nan when any entry is
+        bad = sum(int(not torch.isfinite(n)) for n in norms)
+        bad = self.accelerator.reduce(torch.tensor([float(bad)], device=self.accelerator.device), reduction="sum")
+        if bad.item() > 0:
+            raise NonFiniteError(
+                f"the update of step {self.state.step + 1} (learning rate {lr:.3g}) made {int(bad.item())} trainable "
+                f"weight tensor(s) NaN/inf; stopped without saving them, and the last good checkpoint in "
+                f"{self.args.output_path} is kept. Lower --learning_rate (or raise --lr_warmup_steps).")
+
     def fill_cache(self, todo):
         """Compute the conditioning of the samples in `todo`, shared out between the processes."""
         acc = self.accelerator
@@ -310,9 +339,10 @@ class Trainer:
             sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit, state_dict=state).items()}
             alpha = args.lora_alpha or args.lora_rank
             save_lora(sd, path, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
-            if args.export_format:
-                convert_lora_file(path, os.path.join(args.output_path, f"{name}-{args.export_format}.safetensors"),
-                                  "to_standard", format=args.export_format, extra_metadata=meta)
+            copy = export_copy_name(name, args.export_format, args.merged_qkv)
+            if copy:
+                convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",
+                                  format=args.export_format or "native", extra_metadata=meta)
         else:
             save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
                              {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
@@ -329,7 +359,8 @@ class Trainer:
             os.makedirs(tmp)
         acc.wait_for_everyone()
         save_training_state(tmp, self.dit, self.checkpointed, acc.process_index, acc.num_processes,
-                            acc.is_main_process, acc.wait_for_everyone, {"step": self.state.step})
+                            acc.is_main_process, acc.wait_for_everyone,
+                            {"step": self.state.step, "setup": self.setup_info()})
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -339,17 +370,31 @@ class Trainer:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def resume(self):
+    def setup_info(self) -> dict:
+        """What a training state must share with the run that resumes it (checked before the models load)."""
+        args = self.args
+        lora = args.lora_base_model is not None
+        return {"merged_qkv": args.merged_qkv, "lora_base_model": args.lora_base_model,
+                "lora_rank": args.lora_rank if lora else None,
+                "lora_target_modules": args.lora_target_modules if lora else None}
+
+    def _resume_path(self):
         args = self.args
         path = args.resume_from_checkpoint
         if path == "latest":
             states = list_states(os.path.join(args.output_path, "checkpoints"))
             if not states:
                 self.log(f"--resume_from_checkpoint latest: no state in {args.output_path}/checkpoints, starting fresh")
-                return
-            path = states[-1]
+                return None
+            return states[-1]
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such training state folder")
+        return path
+
+    def resume(self):
+        path = self.resume_from
+        if not path:
+            return
         manifest = load_training_state(path, self.dit, self.checkpointed, self.accelerator.process_index)
         if manifest["num_processes"] != self.accelerator.num_processes:
             self.log(f"note: {path} was written by {manifest['num_processes']} process(es), this run has "
@@ -365,9 +410,11 @@ class Trainer:
         if args.resume_from_checkpoint:
             self.resume()
         log_path = os.path.join(args.output_path, "train_log.csv")
-        if acc.is_main_process and (not os.path.exists(log_path) or not args.resume_from_checkpoint):
+        if acc.is_main_process and (not os.path.exists(log_path) or not self.resume_from):
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_COLUMNS)
+        elif acc.is_main_process:
+            trim_log(log_path, self.state.step)  # the steps after the resumed state run (and are logged) again
         self._init_trackers()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
@@ -388,13 +435,21 @@ class Trainer:
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
-                        raise NonFiniteLossError(
+                        raise NonFiniteError(
                             f"loss is {loss.item()} at step {self.state.step + 1} (epoch {self.state.epoch}); "
                             f"stopped. The last good checkpoint in {args.output_path} is kept. Lower "
                             "--learning_rate, check the data, or use --mixed_precision bf16 instead of fp16.")
                     acc.backward(loss)
-                    if acc.sync_gradients and args.max_grad_norm:
-                        acc.clip_grad_norm_(self.params, args.max_grad_norm)
+                    if acc.sync_gradients:
+                        # The norm is measured even with clipping off (inf scales by exactly 1): a NaN/inf gradient
+                        # stops the run before the update touches the weights.
+                        norm = acc.clip_grad_norm_(self.params, args.max_grad_norm or math.inf)
+                        if norm is not None and not torch.isfinite(norm):
+                            raise NonFiniteError(
+                                f"the gradient norm is {norm.item()} at step {self.state.step + 1} (the loss was "
+                                f"finite: {loss.item():.6g}); stopped before the update, and the last good checkpoint "
+                                f"in {args.output_path} is kept. The weights overflow in the backward pass: lower "
+                                "--learning_rate, or use --mixed_precision bf16 instead of fp16.")
                     self.optimizer.step()
                     lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
                     if acc.sync_gradients:
@@ -405,6 +460,7 @@ class Trainer:
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
+                self._check_weights_finite(lr)
                 self.state.step += 1
                 loss_value = acc.reduce(loss.detach().float(), reduction="mean").item()
                 bar.update(1)
@@ -436,6 +492,7 @@ class Trainer:
             _write_loss_plot(log_path, os.path.join(args.output_path, "loss.png"))
             self.log(f"saved {final}, {log_path} and loss.png")
         acc.end_training()
+        self.release()
         return final
 
     def _write(self, message):
@@ -502,6 +559,16 @@ class Trainer:
         acc.wait_for_everyone()
 
 
+def export_copy_name(name, export_format, merged_qkv) -> str | None:
+    """File name of the standard-layout copy of LoRA checkpoint `name`, or None when none is written. The default
+    (native keys, `<name>-standard.safetensors`) is what every consumer loads; a standard run's checkpoint already
+    is that file."""
+    fmt = export_format or "native"
+    if fmt == "none" or (fmt == "native" and not merged_qkv):
+        return None
+    return f"{name}-{'standard' if fmt == 'native' else fmt}.safetensors"
+
+
 def run(args) -> int:
     """Train with parsed flags; errors the user can fix become a message and an exit code."""
     trainer = Trainer(args)
@@ -511,7 +578,12 @@ def run(args) -> int:
     except DatasetError as e:
         print(f"error: dataset {args.dataset_metadata_path}:\n{e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except NonFiniteError as e:  # the run went wrong; its last good checkpoint is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as e:  # inputs, flags, files, folders: the user can fix them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        trainer.release()
     return 0

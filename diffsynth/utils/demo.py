@@ -1,9 +1,10 @@
 """`make demo`: the whole job end to end on CPU with no download.
 
 Writes the tiny random model set and a synthetic edit dataset (a red square that the target shows blue), trains a
-merged-QKV LoRA with `accelerate launch train_merged_qkv.py`, converts it to the standard (diffusers) layout, and
-edits a held-out image with the inference script on the STANDARD DiT carrying the converted LoRA. Leaves loss.png,
-the checkpoints and the edited images in the output folder.
+merged-QKV LoRA with `accelerate launch train_merged_qkv.py` (which also writes the standard-layout copy
+`checkpoint-final-standard.safetensors`), converts it once more with the conversion script (ComfyUI keys), and edits a
+held-out image with the inference script on the STANDARD DiT carrying the standard copy. Leaves loss.png, the
+checkpoints and the edited images in the output folder; a rerun replaces them (--overwrite).
 
     python -m diffsynth.utils.demo --output demo_output
 """
@@ -61,18 +62,20 @@ def main(argv=None):
         "--learning_rate", "1e-2", "--max_steps", str(args.steps), "--num_epochs", "1000",
         "--batch_size", "4", "--cache_conditioning", "--output_path", lora_dir,
         "--lora_base_model", "dit", "--lora_rank", "16", "--save_steps", str(max(1, args.steps // 2)),
+        "--overwrite",
     ])
     merged_lora = os.path.join(lora_dir, "checkpoint-final.safetensors")
-    standard_lora = os.path.join(lora_dir, "checkpoint-final-standard.safetensors")
-    run("convert the LoRA to the standard layout (diffusers / ComfyUI keys)", [
-        python, CONVERT, "--input", merged_lora, "--output", standard_lora, "--direction", "to_standard",
+    standard_lora = os.path.join(lora_dir, "checkpoint-final-standard.safetensors")  # written by the trainer
+    run("convert the LoRA to the standard layout with ComfyUI keys (the conversion script)", [
+        python, CONVERT, "--input", merged_lora, "--output", os.path.join(lora_dir, "checkpoint-final-comfyui.safetensors"),
+        "--direction", "to_standard", "--format", "comfyui",
     ])
     common = ["--edit_image", held_out, "--prompt", PROMPT, "--models_dir", models,
               "--model_id_with_origin_paths", TINY_MODELS, "--num_steps", "20", "--edit_image_area", str(EDIT_AREA),
               "--cfg_scale", "1", "--seed", "0"]
     run("edit with the merged DiT and the merged LoRA",
         [python, INFER, *common, "--lora_path", merged_lora, "--output", os.path.join(out, "edited_merged.png")])
-    run("edit with the STANDARD DiT and the converted LoRA",
+    run("edit with the STANDARD DiT and the trainer's standard-layout copy",
         [python, INFER, *common, "--standard", "--lora_path", standard_lora,
          "--output", os.path.join(out, "edited_standard.png")])
     run("edit without a LoRA (for comparison)", [python, INFER, *common, "--output", os.path.join(out, "no_lora.png")])
@@ -92,7 +95,7 @@ def main(argv=None):
     a = Image.open(os.path.join(out, "edited_merged.png"))
     b = Image.open(os.path.join(out, "edited_standard.png"))
     diff = max(hi for _, hi in ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getextrema())
-    print(f"\nmerged DiT + merged LoRA vs standard DiT + converted LoRA: largest pixel difference {diff}/255")
+    print(f"\nmerged DiT + merged LoRA vs standard DiT + standard copy: largest pixel difference {diff}/255")
     print(f"\nDone. Look at:\n  {os.path.join(lora_dir, 'loss.png')}\n  {held_out} (input)\n"
           f"  {os.path.join(out, 'edited_merged.png')}\n  {os.path.join(out, 'edited_standard.png')}\n"
           f"  {os.path.join(out, 'no_lora.png')}")

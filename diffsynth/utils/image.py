@@ -6,10 +6,11 @@ so a LoRA sees at training time what the pipeline feeds it at inference. Target 
 rule: a fixed --height/--width, or scaled down to at most --max_pixels, sides floored to 16, centre-cropped.
 """
 import math
+import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # VAE 8x downsampling times the DiT's 2x2 patch: a side must be a multiple of 16 to become whole tokens.
 SIZE_MULTIPLE = 16
@@ -52,11 +53,102 @@ def target_size(image_size, max_pixels=1024 * 1024, height=None, width=None, mul
     return w, h
 
 
+class NonFiniteOutputError(ValueError):
+    """A generation produced NaN or inf: there is no image to write (it would be black)."""
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and what is wrong with it."""
+
+
+# Pillow refuses images above twice its MAX_IMAGE_PIXELS as decompression bombs; so do we, by name and up front.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", *_ALPHA_MODES)
+
+
+def file_problem(path) -> str | None:
+    """What makes `path` unusable before it is even opened ("is a directory", "is empty"), or None."""
+    if os.path.isdir(path):
+        return "is a directory, not an image file"
+    if not os.path.exists(path):
+        return "not found"
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    return None
+
+
+def check_header(img: Image.Image):
+    """Refuse, from the header alone, what cannot become a sane RGB picture: unknown modes, huge images."""
+    if img.mode not in _MODES:
+        raise ImageError(f"has pixel mode {img.mode!r}, which is not converted to RGB here; save it as RGB "
+                         "(8- or 16-bit PNG, or JPEG)")
+    if img.width * img.height > MAX_PIXELS:
+        raise ImageError(f"is {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} megapixels, more than the "
+                         f"{MAX_PIXELS / 1e6:.0f} MP limit (it would be shrunk to about 1 MP anyway); downscale it")
+
+
+def _gray_to_rgb(values: np.ndarray, scale: float) -> Image.Image:
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any supported mode -> 8-bit RGB as a viewer shows it: 16-bit and integer/float greyscale scaled (not clipped
+    to white), transparency composited over white, CMYK through its ICC profile when it has one."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16"):
+        return _gray_to_rgb(np.asarray(img, dtype=np.float64), 255 / 65535)
+    if mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        lo, hi = (values.min(), values.max()) if values.size else (0, 0)
+        if not np.isfinite(values).all():
+            raise ImageError(f"has NaN or infinite pixel values (mode {mode})")
+        if mode == "F" and lo >= 0 and hi <= 1:
+            return _gray_to_rgb(values, 255)
+        if lo >= 0 and hi <= 255:
+            return _gray_to_rgb(values, 1)
+        if lo >= 0 and hi <= 65535 and mode == "I":
+            return _gray_to_rgb(values, 255 / 65535)  # a 16-bit greyscale image decoded as 32-bit
+        raise ImageError(f"has {'float' if mode == 'F' else '32-bit integer'} pixels from {lo:g} to {hi:g}, whose "
+                         "range is unknown (not 0..1, 0..255 or 0..65535); save it as an 8- or 16-bit image")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        import io
+
+        from PIL import ImageCms
+
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken or non-CMYK profile: the plain conversion below
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def open_image(path) -> Image.Image:
-    """Decode an image file as RGB, applying its EXIF rotation like diffusers' `load_image`."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+    """Decode an image file as RGB (EXIF rotation applied, like diffusers' `load_image`; modes as `to_rgb`), or
+    raise an ImageError naming the file and the problem."""
+    problem = file_problem(path)
+    if problem:
+        raise ImageError(f"{path}: {problem}")
+    try:
+        with Image.open(path) as img:
+            check_header(img)
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: has more than the {MAX_PIXELS / 1e6:.0f} MP limit ({e}); downscale it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged files
+        what = "is truncated or damaged" if "truncated" in str(e).lower() or isinstance(e, (OSError, SyntaxError)) \
+            else "is not an image file Pillow can read"
+        raise ImageError(f"{path}: {what} ({type(e).__name__}: {e}); re-export or replace it") from None
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:

@@ -65,10 +65,30 @@ def resolve_safetensors_files(paths) -> list[str]:
     return list(dict.fromkeys(files))
 
 
+def check_safetensors_file(file):
+    """A file whose header cannot be read, or that is shorter than its header says (a cut-off download), is an
+    error naming it; read from the header only."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes does not fit")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightFileError(f"{file}: not a readable safetensors file ({e}); download or write it again") from None
+    if size < 8 + n + end:
+        raise WeightFileError(f"{file}: truncated: {size:,} bytes, its header needs {8 + n + end:,}. The download or "
+                              "write was cut short: get the file again")
+
+
 def read_keys_and_shapes(files) -> dict[str, tuple]:
-    """Tensor names and shapes of a file set, read from the headers only (no tensor is loaded)."""
+    """Tensor names and shapes of a file set, read from the headers only (no tensor is loaded); each file is
+    checked to be complete first."""
     shapes = {}
     for file in files:
+        check_safetensors_file(file)
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -122,6 +142,32 @@ def save_safetensors_streaming(path, plan: dict, chunks, metadata: dict | None =
         if missing:
             raise ValueError(f"{len(missing)} planned tensors never came: {', '.join(sorted(missing)[:5])}")
 
+
+
+def loading(files, desc, enabled=True):
+    """Yield `files` while a progress bar counts their bytes (shown on a terminal): loading a 40 GB model takes
+    minutes, and a silent wait looks like a hang."""
+    from tqdm.auto import tqdm
+
+    sizes = [os.path.getsize(f) for f in files]
+    with tqdm(total=sum(sizes), desc=desc, unit="B", unit_scale=True, disable=None if enabled else True,
+              leave=False) as bar:
+        for file, size in zip(files, sizes):
+            yield file
+            bar.update(size)
+
+
+def check_not_input(output, input_files, folder_output=False):
+    """Refuse an output that would overwrite an input of the same conversion (a file, a shard, the index json, or
+    for a sharded output the folder the inputs live in), before anything is written."""
+    real = os.path.realpath(output)
+    inputs = {os.path.realpath(f) for f in input_files}
+    if real in inputs:
+        raise WeightFileError(f"--output {output} is one of the input files; write the result to a new path (the "
+                              "input must stay intact until the output is complete)")
+    if folder_output and real in {os.path.dirname(f) for f in inputs}:
+        raise WeightFileError(f"--output {output} is the folder the input files are in; a sharded output there would "
+                              "overwrite their shards and index json: choose another folder")
 
 
 def read_metadata(file) -> dict:

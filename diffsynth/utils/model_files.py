@@ -158,7 +158,7 @@ def detect_model_kind(files) -> str:
     files = resolve_safetensors_files(files)
     keys = list(read_keys_and_shapes(files))
     where = ", ".join(files)
-    if any(".lora_" in k or k.endswith(".alpha") for k in keys):
+    if any(".lora_" in k or k.endswith((".alpha", ".diff", ".diff_b")) for k in keys):
         raise WeightFileError(f"{where}: this is a LoRA file, not a base model; pass it with --lora_path / --lora_checkpoint")
     kinds = [
         kind

@@ -4,16 +4,21 @@
         --edit_image edit.png --prompt "your editing prompt" --output output.png \\
         --lora_path ./models/my_merged_qkv_lora/checkpoint-final.safetensors
 
---edit_image is the image to edit (repeat it for several with Qwen-Image-Edit-2509/2511). --input_image is an
-optional init image: generation starts from it, noised to --denoising_strength (< 1). The LoRA may be in either
-layout (to_qkv or to_q/to_k/to_v) and any common format; it is fused into the DiT. Models are found under
---models_dir (default ./models, or $DIFFSYNTH_MODELS_DIR) and downloaded from ModelScope when missing.
+--edit_image is the image to edit (repeat it for several with Qwen-Image-Edit-2509/2511). --input_image is
+DiffSynth-Studio's init image: the output takes its aspect ratio (at --edit_image_area pixels, unless --height and
+--width are given), and with --denoising_strength below 1 generation starts from its pixels, noised to that strength;
+at the default 1.0 only its size is used (the script says so). Without --input_image the output takes the last edit
+image's aspect ratio at --edit_image_area pixels (a 128x128 edit image gives 1024x1024 at the default area).
+The LoRA may be in either layout (to_qkv or to_q/to_k/to_v) and any common format; it is fused into the DiT.
+Models are found under --models_dir (default ./models, or $DIFFSYNTH_MODELS_DIR) and downloaded from ModelScope
+when missing. Every input (images, LoRA, flags, output path, model files) is checked before the models load.
 """
 import argparse
+import math
 import os
 import sys
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 
 def parse_args(argv=None):
@@ -21,9 +26,10 @@ def parse_args(argv=None):
     parser.add_argument("--edit_image", action="append", default=[], metavar="PATH",
                         help="image to edit; repeat for several (Edit-2509/2511)")
     parser.add_argument("--input_image", default=None, metavar="PATH",
-                        help="optional init image, used with --denoising_strength < 1")
+                        help="init image: sets the output's aspect ratio, and its pixels are the starting point with "
+                             "--denoising_strength < 1")
     parser.add_argument("--denoising_strength", type=float, default=1.0,
-                        help="1.0 starts from pure noise; lower keeps more of --input_image")
+                        help="1.0 starts from pure noise; lower keeps more of --input_image (0 < strength <= 1)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=" ",
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
@@ -52,8 +58,11 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler_preset", choices=["default", "lightning"], default="default",
                         help="lightning: the settings of the 4/8-step Lightning LoRAs (lightx2v/Qwen-Image-Lightning, "
                              "load one with --lora_path): shift 3 at every resolution, no terminal stretch, no CFG")
-    parser.add_argument("--height", type=int, default=None, help="default: the last edit image's (rounded to 16)")
-    parser.add_argument("--width", type=int, default=None, help="default: the last edit image's (rounded to 16)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="output height, rounded down to 16 (default: --input_image's, else the last edit "
+                             "image's aspect ratio at --edit_image_area pixels, sides rounded to 32)")
+    parser.add_argument("--width", type=int, default=None, help="output width, rounded down to 16 (default: as "
+                                                                 "--height)")
     parser.add_argument("--edit_plus", action="store_true",
                         help="Qwen-Image-Edit-2509: the Edit-Plus prompt template even for one edit image (used "
                              "anyway for several images and for Edit-2511 models)")
@@ -92,27 +101,53 @@ def parse_args(argv=None):
         args.num_steps = 8 if lightning else 30
     args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if lightning else 4.0)
     if not args.edit_image:
-        parser.error("--edit_image is required: the image to edit (--input_image is only an optional init image "
-                     "for --denoising_strength < 1)")
+        parser.error("--edit_image is required: the image to edit (--input_image is only the init image, see --help)")
+    problems = [f"--{name} must be a finite number (got {value})"
+                for name in ("lora_scale", "cfg_scale", "denoising_strength")
+                for value in (scales if name == "lora_scale" else [getattr(args, name)])
+                if not math.isfinite(value)]
+    if math.isfinite(args.denoising_strength) and not 0 < args.denoising_strength <= 1:
+        problems.append(f"--denoising_strength must be in (0, 1] (got {args.denoising_strength})")
+    for name, low in (("num_steps", 1), ("edit_image_area", 32 * 32), ("height", 16), ("width", 16)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            problems.append(f"--{name} must be >= {low} (got {getattr(args, name)})")
+    for name in ("prompt", "negative_prompt"):
+        try:
+            getattr(args, name).encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes on the command line arrive as surrogates
+            problems.append(f"--{name} is not valid UTF-8 text (undecodable byte at character {e.start + 1}); "
+                            "set your terminal to UTF-8 or pass the prompt from a UTF-8 file")
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 
+def check_output(path):
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a folder; name an image file, e.g. {os.path.join(path, 'output.png')}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise ValueError(f"--output {path}: unknown image extension {ext!r}; use .png or .jpg")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: {parent} is {'a file' if not os.path.isdir(parent) else 'not writable'}; "
+                         "choose another output path")
+
+
 def open_inputs(args):
-    """Check every input path and decode the images before the heavy imports and model loading: a wrong path
-    fails in seconds, not after minutes of loading."""
+    """Check every input and decode the images before the heavy imports and model loading: a wrong path, a bad
+    image or a damaged LoRA fails in seconds, not after minutes of loading."""
     from diffsynth.utils.image import open_image
 
-    for path in args.edit_image + args.lora_path + [p for p in (args.input_image,) if p]:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: file not found")
-    ext = os.path.splitext(args.output)[1].lower()
-    if ext not in Image.registered_extensions():
-        raise ValueError(f"--output {args.output}: unknown image extension {ext!r}; use .png or .jpg")
-    try:
-        edit_images = [open_image(p) for p in args.edit_image]
-        input_image = open_image(args.input_image) if args.input_image else None
-    except UnidentifiedImageError as e:
-        raise ValueError(f"cannot read image: {e}") from e
+    check_output(args.output)
+    edit_images = [open_image(p) for p in args.edit_image]
+    input_image = open_image(args.input_image) if args.input_image else None
+    from diffsynth.lora import read_lora
+
+    for path in args.lora_path:
+        read_lora(path)  # exists, is a Qwen-Image LoRA, holds no NaN/inf; fused after the models load
     return edit_images, input_image
 
 
@@ -130,11 +165,20 @@ def peak_memory_line(device):
 
 def main(argv=None):
     args = parse_args(argv)
+    from diffsynth.utils.image import NonFiniteOutputError
+
     try:
         edit_images, input_image = open_inputs(args)
-        if input_image is not None and args.denoising_strength >= 1.0:
-            print("warning: --input_image has no effect at --denoising_strength 1.0; pass e.g. --denoising_strength "
-                  "0.7 to start from it", file=sys.stderr)
+        height, width = args.height, args.width
+        if input_image is not None and (height is None or width is None):
+            from diffsynth.utils.image import edit_image_size
+
+            w, h = edit_image_size(*input_image.size, target_area=args.edit_image_area)
+            height, width = height or h, width or w
+            note = ("its pixels start the denoising" if args.denoising_strength < 1.0 else
+                    "its pixels are not used at --denoising_strength 1.0 (pure noise; pass e.g. 0.7 to start from it)")
+            print(f"note: --input_image {args.input_image} sets the output size {width // 16 * 16}x"
+                  f"{height // 16 * 16}; {note}", file=sys.stderr)
 
         import torch
 
@@ -163,14 +207,19 @@ def main(argv=None):
         image = pipe(
             args.prompt, edit_image=edit_images,
             negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, num_inference_steps=args.num_steps,
-            height=args.height, width=args.width, seed=args.seed, input_image=input_image,
+            height=height, width=width, seed=args.seed, input_image=input_image,
             denoising_strength=args.denoising_strength, edit_image_area=args.edit_image_area,
         )
         with atomic_path(args.output) as tmp:
             image.save(tmp)  # the temporary name keeps the extension, which picks the format
-    except (ValueError, OSError) as e:  # bad paths, files, flags: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except NonFiniteOutputError as e:  # nothing is written: a NaN image would be a black PNG
+        loras = ", ".join(f"{p} at --lora_scale {s}" for p, s in zip(args.lora_path, args.lora_scale))
+        lora = f" with the LoRA {loras}" if loras else ""
+        print(f"error: {e}{lora}; no image written", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as e:  # bad paths, files, flags, images, LoRAs: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"saved {args.output} ({image.width}x{image.height})")
     print(peak_memory_line(device))
     return 0

