@@ -76,7 +76,8 @@ def compiled_runs():
     """Per layout: eager and compiled outputs and gradients on two batches of different token counts, and how many
     graphs compiled for each."""
     runs = {}
-    for cls, layers in ((QwenImageDiTMergedQKV, 2), (QwenImageDiT, 1)):  # the trainer's merged DiT; one block: one graph
+    # the trainer's merged DiT (two blocks); the standard one with one block: one graph to compile
+    for cls, layers in ((QwenImageDiTMergedQKV, 2), (QwenImageDiT, 1)):
         eager, compiled = lora_dit(cls, layers), lora_dit(cls, layers)
         compile_blocks(compiled)
         results = []
@@ -102,21 +103,50 @@ def test_compiled_equals_eager_with_lora_and_checkpointing(compiled_runs, cls):
             assert relative(grads_c[name], grads[name]) < 1e-4, name
 
 
-def test_identical_blocks_share_one_graph():
+def bucket_batch(batch, text_len, shape, seed=2):
+    """A batch of `batch` samples of one aspect bucket: target and edit image of `shape` (1, h, w), padded text."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = 2 * shape[1] * shape[2]
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    mask[-1, text_len // 2:] = 0
+    return (torch.randn(batch, tokens, 64, generator=g), torch.randn(batch, text_len, 64, generator=g), mask,
+            torch.rand(batch, generator=g), [[shape, shape]] * batch)
+
+
+def test_identical_blocks_share_one_graph_and_buckets_do_not_recompile():
     model = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
     reference = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
     compile_blocks(model)
     messages = []
     before = compiled_graphs()
     with torch.no_grad():
-        for text_len, pad in ((7, False), (9, False)):
-            batch = edit_batch(batch=1, text_len=text_len, pad=pad)
+        calls = [edit_batch(batch=1, text_len=7, pad=False), edit_batch(batch=1, text_len=9, pad=False),
+                 bucket_batch(3, 10, (1, 4, 4)), bucket_batch(3, 6, (1, 2, 8)), bucket_batch(3, 12, (1, 6, 2))]
+        graphs = []
+        for batch in calls:
             with watch_compile(model, messages.append):
                 out = model(*batch)
             torch.testing.assert_close(out, reference(*batch), rtol=1e-5, atol=1e-5)
-    assert compiled_graphs() - before == 1  # both blocks, both prompt lengths
+            graphs.append(compiled_graphs() - before)
+    # both blocks and both prompt lengths: one graph; batches of 3 with padded text: one more, whatever the
+    # bucket (image size) and prompt length
+    assert graphs == [1, 1, 2, 2, 2]
     assert messages[0] == "compiling DiT blocks (first step)..."
-    assert messages[1].startswith("compiled DiT blocks: 1 graph(s) in ") and len(messages) == 2
+    assert messages[1].startswith("compiled DiT blocks: 1 graph(s) in ")
+    assert messages[2].startswith("compiled DiT blocks: 1 graph(s) in ") and "a new batch size" in messages[2]
+    assert len(messages) == 3
+
+
+def test_compiled_equals_eager_with_checkpoint_offload(compiled_runs):
+    """--use_gradient_checkpointing_offload: saved block inputs on the CPU around compiled blocks (the graphs of
+    compiled_runs)."""
+    eager, compiled = lora_dit(QwenImageDiTMergedQKV), lora_dit(QwenImageDiTMergedQKV)
+    compiled.enable_gradient_checkpointing(offload=True)
+    compile_blocks(compiled)
+    batch = edit_batch(batch=1, pad=False)
+    (out, grads), (out_c, grads_c) = step(eager, batch), step(compiled, batch)
+    assert relative(out_c, out) < 1e-5
+    assert max(relative(grads_c[n], grads[n]) for n in grads) < 1e-4
 
 
 def test_compile_leaves_block_hooks_outside_the_graph():
@@ -259,8 +289,8 @@ def test_inference_script_with_compile_or_fp8_compute(tiny_models, tmp_path, fla
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout
     if flag == "--compile":
-        # the graph of test_identical_blocks_share_one_graph: both blocks, no grad, compiled in the first step; the
-        # negative prompt (another length) and the second step compile nothing
+        # the first graph of test_identical_blocks_share_one_graph_...: both blocks, no grad, compiled in the first
+        # step; the negative prompt (another length) and the second step compile nothing
         assert "--compile: 2 DiT blocks compile on the first denoising step" in printed
         assert "compiling DiT blocks (first denoising step)..." in printed
         assert "compiled DiT blocks: 1 graph(s)" in printed and printed.count("compiled DiT blocks") == 1
@@ -271,8 +301,9 @@ def test_inference_script_with_compile_or_fp8_compute(tiny_models, tmp_path, fla
 
 def test_compile_and_fp8_with_block_swap():
     """Block swap binds each block around its call, outside the compiled forward: the compiled DiT with its last
-    block swapped gives the compiled DiT's output (no-grad graph of test_identical_blocks_share_one_graph); and the
-    pipeline's fp8 conversion sets the swap up again around itself."""
+    block swapped gives the compiled DiT's output (the first no-grad graph of
+    test_identical_blocks_share_one_graph_...); and the pipeline's fp8 conversion sets the swap up again around
+    itself."""
     from diffsynth.pipelines.qwen_image import QwenImagePipeline
 
     reference = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)

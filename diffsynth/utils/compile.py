@@ -32,20 +32,30 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def _unview(x):
+    # The first block gets views (a Linear on a 3-d input returns one), the others fresh tensors; with a symbolic
+    # batch size dynamo guards on a view's base, so the first block would compile once more. A detached alias is no
+    # view, and without grad detaching changes nothing.
+    return x.detach() if isinstance(x, torch.Tensor) and x._base is not None and not x.requires_grad else x
+
+
 def _dynamic_marker(cls):
-    """-> fn(args, kwargs) marking the dims named by `cls.dynamic_dims` ({argument: dims}) dynamic; None if the class
-    names none (torch's automatic dynamic shapes then apply: a changed size recompiles once, dynamically)."""
+    """-> fn(block, args, kwargs) -> (args, kwargs) marking the dims named by `cls.dynamic_dims` ({argument: dims})
+    dynamic; None if the class names none (torch's automatic dynamic shapes then apply: a changed size recompiles
+    once, dynamically)."""
     dims = getattr(cls, "dynamic_dims", None)
     if not dims:
         return None
     signature = inspect.signature(cls.forward)
 
     def mark(block, args, kwargs):
+        args, kwargs = tuple(map(_unview, args)), {k: _unview(v) for k, v in kwargs.items()}
         for name, value in signature.bind(block, *args, **kwargs).arguments.items():
             for tensor in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(tensor, torch.Tensor):
                     for dim in dims.get(name, ()):
                         torch._dynamo.maybe_mark_dynamic(tensor, dim)  # a size of 1 stays static (0/1 rule)
+        return args, kwargs
     return mark
 
 
@@ -67,7 +77,7 @@ def compile_blocks(model: torch.nn.Module, **options) -> int:
 
         def forward(self, *args, _fn=fn, _mark=mark, **kwargs):
             if _mark is not None:
-                _mark(self, args, kwargs)
+                args, kwargs = _mark(self, args, kwargs)
             return _fn(self, *args, **kwargs)
 
         block.forward = types.MethodType(forward, block)  # an instance attribute: __call__ and its hooks stay eager
