@@ -187,12 +187,14 @@ def test_trainer_steps_with_swap_equal_resident(tiny_models, data, tmp_path, cap
     if not merged:
         extra = extra + ["--lora_target_modules", "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0"]
     runs = {}
-    for name, swap in (("resident", []), ("swapped", ["--blocks_to_swap", "1"])):
+    for name, swap in (("resident", []), ("swapped", ["--blocks_to_swap", "1", "--vram_budget", "16GB"])):
         args = flags(tiny_models, data, str(tmp_path / name), "--max_steps", "3", "--dataset_repeat", "3",
                      "--use_gradient_checkpointing", "--cache_conditioning", str(tmp_path / "cache"), *extra, *swap)
         assert main(args, merged_qkv=merged) == 0
         runs[name] = (losses(str(tmp_path / name)), load_file(str(tmp_path / name / "checkpoint-final.safetensors")))
-    assert "block swap: the frozen weights of the last 1 of 2 blocks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "block swap: the frozen weights of the last 1 of 2 blocks" in printed
+    assert "VRAM plan" in printed and "--vram_budget 16GB: 16 GiB" in printed  # a real run logs the plan too
     assert runs["resident"][0] == runs["swapped"][0] and len(runs["resident"][0]) == 3
     a, b = runs["resident"][1], runs["swapped"][1]
     assert a.keys() == b.keys()

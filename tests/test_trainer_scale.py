@@ -1,5 +1,6 @@
 """Issue 6: batches with aspect buckets, the conditioning cache, exact resume, the NaN guard, DDP."""
 import os
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, data, tm
     pipe.load_lora(os.path.join(out, "step-2.safetensors"))
 
 
+def assert_same_training(reference, run):
+    """Losses and final LoRA equal up to float summation order (a batch of 2 vs two averaged gradients)."""
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
+    a = load_file(os.path.join(reference, "checkpoint-final.safetensors"))
+    b = load_file(os.path.join(run, "checkpoint-final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+
+
 def launch_two_processes(tiny_models, data, out, port, *extra):
     # `--cpu` makes accelerate 1.x start ONE process; `--multi_gpu` starts two through torchrun, which then
     # train with gloo on the CPU when no GPU is present.
@@ -140,6 +151,14 @@ def test_ddp_two_processes_on_cpu_and_exact_resume(tiny_models, data, tmp_path):
         assert name in names
     assert not [n for n in names if ".tmp" in n]
     assert len(losses(out)) == 3  # one writer: the main process logs each step once
+    # DDP: every process holds the whole DiT
+    for rank in (0, 1):
+        assert re.search(rf"process {rank} of 2 \(DDP\) holds ([0-9.]+) MiB of the DiT's \1 MiB", result.stdout)
+    # and two processes at batch 1 train as one process at batch 2 (the same global batch, the same noise)
+    one = str(tmp_path / "one")
+    assert main(flags(tiny_models, data, one, "--dataset_repeat", "4", "--cache_conditioning", "--max_steps", "3",
+                      "--batch_size", "2")) == 0
+    assert_same_training(one, out)
 
     # stopped after step 1 and resumed: the same LoRA as the uninterrupted run, on both processes' data and noise
     part = str(tmp_path / "part")

@@ -111,7 +111,8 @@ def test_default_run_is_todays_scheme_bit_for_bit(tiny_models, shared, tmp_path)
 
         batch = collate_fn([t.dataset[j] for j in indices])
         t.state.batch_in_epoch = i
-        loss = todays_loss(t.dit, t.pipe.scheduler, t.conditions(batch), t.state.noise_generator())
+        # batch 1: the sample's own generator (the trainer draws each sample's noise from one, issue 11)
+        loss = todays_loss(t.dit, t.pipe.scheduler, t.conditions(batch), t.state.sample_generators(batch["position"])[0])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(t.params, args.max_grad_norm)
         optimizer.step()

@@ -1,4 +1,5 @@
 import json
+import sys
 
 from .args import build_parser, parse_args
 
@@ -7,8 +8,6 @@ def main(argv=None, merged_qkv=True) -> int:
     """Entry point of train.py / train_merged_qkv.py. The heavy imports wait until the flags are known good."""
     args = parse_args(argv, merged_qkv)
     if args.dry_run:
-        import sys
-
         from .dataset import DatasetError
         from .preflight import preflight
 
@@ -23,6 +22,9 @@ def main(argv=None, merged_qkv=True) -> int:
         print(json.dumps(dict(sorted(vars(args).items())), indent=1))
         print(f"dry run: the flags, {len(samples)} training samples and the output path check out; no model was "
               "loaded", file=sys.stderr)
+        from ..utils.vram_planner import plan_report
+
+        print(plan_report(args), file=sys.stderr)
         return 0
     from .trainer import run
 

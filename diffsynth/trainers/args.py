@@ -114,7 +114,11 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     v.add_argument("--validation_inference_steps", type=int, default=20)
     add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
-                   help="check the flags and print the resolved settings, then exit without loading anything")
+                   help="check the flags, print the resolved settings (stdout, json) and the predicted peak GPU "
+                        "memory (stderr), then exit without loading anything")
+    p.add_argument("--vram_budget", default=None, metavar="SIZE",
+                   help="GPU memory to plan for, e.g. 24GB (GB = GiB, as GPUs are sold): --dry_run then also prints "
+                        "the cheapest flags that fit; a real run warns when its flags are predicted not to fit")
     return p
 
 
@@ -189,6 +193,13 @@ def check_args(args):
                         "swapped block's weights on the GPU, so swapping would save nothing")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
+    if args.vram_budget is not None:
+        from ..utils.vram_planner import parse_vram
+
+        try:
+            parse_vram(args.vram_budget)
+        except ValueError as e:
+            problems.append(str(e))
     if args.model_paths is None and args.model_id_with_origin_paths is None:
         problems.append("give the models with --model_id_with_origin_paths or --model_paths")
     problems += check_training_options(args)

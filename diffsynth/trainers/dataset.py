@@ -326,6 +326,7 @@ class EditDataset(torch.utils.data.Dataset):
             "edit_images": [pil_to_tensor(e) for e in edits],
             "prompt": s.prompt,
             "index": index % len(self.samples),
+            "position": index,  # with the repeats: each repeat of a sample draws its own noise
             "cache_key": s.cache_key,
         }
 
@@ -342,6 +343,7 @@ def collate_fn(items):
         "edit_images": [torch.stack(slot) for slot in zip(*(x["edit_images"] for x in items))],
         "prompt": [x["prompt"] for x in items],
         "index": [x["index"] for x in items],
+        "position": [x["position"] for x in items],
         "cache_key": [x["cache_key"] for x in items],
         # (B, 1, H, W) in [0, 1] when any sample has a mask (the others train everywhere), else None
         "mask": None if all(x.get("mask") is None for x in items) else torch.stack(

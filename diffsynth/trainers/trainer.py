@@ -21,6 +21,7 @@ from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
 from .checkpoint import check_setup, list_states, load_training_state, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
+from .distributed import describe_sharding, is_fsdp, setup_distributed
 from .ema import create_ema, ema_weights
 from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, resolve_optimizer
 from .output_dir import claim, trim_log
@@ -36,17 +37,19 @@ class NonFiniteError(RuntimeError):
 
 
 class TrainState:
-    """Progress counters, saved in every training state. Each process draws its noise and timesteps from a
-    generator seeded by (seed, process, epoch, batch), not from a running generator: a resumed run, on any
-    number of processes, draws exactly what the uninterrupted run drew."""
+    """Progress counters, saved in every training state. Each sample draws its noise and timestep from a
+    generator seeded by (seed, epoch, its position in the repeated dataset), not from a running generator: a
+    resumed run draws exactly what the uninterrupted run drew, and a step's samples get the same noise whether
+    one process takes them as one batch or several processes share them (so 1 GPU at batch 2 and 2 GPUs at
+    batch 1 train alike)."""
 
     def __init__(self, seed, process_index):
         self.seed, self.process_index = seed, process_index
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
 
-    def noise_generator(self):
-        key = ((self.seed * 1_000_003 + self.process_index) * 1_000_033 + self.epoch) * 1_000_037 + self.batch_in_epoch
-        return torch.Generator().manual_seed(key % 2**63)
+    def sample_generators(self, positions):
+        return [torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + p) % 2**63)
+                for p in positions]
 
     def state_dict(self):
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -57,12 +60,17 @@ class TrainState:
 
 def flow_matching_loss(dit, scheduler, cond, generator, timesteps: TimestepSampling | None = None):
     """MSE between the DiT's velocity and noise - x0 on the target tokens, weighted per sample; `timesteps` says
-    how sigmas are drawn and weighted (default: the scheduler's own training scheme)."""
+    how sigmas are drawn and weighted (default: the scheduler's own training scheme). `generator`: one for the
+    batch, or a list with one per sample (each sample's sigma, then its noise)."""
     timesteps = timesteps or TimestepSampling()
     x0, edit = cond["latents"], cond["edit_latents"]
     batch = x0.shape[0]
-    sigma = timesteps.sample(scheduler, batch, generator, image_seq_len=x0.shape[1])
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    if isinstance(generator, (list, tuple)):
+        sigma = torch.cat([timesteps.sample(scheduler, 1, g, image_seq_len=x0.shape[1]) for g in generator])
+        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generator]).to(x0.device, x0.dtype)
+    else:
+        sigma = timesteps.sample(scheduler, batch, generator, image_seq_len=x0.shape[1])
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = scheduler.add_noise(x0, noise, sigma.to(x0.device, x0.dtype))
     x = x_t if edit is None else torch.cat([x_t, edit], dim=1)
     pred = dit(x, cond["prompt_emb"], cond["prompt_mask"], sigma.to(x0.device, x0.dtype), [cond["shapes"]] * batch)
@@ -153,6 +161,11 @@ class Trainer:
         self.resume_from = self._resume_path() if args.resume_from_checkpoint else None
         if self.resume_from:
             check_setup(self.resume_from, self.setup_info())
+        setup_distributed(acc, args)  # before anything is prepared: FSDP2 on the CPU, refusals
+        if args.vram_budget:
+            from ..utils.vram_planner import plan_report
+
+            self.log(plan_report(args, acc.num_processes, is_fsdp(acc)))
         resolve_optimizer(args.optimizer)  # an optimizer that cannot be imported fails before anything loads
         self.timesteps = TimestepSampling.from_args(args)
         # 1. The data first: every bad row is reported before any model loads.
@@ -182,12 +195,12 @@ class Trainer:
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
-        # With block swap the DiT loads into host memory; its resident part goes to the GPU once LoRA and fp8 are
-        # in place, so the whole model is never on the GPU.
+        # With block swap or fp8 the DiT loads into host memory and goes to the GPU once LoRA, fp8 and the swap are
+        # in place: the bf16 model is never on the GPU whole.
+        on_host = bool(args.blocks_to_swap or args.enable_fp8_training)
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
-            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",),
-            dit_device="cpu" if args.blocks_to_swap else None)
+            need=("dit", "text_encoder", "vae") if need_encoders else ("dit",), dit_device="cpu" if on_host else None)
         if todo:
             self.fill_cache(todo)
         if args.validation_prompt:
@@ -234,10 +247,11 @@ class Trainer:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
         if args.blocks_to_swap:
             dit.enable_block_swap(args.blocks_to_swap, acc.device)
-            dit.to(acc.device)  # the resident part only
             self.log(f"block swap: the frozen weights of the last {args.blocks_to_swap} of "
                      f"{len(dit.transformer_blocks)} blocks ({dit.block_swap.host_bytes() / 2**30:.2f} GiB) stay in "
                      "host memory")
+        if on_host:
+            dit.to(acc.device)  # with block swap, the resident part only
         if args.compile:
             from ..utils.compile import compile_blocks
 
@@ -261,10 +275,13 @@ class Trainer:
         self.dit, self.optimizer = acc.prepare(dit, optimizer)
         self.lr_scheduler = scheduler
         self.checkpointed.update(optimizer=self.optimizer, lr_scheduler=scheduler)
-        self.params = params
+        # FSDP2 replaces the parameters with sharded ones: clip (and average) those; the optimizer has them.
+        self.params = [p for p in self.dit.parameters() if p.requires_grad]
+        if acc.num_processes > 1:
+            print(describe_sharding(acc, self.dit), flush=True)  # every process: what it holds
         self.ema = None
         if args.ema_decay:
-            self.ema = create_ema(params, args.ema_decay)
+            self.ema = create_ema(self.params, args.ema_decay)
             self.checkpointed["ema"] = self.ema
 
     def _check_weights_finite(self, lr):
@@ -290,12 +307,12 @@ class Trainer:
         acc.wait_for_everyone()
 
     def conditions(self, batch):
-        # --caption_dropout_rate: which samples train on the empty prompt, drawn from their own generator (seeded
-        # like the noise's), so the noise and timesteps stay those of a run without dropout.
+        # --caption_dropout_rate: which samples train on the empty prompt, each drawn from a generator of its own
+        # (seeded like the sample's noise), so the noise and timesteps stay those of a run without dropout.
         drop = [False] * len(batch["prompt"])
         if self.args.caption_dropout_rate:
-            g = torch.Generator().manual_seed(self.state.noise_generator().initial_seed() ^ 0xC0FFEE)
-            drop = (torch.rand(len(drop), generator=g) < self.args.caption_dropout_rate).tolist()
+            drop = [torch.rand(1, generator=torch.Generator().manual_seed(g.initial_seed() ^ 0xC0FFEE)).item()
+                    < self.args.caption_dropout_rate for g in self.state.sample_generators(batch["position"])]
         if self.cache is not None:
             conds = [self.cache.get(key) for key in batch["cache_key"]]
         else:
@@ -431,7 +448,7 @@ class Trainer:
                 with acc.accumulate(self.dit), watch_compile(self.dit, self._write):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
-                                                  self.state.noise_generator(), self.timesteps)
+                                                  self.state.sample_generators(batch["position"]), self.timesteps)
                     # Every process learns whether any loss is NaN/inf, so all stop together (no DDP hang).
                     finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
                     if finite.item() < acc.num_processes:
@@ -485,6 +502,13 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 self.save_model(f"epoch-{self.state.epoch}")
         bar.close()
+        if torch.cuda.is_available():
+            from ..utils.vram_planner import predicted_training_peak
+
+            predicted = predicted_training_peak(args, acc.num_processes, is_fsdp(acc))
+            self.log(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+                     f"(torch.cuda.max_memory_allocated; the planner predicted {predicted:.2f} GiB for these flags "
+                     "at the largest image size they allow)")
         final = self.save_model("checkpoint-final")
         if args.validation_prompt:
             self.validate(final=True)
@@ -531,7 +555,8 @@ class Trainer:
         from .validation import grid, labelled, png_info
 
         args, acc = self.args, self.accelerator
-        if not acc.is_main_process:
+        # Under FSDP each forward gathers the weights from every process: all of them run the pipeline.
+        if not acc.is_main_process and not is_fsdp(acc):
             acc.wait_for_everyone()
             return
         dit = acc.unwrap_model(self.dit)
@@ -542,6 +567,9 @@ class Trainer:
             image = self.validation_inputs.generate(self.pipe, args.seed, args.validation_inference_steps,
                                                     args.edit_image_area)
         dit.train(was_training)
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
         folder = os.path.join(args.output_path, "validation")
         os.makedirs(folder, exist_ok=True)
         step_label = f"step {self.state.step}" + (" (final)" if final else "")
@@ -571,8 +599,9 @@ def export_copy_name(name, export_format, merged_qkv) -> str | None:
 
 def run(args) -> int:
     """Train with parsed flags; errors the user can fix become a message and an exit code."""
-    trainer = Trainer(args)
+    trainer = None
     try:
+        trainer = Trainer(args)  # accelerate reads the launcher's config here (e.g. DeepSpeed, not installed)
         trainer.setup()
         trainer.train()
     except DatasetError as e:
@@ -581,9 +610,10 @@ def run(args) -> int:
     except NonFiniteError as e:  # the run went wrong; its last good checkpoint is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:  # inputs, flags, files, folders: the user can fix them
+    except (ValueError, FileNotFoundError, ImportError) as e:  # inputs, flags, files, folders, packages: fixable
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        trainer.release()
+        if trainer is not None:
+            trainer.release()
     return 0

@@ -20,6 +20,19 @@ LAUNCH=(accelerate launch)
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
   LAUNCH+=(--config_file "$ACCELERATE_CONFIG")
 fi
+# Several machines: run the same command on each, with MACHINE_RANK 0 (the main machine) to NUM_MACHINES-1 and
+# NUM_PROCESSES the total over all machines; --output_path and the conditioning cache must be on a filesystem
+# every machine sees. E.g. two machines of 8 GPUs, FSDP2:
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 NUM_PROCESSES=16 \
+#   ACCELERATE_CONFIG=examples/qwen_image/model_training/accelerate_config_fsdp.yaml bash <this recipe>
+if [[ -n "${NUM_MACHINES:-}" ]]; then
+  LAUNCH+=(--num_machines "$NUM_MACHINES" --machine_rank "${MACHINE_RANK:?set MACHINE_RANK (0 on the main machine)}"
+           --main_process_ip "${MAIN_PROCESS_IP:?set MAIN_PROCESS_IP (the address of the main machine)}"
+           --main_process_port "${MAIN_PROCESS_PORT:-29500}")
+fi
+if [[ -n "${NUM_PROCESSES:-}" ]]; then
+  LAUNCH+=(--num_processes "$NUM_PROCESSES")
+fi
 
 "${LAUNCH[@]}" "$SCRIPT" \
   --dataset_base_path data/ \
