@@ -32,15 +32,16 @@ from diffsynth.models import QwenImageDiTMergedQKV
 from diffsynth.utils import vram_planner as vp
 from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
 from diffsynth.utils.fp8 import enable_fp8_linear
-from diffsynth.utils.tiny_models import TINY_DIT_CONFIG
 
 START, END = section_markers("bench_memory")
 PRESETS = {
     # the measuring stick: 1024x1024 edit (4096 target + 4096 edit-image tokens), 160 text tokens, r=32
     "gpu": dict(config=vp.QWEN_IMAGE_DIT, size=1024, text_len=160, rank=32, swaps=(0, 8, 16, 32), budgets=(24, 16),
                 inference_budget=16, device="cuda", dtype=torch.bfloat16, warmup=1, steps=2),
-    # the tiny test DiT with 4 blocks on the CPU: the same code path, its numbers mean nothing
-    "tiny": dict(config=dict(TINY_DIT_CONFIG, num_layers=4), size=64, text_len=8, rank=4, swaps=(0, 1, 2, 3),
+    # a tiny DiT with 4 blocks on the CPU: the same code path, its numbers mean nothing (no diffusers import: the GPU
+    # machine has none)
+    "tiny": dict(config=dict(num_layers=4, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+                             joint_attention_dim=64, in_channels=64, out_channels=16), size=64, text_len=8, rank=4, swaps=(0, 1, 2, 3),
                  budgets=(), inference_budget=None, device="cpu", dtype=torch.float32, warmup=1, steps=1),
 }
 
