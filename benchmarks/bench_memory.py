@@ -217,7 +217,9 @@ def inference_swap(counts, preset):
     return counts.num_layers
 
 
-def run(args):
+def run(args, progress=None):
+    """-> (rows, plans, skipped, counts, seconds); `progress(same)` is called after every row, so that a run cut
+    short (run_gpu.sh's hard time limit) keeps what it measured."""
     preset = PRESETS[args.preset]
     device = preset["device"]
     started = time.perf_counter()
@@ -230,6 +232,9 @@ def run(args):
     n = inference_swap(counts, preset)
     print(f"[bench_memory] inference, {n} blocks swapped", file=sys.stderr, flush=True)
     rows.append(inference_row(dit, preset, args, n, counts))
+    plans = planned_swaps(counts, preset)
+    report = lambda: progress and progress(rows, plans, skipped, counts, time.perf_counter() - started)  # noqa: E731
+    report()
 
     inject_lora(dit, merged_targets, preset["rank"])
     with torch.no_grad():
@@ -241,7 +246,6 @@ def run(args):
     lora_init = {name: p.detach().clone() for name, p in dit.named_parameters() if p.requires_grad}
     dit.enable_gradient_checkpointing()
     dit.train()
-    plans = planned_swaps(counts, preset)
     for fp8 in (False, True):
         if fp8:
             place(dit, device, 0)
@@ -258,6 +262,7 @@ def run(args):
             except torch.cuda.OutOfMemoryError:
                 rows.append({"kind": "train", "fp8": fp8, "swap": swap, "oom": True})
                 free(device)
+            report()
     return rows, plans, skipped, counts, time.perf_counter() - started
 
 
@@ -335,7 +340,12 @@ def render(args, rows, plans, skipped, counts, seconds, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    rows, plans, skipped, counts, seconds = run(args)
+
+    def progress(*state):
+        if args.output:
+            write_section(args.output, "bench_memory", render(args, *state, argv))
+
+    rows, plans, skipped, counts, seconds = run(args, progress)
     section = render(args, rows, plans, skipped, counts, seconds, argv)
     print(section)
     if args.output:
