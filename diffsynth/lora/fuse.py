@@ -113,6 +113,10 @@ def fuse_lora(model: nn.Module, lora, scale: float = 1.0, keep_original: bool = 
     changed parameter is first copied to CPU (once, before its first kept fuse) so that unfuse_lora(model) can
     restore it bit-exactly; this costs one CPU copy of every changed parameter.
     """
+    from diffsynth.lora.adapters import adapter_type, fuse_adapters
+
+    if adapter_type(lora) != "lora":  # LoHa, LoKr, DoRA
+        return fuse_adapters(model, lora, scale, keep_original)
     plan = _plan(model, lora)
     for _, param, rows, delta in plan:
         if isinstance(delta, tuple):

@@ -51,8 +51,9 @@ def _not_found_message(missing, names) -> str:
 
 
 def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None = None,
-                adapter_name: str = "default") -> nn.Module:
+                adapter_name: str = "default", lora_type: str = "lora") -> nn.Module:
     """Add LoRA adapters (peft) to the linear layers named by `target_modules`; only LoRA weights stay trainable.
+    `lora_type` loha, lokr or dora injects peft's LoHa, LoKr or DoRA instead (scale alpha / rank for all).
 
     Targets match like peft matches a list of names: a module whose path equals a target or ends with
     "." + target. Every target must match at least one nn.Linear, checked before anything is changed.
@@ -62,12 +63,17 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
     missing = [t for t in targets if not any(_matches(n, t) for n in names)]
     if missing:
         raise ValueError(_not_found_message(missing, names))
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets)
+    alpha = rank if alpha is None else alpha
+    config = {"lora": lambda: LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets),
+              "dora": lambda: LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_dora=True),
+              "loha": lambda: LoHaConfig(r=rank, alpha=alpha, target_modules=targets),
+              "lokr": lambda: LoKrConfig(r=rank, alpha=alpha, target_modules=targets)}[lora_type]()
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     for name, param in model.named_parameters():
-        param.requires_grad_(f".{adapter_name}." in name and ".lora_" in name)
+        adapter = f".{adapter_name}." in name or name.endswith(f".{adapter_name}")  # LoHa/LoKr: ParameterDicts
+        param.requires_grad_(adapter and any(p in name for p in (".lora_", ".hada_", ".lokr_")))
     return model
 
 

@@ -278,7 +278,7 @@ def lora_metadata(lora: dict, architecture: str | None, rank, alpha, target_modu
     """Safetensors metadata of the files this project writes (values are strings)."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    found = lora_architecture(lora)
+    found = lora_architecture(lora) if lora else None  # {}: a LoHa / LoKr / DoRA file (diffsynth.lora.adapters)
     if found is not None and found != architecture:
         raise ValueError(f"architecture {architecture!r} contradicts the LoRA's keys, which are {found}")
     if isinstance(target_modules, str):

@@ -158,6 +158,16 @@ def check_training_options(args) -> list[str]:
         problems.append(f"--caption_dropout_rate must be in [0, 1] (got {args.caption_dropout_rate})")
     if args.lora_type != "lora" and args.lora_base_model is None:
         problems.append(f"--lora_type {args.lora_type} needs --lora_base_model dit")
+    if args.lora_type == "dora" and args.enable_fp8_training:
+        problems.append("--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "
+                        "weights of --enable_fp8_training (use lora, loha or lokr with fp8)")
+    if args.lora_type != "lora" and args.export_format:
+        from ..lora.adapters import FORMATS_BY_TYPE
+
+        formats = list(FORMATS_BY_TYPE[args.lora_type])
+        if args.export_format not in formats + ["none"]:
+            problems.append(f"--export_format {args.export_format} cannot hold a {args.lora_type} (diffusers loads LoRA "
+                            "and DoRA only; DiffSynth-Studio reads lora_A/lora_B only): use " + " or ".join(formats))
     args.report_to = [t.strip() for item in (args.report_to or ["csv"]) for t in item.split(",") if t.strip()]
     for tracker in args.report_to:
         if tracker == "none":

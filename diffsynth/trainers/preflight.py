@@ -14,7 +14,10 @@ def preflight(args, dataset=True):
         path = getattr(args, flag)
         if path:
             try:
-                read_lora(path)  # exists, is a Qwen-Image LoRA, holds no NaN/inf
+                from ..lora.adapters import adapter_type, read_adapters
+
+                # exists, is a Qwen-Image LoRA (or LoHa / LoKr / DoRA), holds no NaN/inf
+                read_lora(path) if adapter_type(path) == "lora" else read_adapters(path)
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
     for path in args.validation_edit_image or []:

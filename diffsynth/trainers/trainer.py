@@ -166,6 +166,7 @@ class Trainer:
 
             self.log(plan_report(args, acc.num_processes, is_fsdp(acc)))
         resolve_optimizer(args.optimizer)  # an optimizer that cannot be imported fails before anything loads
+        self.export_copy = True  # the standard-layout copy of each LoRA checkpoint (export_copy_name)
         self.timesteps = TimestepSampling.from_args(args)
         # 1. The data first: every bad row is reported before any model loads.
         self.dataset = EditDataset(args.dataset_metadata_path, args.dataset_base_path, args.data_file_keys,
@@ -225,9 +226,17 @@ class Trainer:
             self.log(f"fused {len(fused)} LoRA deltas from {args.lora_fused}")
         if args.lora_base_model == "dit":
             dit.requires_grad_(False)
-            inject_lora(dit, args.lora_target_modules, args.lora_rank, args.lora_alpha)
-            if args.lora_checkpoint:
+            inject_lora(dit, args.lora_target_modules, args.lora_rank, args.lora_alpha, lora_type=args.lora_type)
+            if args.lora_checkpoint and args.lora_type != "lora":
+                from ..lora.adapters import load_adapter_weights
+
+                load_adapter_weights(dit, args.lora_checkpoint)
+            elif args.lora_checkpoint:
                 load_lora_weights(dit, args.lora_checkpoint)
+            if args.lora_type != "lora" and args.export_format:
+                from ..lora.adapters import read_adapters, to_standard
+
+                to_standard(read_adapters(lora_state_dict(dit))[0])  # a LoKr that cannot be split fails here
             # LoRA weights train in fp32 whatever the base dtype; autocast handles the mixing.
             for p in dit.parameters():
                 if p.requires_grad:
@@ -350,11 +359,19 @@ class Trainer:
         if args.lora_base_model:
             sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit, state_dict=state).items()}
             alpha = args.lora_alpha or args.lora_rank
-            save_lora(sd, path, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
-            copy = export_copy_name(name, args.export_format, args.merged_qkv)
+            base_weights = None
+            if args.lora_type == "lora":
+                save_lora(sd, path, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
+            else:
+                from ..lora.adapters import base_weight_getter, save_adapter
+
+                save_adapter(sd, path, args.lora_type, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
+                base_weights = base_weight_getter(dit)  # a DoRA for ComfyUI is computed from the base weights
+            copy = export_copy_name(name, args.export_format, args.merged_qkv) if self.export_copy else None
             if copy:
                 convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",
-                                  format=args.export_format or "native", extra_metadata=meta)
+                                  format=args.export_format or "native", extra_metadata=meta,
+                                  base_weights=base_weights)
         else:
             save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
                              {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
@@ -388,7 +405,9 @@ class Trainer:
         lora = args.lora_base_model is not None
         return {"merged_qkv": args.merged_qkv, "lora_base_model": args.lora_base_model,
                 "lora_rank": args.lora_rank if lora else None,
-                "lora_target_modules": args.lora_target_modules if lora else None}
+                "lora_target_modules": args.lora_target_modules if lora else None,
+                "lora_type": args.lora_type if lora else None, "optimizer": args.optimizer,
+                "ema": args.ema_decay is not None}
 
     def _resume_path(self):
         args = self.args

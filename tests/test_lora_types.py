@@ -1,0 +1,181 @@
+"""Issue 12: --lora_type loha|lokr|dora (peft) in both layouts: training, exact resume, the native file fused into
+either DiT, exports (ComfyUI / kohya / diffusers keys) and the conversions that cannot be exact refused."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL_IDS
+from diffsynth.lora import LoraError, fuse_lora
+from diffsynth.lora.adapters import Adapter, adapter_type, read_adapters, to_standard
+from diffsynth.models import load_qwen_image_dit
+from diffsynth.trainers import Trainer, main, parse_args
+from test_trainer import flags
+from test_training_options import assert_resumes_exactly
+
+DIT = "tiny-random/Qwen-Image-Edit/transformer"
+EXPORTS = {"loha": "comfyui", "lokr": "kohya", "dora": "comfyui"}
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 4, 4), (1, 4, 4)]
+    return (torch.randn(1, 32, 64, generator=g), torch.randn(1, 7, 64, generator=g), None,
+            torch.rand(1, generator=g), [shapes])
+
+
+def forward(model, x):
+    with torch.no_grad():
+        return model(*x)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    from diffsynth.utils.demo_data import write_edit_dataset
+
+    root = tmp_path_factory.mktemp("lora_types")
+    write_edit_dataset(str(root / "data"), num_samples=2)
+    return str(root / "data"), str(root / "cache")
+
+
+@pytest.mark.parametrize("lora_type, merged", [("loha", True), ("lokr", True), ("dora", True), ("lokr", False),
+                                              ("dora", False)])
+def test_adapter_trains_and_its_files_reproduce_the_trained_model(tiny_models, shared, tmp_path, lora_type, merged):
+    data, cache = shared
+    fmt = EXPORTS[lora_type]
+    out = str(tmp_path / "out")
+    args = parse_args(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", cache,
+                            "--learning_rate", "5e-2", "--lora_type", lora_type, "--export_format", fmt),
+                      merged_qkv=merged)
+    t = Trainer(args)
+    t.setup()
+    names = {n for n, p in t.dit.named_parameters() if p.requires_grad}
+    prefix = {"loha": ".hada_", "lokr": ".lokr_", "dora": ".lora_"}[lora_type]
+    assert names and all(prefix in n for n in names)
+    if lora_type == "dora":
+        assert any("lora_magnitude_vector" in n for n in names)
+    t.train()
+    t.dit.eval()
+    x = inputs()
+    trained = forward(t.dit, x)
+    native = os.path.join(out, "checkpoint-final.safetensors")
+    assert adapter_type(native) == lora_type
+    fresh = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=merged).eval()
+    base = forward(fresh, x)
+    assert (trained - base).abs().max() > 1e-3  # training changed the model
+    # the native file, fused into the DiT it was trained on and into the other layout, gives the trained model
+    for layout in (merged, not merged):
+        model = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=layout).eval()
+        fuse_lora(model, native)
+        torch.testing.assert_close(forward(model, x), trained, rtol=1e-4, atol=1e-5)
+    # the standard-layout export (LyCORIS keys for ComfyUI / kohya) too
+    exported = os.path.join(out, f"checkpoint-final-{fmt}.safetensors")
+    keys = list(load_file(exported))
+    stem = "diffusion_model." if fmt == "comfyui" else "lora_unet_"
+    assert all(k.startswith(stem) for k in keys) and not any("qkv" in k for k in keys)
+    standard = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=False).eval()
+    fuse_lora(standard, exported)
+    torch.testing.assert_close(forward(standard, x), trained, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora_type", ["loha", "lokr", "dora"])
+def test_adapter_resumes_exactly(tiny_models, shared, tmp_path, lora_type):
+    assert_resumes_exactly(tiny_models, shared, tmp_path, "--lora_type", lora_type)
+
+
+def test_dora_export_loads_in_diffusers(tiny_models, shared, tmp_path):
+    """diffusers' own Qwen LoRA loader reads the DoRA export (lora_magnitude_vector) and computes what we trained."""
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
+
+    data, cache = shared
+    out = str(tmp_path / "out")
+    args = parse_args(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", cache,
+                            "--learning_rate", "5e-2", "--lora_type", "dora", "--export_format", "diffusers"))
+    t = Trainer(args)
+    t.setup()
+    t.train()
+    t.dit.eval()
+    x = inputs(1)
+    reference = QwenImageTransformer2DModel.from_pretrained(os.path.join(tiny_models, DIT)).eval()
+    sd = QwenImageLoraLoaderMixin.lora_state_dict(os.path.join(out, "checkpoint-final-diffusers.safetensors"))
+    QwenImageLoraLoaderMixin.load_lora_into_transformer(sd, transformer=reference)
+    with torch.no_grad():
+        theirs = reference(hidden_states=x[0], encoder_hidden_states=x[1], encoder_hidden_states_mask=None,
+                           timestep=x[3], img_shapes=x[4], return_dict=False)[0]
+    torch.testing.assert_close(theirs, forward(t.dit, x), rtol=1e-4, atol=1e-5)
+
+
+def test_continue_an_adapter_with_lora_checkpoint(tiny_models, shared, tmp_path, capsys):
+    data, cache = shared
+    first = str(tmp_path / "first")
+    common = ["--cache_conditioning", cache, "--lora_type", "loha"]
+    assert main(flags(tiny_models, data, first, "--max_steps", "2", "--learning_rate", "5e-2", *common)) == 0
+    trained = os.path.join(first, "checkpoint-final.safetensors")
+    second = str(tmp_path / "second")
+    assert main(flags(tiny_models, data, second, "--max_steps", "1", "--learning_rate", "1e-30", "--weight_decay",
+                      "0", "--lora_checkpoint", trained, *common)) == 0
+    a, b = load_file(trained), load_file(os.path.join(second, "checkpoint-final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-12)
+    # another type or rank does not fit: one message, exit 2
+    assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
+                      "--cache_conditioning", cache, "--lora_type", "lokr")) == 2
+    assert "does not match the model's adapters" in capsys.readouterr().err
+
+
+def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys):
+    # formats that cannot hold the adapter: refused with the flags, before anything loads
+    for lora_type, fmt in (("loha", "diffusers"), ("lokr", "diffsynth"), ("dora", "diffsynth")):
+        with pytest.raises(SystemExit):
+            parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", lora_type, "--export_format", fmt))
+        assert f"--export_format {fmt} cannot hold a {lora_type}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", "dora", "--enable_fp8_training"))
+    assert "does not work with the fp8" in capsys.readouterr().err
+    # a merged LoKr whose row factor does not divide by 3 has no standard-layout form
+    w = torch.randn(8, 4)
+    lokr = Adapter("lokr", {"lokr_w1": w, "lokr_w2_a": torch.randn(24, 2), "lokr_w2_b": torch.randn(2, 16)})
+    with pytest.raises(LoraError, match="row factor \\(8 rows of lokr_w1\\) divides by 3"):
+        to_standard({"transformer_blocks.0.attn.to_qkv": lokr})
+    # an exact split: kron(w1 rows, w2) blocks equal the row blocks of kron(w1, w2)
+    w1 = torch.randn(6, 4)
+    lokr = Adapter("lokr", {"lokr_w1": w1, "lokr_w2": torch.randn(32, 16)}, scale=0.5)
+    parts = to_standard({"transformer_blocks.0.attn.to_qkv": lokr})
+    full = lokr.delta(None)
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        torch.testing.assert_close(parts[f"transformer_blocks.0.attn.{part}"].delta(None), full[i * 64:(i + 1) * 64])
+
+
+def test_dora_for_comfyui_is_computed_for_comfyuis_rule(tiny_models, shared, tmp_path):
+    """ComfyUI applies an output-axis dora_scale d as (W + dW) * d / (||W|| + eps) (base-weight norms); the
+    export's d makes that equal peft's m (W + dW) / ||W + dW||. Computed here from that rule, independently."""
+    data, cache = shared
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", cache, "--learning_rate",
+                      "5e-2", "--lora_type", "dora", "--export_format", "comfyui"), merged_qkv=False) == 0
+    native = load_file(os.path.join(out, "checkpoint-final.safetensors"))
+    comfy = load_file(os.path.join(out, "checkpoint-final-comfyui.safetensors"))
+    model = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=False)
+    name = "transformer_blocks.0.attn.to_q"
+    w = dict(model.named_parameters())[f"{name}.weight"].detach()
+    m, A, B = native[f"{name}.lora_magnitude_vector"], native[f"{name}.lora_A.weight"], native[f"{name}.lora_B.weight"]
+    v = w + B @ A  # alpha = rank: scale 1
+    peft = m[:, None] * v / v.norm(dim=1, keepdim=True)
+    c = {k.split(f"{name}.")[1]: t for k, t in comfy.items() if k.startswith(f"diffusion_model.{name}.")}
+    assert set(c) == {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
+    diff = (c["lora_up.weight"] @ c["lora_down.weight"]) * (c["alpha"] / c["lora_down.weight"].shape[0])
+    calc = (w + diff) * (c["dora_scale"] / (w.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps))
+    torch.testing.assert_close(calc, peft, rtol=1e-5, atol=1e-6)
+    # read back (ComfyUI's rule for dora_scale) it is the same adapter
+    modules, _ = read_adapters(os.path.join(out, "checkpoint-final-comfyui.safetensors"))
+    torch.testing.assert_close(w + modules[name].delta(w), peft, rtol=1e-5, atol=1e-6)
+    # the conversion script has no base weights: it refuses instead of writing a wrong dora_scale
+    from diffsynth.lora import convert_lora_file
+
+    with pytest.raises(LoraError, match="needs the base model's weights"):
+        convert_lora_file(os.path.join(out, "checkpoint-final.safetensors"), str(tmp_path / "x.safetensors"),
+                          "to_standard", format="comfyui")
+    assert not os.path.exists(tmp_path / "x.safetensors")
