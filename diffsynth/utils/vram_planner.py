@@ -376,6 +376,10 @@ def plan_report(args, processes=1, fsdp=False) -> str:
         + (f", {processes} processes (FSDP)" if fsdp and processes > 1 else ""),
         f"  flags: {' '.join(s.flags()) or '(none)'}",
     ]
+    lora_type = getattr(args, "lora_type", "lora")
+    if lora_type != "lora":
+        lines.append(f"  --lora_type {lora_type}: counted as a LoRA of rank {args.lora_rank} (its own parameter count "
+                     "and any extra activations, e.g. DoRA's weight norms, are not modelled)")
     lines += ["  " + x for x in describe(counts, s, peak)]
     optimizer = getattr(args, "optimizer", "adamw")
     lines.append(f"  first step (before the optimizer ({optimizer}"
