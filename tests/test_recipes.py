@@ -197,6 +197,21 @@ def test_recipes_run_through_bash_and_accelerate(tmp_path, monkeypatch, capsys):
     assert rc != 0 and "missing.yaml" in err
 
 
+def test_recipe_finds_the_project_venv_without_activation(tmp_path):
+    """After `make demo` nothing is activated: the recipe takes accelerate from the venv (VENV, default ./.venv)."""
+    venv = Path(sys.executable).parent.parent
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1",
+           "OMP_NUM_THREADS": "1"}
+    data = [f"--dataset_base_path={tmp_path}/data", f"--dataset_metadata_path={tmp_path}/data/metadata.csv"]
+    ok = subprocess.run(["bash", str(ROOT / MERGED_RECIPE), *data, "--dry_run"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=180, env={**env, "VENV": str(venv)})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["merged_qkv"] is True
+    missing = subprocess.run(["bash", str(ROOT / MERGED_RECIPE), "--dry_run"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30, env={**env, "VENV": str(tmp_path / "no-venv")})
+    assert missing.returncode == 1 and "accelerate not found. Activate the project's venv" in missing.stderr
+
+
 def test_recipe_outside_the_repo_root_says_where_to_run(tmp_path):
     result = subprocess.run(["bash", str(ROOT / MERGED_RECIPE), "--dry_run"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=30)

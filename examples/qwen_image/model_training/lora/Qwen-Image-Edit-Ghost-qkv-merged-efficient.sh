@@ -6,7 +6,8 @@
 # Extra flags are appended, so they add to or override the ones below (argparse keeps the last value), e.g.
 #   ... --dry_run                      print the resolved settings and exit
 #   ... --batch_size 4 --max_steps 500
-# Launcher: plain `accelerate launch` (your `accelerate config` default); ACCELERATE_CONFIG=<yaml> picks a file,
+# Launcher: `accelerate launch` (your `accelerate config` default), found on PATH or in ./.venv; ACCELERATE_CONFIG=<yaml>
+# picks a file,
 # e.g. ACCELERATE_CONFIG=examples/qwen_image/model_training/accelerate_config_ddp.yaml for 8 GPUs.
 set -euo pipefail
 
@@ -15,7 +16,17 @@ if [[ ! -f "$SCRIPT" ]]; then
   echo "error: $SCRIPT not found; run this recipe from the repository root: bash $0" >&2
   exit 1
 fi
-LAUNCH=(accelerate launch)
+# accelerate from the active environment, else from the project's venv (`make demo` / `make install` create .venv;
+# VENV=<dir> names another), so the recipe runs without activating anything.
+if command -v accelerate >/dev/null 2>&1; then
+  LAUNCH=(accelerate launch)
+elif [[ -x "${VENV:-.venv}/bin/accelerate" ]]; then
+  LAUNCH=("${VENV:-.venv}/bin/accelerate" launch)
+else
+  echo "error: accelerate not found. Activate the project's venv (source .venv/bin/activate, created by make demo" \
+       "or make install), set VENV=<venv dir>, or pip install -e . into your environment" >&2
+  exit 1
+fi
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
   LAUNCH+=(--config_file "$ACCELERATE_CONFIG")
 fi

@@ -6,7 +6,7 @@
 # Run from the repository root:
 #   bash examples/qwen_image/model_training/lora/Qwen-Image-Edit.sh [extra flags]
 # Extra flags are appended, so they add to or override the ones below (argparse keeps the last value).
-# Launcher: plain `accelerate launch`; ACCELERATE_CONFIG=<yaml> picks a config file.
+# Launcher: `accelerate launch`, found on PATH or in ./.venv (VENV=<dir>); ACCELERATE_CONFIG=<yaml> picks a config file.
 set -euo pipefail
 
 SCRIPT=examples/qwen_image/model_training/train.py
@@ -14,7 +14,17 @@ if [[ ! -f "$SCRIPT" ]]; then
   echo "error: $SCRIPT not found; run this recipe from the repository root: bash $0" >&2
   exit 1
 fi
-LAUNCH=(accelerate launch)
+# accelerate from the active environment, else from the project's venv (`make demo` / `make install` create .venv;
+# VENV=<dir> names another), so the recipe runs without activating anything.
+if command -v accelerate >/dev/null 2>&1; then
+  LAUNCH=(accelerate launch)
+elif [[ -x "${VENV:-.venv}/bin/accelerate" ]]; then
+  LAUNCH=("${VENV:-.venv}/bin/accelerate" launch)
+else
+  echo "error: accelerate not found. Activate the project's venv (source .venv/bin/activate, created by make demo" \
+       "or make install), set VENV=<venv dir>, or pip install -e . into your environment" >&2
+  exit 1
+fi
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
   LAUNCH+=(--config_file "$ACCELERATE_CONFIG")
 fi
