@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh --dry    CPU, toy sizes, no timing value: checks that the script runs
 #                                       (tests/test_benchmarks.py; BENCH_OUTPUT=<file> writes elsewhere)
 #
-# Time plan (seconds, hard limits): wheels 30 | bench_dit 8 blocks + 60 blocks 210 | issue 11's slot 110.
+# Time plan (seconds, hard limits): wheels 30 | bench_dit 8 blocks + 60 blocks 210 | bench_memory 110.
 # bench_dit rewrites its sections after every flavour, so a stage cut short by its limit keeps what it measured,
 # and flavours that would start past their budget are listed as skipped. Extra arguments go to bench_dit.py.
 set -euo pipefail
@@ -49,8 +49,14 @@ fi
 timeout -k 5 "$LIMIT" "$PYTHON" benchmarks/bench_dit.py "${DIT[@]}" --section bench_dit_gpu --output "$OUTPUT" "$@" \
   || echo "run_gpu: bench_dit stopped (exit $?); BENCHMARKS.md keeps the flavours it finished" >&2
 
-# 2. SLOT FOR ISSUE 11 (about 110 s): block swap x bf16/fp8, planner vs measured. Put the call here, with its own
-#    hard limit, writing its own section of "$OUTPUT", e.g.
-#    timeout -k 5 110 "$PYTHON" benchmarks/bench_block_swap.py --output "$OUTPUT" || echo "run_gpu: ..." >&2
+# 2. Memory (issue 11's slot, at most 110 s): the 60-block step with block swap and fp8, planner vs measured, an
+#    inference step with swap (--budget_s stops starting rows at 95 s; the section is rewritten after every row).
+if [ "$DRY" = 1 ]; then
+  MEMORY=(--preset tiny)
+else
+  MEMORY=(--budget_s 95)
+fi
+timeout -k 5 110 "$PYTHON" benchmarks/bench_memory.py "${MEMORY[@]}" --output "$OUTPUT" \
+  || echo "run_gpu: bench_memory stopped (exit $?); BENCHMARKS.md keeps the rows it finished" >&2
 
 echo "run_gpu: done in $((SECONDS - START)) s; results in $OUTPUT"

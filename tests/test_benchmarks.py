@@ -81,7 +81,7 @@ def test_run_gpu_dry_mode(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--dry"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "bench_dit stopped" not in result.stderr and "run_gpu: done in" in result.stdout
+    assert "stopped" not in result.stderr and "run_gpu: done in" in result.stdout
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\n" + OTHER)
     main = text.split("<!-- bench_dit_gpu:start -->")[1].split("<!-- bench_dit_gpu:end -->")[0]
@@ -94,3 +94,4 @@ def test_run_gpu_dry_mode(tmp_path):
     for flavor in ("eager", "fp8 compute, compiled"):
         assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
     assert "Skipped" not in text
+    assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too
