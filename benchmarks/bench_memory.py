@@ -32,15 +32,16 @@ from diffsynth.models import QwenImageDiTMergedQKV
 from diffsynth.utils import vram_planner as vp
 from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
 from diffsynth.utils.fp8 import enable_fp8_linear
-from diffsynth.utils.tiny_models import TINY_DIT_CONFIG
 
 START, END = section_markers("bench_memory")
 PRESETS = {
     # the issue's measuring stick: 1024x1024 edit (4096 target + 4096 edit-image tokens), 160 text tokens, r=32
     "gpu": dict(config=vp.QWEN_IMAGE_DIT, size=1024, text_len=160, rank=32, swaps=(0, 8, 16, 32), budgets=(24, 16),
                 inference_budget=16, device="cuda", dtype=torch.bfloat16, warmup=1, steps=2),
-    # the tiny test DiT with 4 blocks on the CPU: the same code path, its numbers mean nothing
-    "tiny": dict(config=dict(TINY_DIT_CONFIG, num_layers=4), size=64, text_len=8, rank=4, swaps=(0, 1, 2, 3),
+    # a tiny DiT with 4 blocks on the CPU: the same code path, its numbers mean nothing (no diffusers import: the GPU
+    # machine has none)
+    "tiny": dict(config=dict(num_layers=4, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+                             joint_attention_dim=64, in_channels=64, out_channels=16), size=64, text_len=8, rank=4, swaps=(0, 1, 2, 3),
                  budgets=(), inference_budget=None, device="cpu", dtype=torch.float32, warmup=1, steps=1),
 }
 
@@ -216,7 +217,9 @@ def inference_swap(counts, preset):
     return counts.num_layers
 
 
-def run(args):
+def run(args, progress=None):
+    """-> (rows, plans, skipped, counts, seconds); `progress(same)` is called after every row, so that a run cut
+    short (run_gpu.sh's hard time limit) keeps what it measured."""
     preset = PRESETS[args.preset]
     device = preset["device"]
     started = time.perf_counter()
@@ -229,6 +232,9 @@ def run(args):
     n = inference_swap(counts, preset)
     print(f"[bench_memory] inference, {n} blocks swapped", file=sys.stderr, flush=True)
     rows.append(inference_row(dit, preset, args, n, counts))
+    plans = planned_swaps(counts, preset)
+    report = lambda: progress and progress(rows, plans, skipped, counts, time.perf_counter() - started)  # noqa: E731
+    report()
 
     inject_lora(dit, merged_targets, preset["rank"])
     with torch.no_grad():
@@ -240,7 +246,6 @@ def run(args):
     lora_init = {name: p.detach().clone() for name, p in dit.named_parameters() if p.requires_grad}
     dit.enable_gradient_checkpointing()
     dit.train()
-    plans = planned_swaps(counts, preset)
     for fp8 in (False, True):
         if fp8:
             place(dit, device, 0)
@@ -257,6 +262,7 @@ def run(args):
             except torch.cuda.OutOfMemoryError:
                 rows.append({"kind": "train", "fp8": fp8, "swap": swap, "oom": True})
                 free(device)
+            report()
     return rows, plans, skipped, counts, time.perf_counter() - started
 
 
@@ -334,7 +340,12 @@ def render(args, rows, plans, skipped, counts, seconds, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    rows, plans, skipped, counts, seconds = run(args)
+
+    def progress(*state):
+        if args.output:
+            write_section(args.output, "bench_memory", render(args, *state, argv))
+
+    rows, plans, skipped, counts, seconds = run(args, progress)
     section = render(args, rows, plans, skipped, counts, seconds, argv)
     print(section)
     if args.output:

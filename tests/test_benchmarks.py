@@ -1,6 +1,8 @@
 """Smoke test of the DiT benchmark at a toy size: it runs, its table is complete, and it rewrites only
 its own section of BENCHMARKS.md. No timing is asserted."""
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,9 @@ def test_bench_dit_runs_and_writes_its_section(tmp_path):
     section = text.split("<!-- bench_dit:start -->")[1]
     for mode in ("forward (no grad)", "LoRA train step (r=4)"):
         for variant in ("standard", "merged", "diffusers"):
-            row = re.search(rf"\| {re.escape(mode)} \| {variant} \| ([0-9.]+) \| ([0-9.]+) \|", section)
+            row = re.search(rf"\| {re.escape(mode)} \| eager \| {variant} \| ([0-9.]+) \| ([0-9.]+) \|", section)
             assert row and float(row.group(2)) > 0, f"missing row {mode} / {variant}"
-    assert "merged/standard =" in section and "Machine:" in section and "--iters 2" in section
+    assert "eager: merged/standard =" in section and "Machine:" in section and "--iters 2" in section
     assert "--output" not in section  # where the table went is not part of the command that measured it
     # same weights in all variants: their forward outputs agree (fp32, toy size)
     assert float(re.search(r"agree to ([0-9.e+-]+)", section).group(1)) < 1e-5
@@ -40,10 +42,11 @@ def test_write_section_replaces_only_its_own(tmp_path):
     bench = load_bench()
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n" + OTHER)
+    start, end = bench.section_markers("bench_dit")
     for body in ("first", "second"):
-        bench.write_section(out, "bench_dit", f"{bench.START}\n{body}\n{bench.END}\n")
+        bench.write_section(out, "bench_dit", f"{start}\n{body}\n{end}\n")
     text = out.read_text()
-    assert text == "# Benchmarks\n\n" + OTHER + f"\n{bench.START}\nsecond\n{bench.END}\n"
+    assert text == "# Benchmarks\n\n" + OTHER + f"\n{start}\nsecond\n{end}\n"
 
 
 def test_bench_dit_rejects_bad_arguments(capsys):
@@ -54,3 +57,41 @@ def test_bench_dit_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_dit_without_diffusers_skips_its_rows(tmp_path, monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "diffusers", None)
+    out = tmp_path / "BENCHMARKS.md"
+    bench.main([*TOY, "--modes", "forward", "--output", str(out)])
+    assert "diffusers is not installed: its rows are skipped" in capsys.readouterr().err
+    section = out.read_text()
+    assert "| forward (no grad) | eager | merged |" in section and "| diffusers |" not in section
+    assert "- Skipped variant: diffusers (not installed)." in section
+
+
+def test_run_gpu_dry_mode(tmp_path):
+    """The GPU suite's script, at toy sizes on the CPU: every stage runs and writes its section (compiled with
+    dynamo's eager backend: the inductor path is tested in test_compile.py)."""
+    import subprocess
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n" + OTHER)
+    env = {**os.environ, "BENCH_OUTPUT": str(out), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--dry"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped" not in result.stderr and "run_gpu: done in" in result.stdout
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\n" + OTHER)
+    main = text.split("<!-- bench_dit_gpu:start -->")[1].split("<!-- bench_dit_gpu:end -->")[0]
+    for mode in ("forward (no grad)", "LoRA train step (r=4)"):
+        for flavor in ("eager", "fp8 compute, compiled"):
+            for variant in ("standard", "merged", "diffusers"):
+                assert f"| {mode} | {flavor} | {variant} | " in main, (mode, flavor, variant)
+    full = text.split("<!-- bench_dit_gpu_full:start -->")[1].split("<!-- bench_dit_gpu_full:end -->")[0]
+    assert "Merged DiT, 2 blocks, gradient checkpointing" in full
+    for flavor in ("eager", "fp8 compute, compiled"):
+        assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
+    assert "Skipped" not in text
+    assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too

@@ -203,11 +203,16 @@ def test_report_to_tensorboard(tiny_models, data, tmp_path, capsys):
     import importlib.util
 
     out = str(tmp_path / "out")
-    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning",
-                      "--report_to", "tensorboard")) == 0
+    args = flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--report_to", "tensorboard")
     if importlib.util.find_spec("tensorboard") is None:
-        assert "tensorboard is not installed (pip install tensorboard); csv only" in capsys.readouterr().out
-    else:
-        logged = [f for _, _, files in os.walk(os.path.join(out, "tensorboard")) for f in files]
-        assert any(f.startswith("events.") for f in logged)
+        # refused before anything loads, with the install command
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2
+        assert "--report_to tensorboard needs the `tensorboard` package" in capsys.readouterr().err
+        assert not os.path.exists(out)
+        return
+    assert main(args) == 0
+    logged = [f for _, _, files in os.walk(os.path.join(out, "tensorboard")) for f in files]
+    assert any(f.startswith("events.") for f in logged)
     assert len(losses(out)) == 2  # the CSV log is always written

@@ -52,7 +52,8 @@ def _not_found_message(missing, names) -> str:
 
 def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None = None,
                 adapter_name: str = "default", lora_type: str = "lora") -> nn.Module:
-    """Add LoRA adapters (peft) to the linear layers named by `target_modules`; only LoRA weights stay trainable.
+    """Add LoRA adapters (peft; plain LoRA layers get the forward of `fused_linear.py`) to the linear layers named
+    by `target_modules`; only LoRA weights stay trainable.
     `lora_type` loha, lokr or dora injects peft's LoHa, LoKr or DoRA instead (scale alpha / rank for all).
 
     Targets match like peft matches a list of names: a module whose path equals a target or ends with
@@ -71,6 +72,9 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
               "loha": lambda: LoHaConfig(r=rank, alpha=alpha, target_modules=targets),
               "lokr": lambda: LoKrConfig(r=rank, alpha=alpha, target_modules=targets)}[lora_type]()
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    from .fused_linear import fuse_lora_forward
+
+    fuse_lora_forward(model)  # peft's layers with a forward that makes fewer passes over the activations
     for name, param in model.named_parameters():
         adapter = f".{adapter_name}." in name or name.endswith(f".{adapter_name}")  # LoHa/LoKr: ParameterDicts
         param.requires_grad_(adapter and any(p in name for p in (".lora_", ".hada_", ".lokr_")))

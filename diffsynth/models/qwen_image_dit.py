@@ -194,6 +194,11 @@ def modulate(x, params, index=None):
 
 
 class QwenImageTransformerBlock(nn.Module):
+    # For torch.compile (diffsynth/utils/compile.py): the dims of forward's tensors that follow the batch size and
+    # the token counts, so that one compiled graph serves every aspect bucket and prompt length.
+    dynamic_dims = {"image": (0, 1), "text": (0, 1), "temb": (0,), "rope": (0,), "attn_mask": (0, 3),
+                    "modulate_index": (0, 1)}
+
     def __init__(self, dim, num_heads, head_dim, attention_cls=QwenImageAttention, eps=1e-6):
         super().__init__()
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))

@@ -8,6 +8,7 @@ from ..models import load_qwen_image_dit
 from ..models.qwen_image_text_encoder import QwenImageTextEncoder
 from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_image_vae, pack_latents, unpack_latents
 from ..schedulers import FlowMatchScheduler
+from ..utils.compile import watch_compile
 from ..utils.image import (
     SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, edit_image_size, pil_to_tensor, resize_and_center_crop,
     resize_edit_image, tensor_to_pil,
@@ -198,8 +199,35 @@ class QwenImagePipeline:
         """Fuse a LoRA of any supported format (ours, diffusers, ComfyUI, kohya, DiffSynth) and either layout
         (q/k/v or merged to_qkv) into the DiT; returns the names of the changed layers."""
         from ..lora import fuse_lora
+        from ..utils.fp8 import FP8Linear
 
+        if any(isinstance(m, FP8Linear) for m in self.dit.modules()):
+            raise ValueError("load_lora: the DiT's weights are already fp8; load LoRAs before enable_fp8")
         return fuse_lora(self.dit, path, scale=scale)
+
+    # ---- speed -------------------------------------------------------------------------------------------------
+
+    def enable_fp8(self, compute=True) -> str:
+        """Store the DiT's linear weights in float8 (about half their memory) and, with `compute`, run their matmuls
+        in fp8 where the device can (compute capability 8.9+; else storage only). After load_lora. -> what was done."""
+        from ..utils.fp8 import enable_fp8
+
+        self.dit.requires_grad_(False)
+        swap = self.dit.block_swap
+        if swap is None:
+            return enable_fp8(self.dit, compute, self.device)
+        # the conversion replaces the weights block swap holds in host memory: set the swap up again around it
+        self.dit.disable_block_swap()
+        done = enable_fp8(self.dit, compute, self.device)
+        self.enable_block_swap(len(swap.swapped), swap.prefetch)
+        return done
+
+    def compile(self) -> int:
+        """torch.compile each DiT block (one graph shared by the identical blocks); the first denoising step
+        compiles. -> the number of blocks."""
+        from ..utils.compile import compile_blocks
+
+        return compile_blocks(self.dit)
 
     # ---- generation --------------------------------------------------------------------------------------------
 
@@ -270,9 +298,10 @@ class QwenImagePipeline:
 
         with self._on_device(self.dit):
             for i, sigma in enumerate(tqdm(self.scheduler.sigmas[:-1], desc="denoising", disable=not progress)):
-                pred = self.predict(x, edit_tokens, shapes, sigma, emb, mask)
+                with watch_compile(self.dit, tqdm.write if progress else (lambda _: None), "denoising step"):
+                    pred = self.predict(x, edit_tokens, shapes, sigma, emb, mask)
+                    neg = self.predict(x, edit_tokens, shapes, sigma, neg_emb, neg_mask) if use_cfg else None
                 if use_cfg:
-                    neg = self.predict(x, edit_tokens, shapes, sigma, neg_emb, neg_mask)
                     comb = neg + cfg_scale * (pred - neg)
                     # keep each token's norm that of the conditional prediction (Qwen-Image's true CFG)
                     pred = comb * (pred.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))

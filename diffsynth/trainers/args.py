@@ -91,6 +91,13 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="also keep the checkpointed block inputs on the CPU")
     mem.add_argument("--enable_fp8_training", action="store_true",
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
+    mem.add_argument("--fp8_compute", action="store_true",
+                     help="fp8 storage (as --enable_fp8_training) AND fp8 matmuls for the frozen base linears (activations "
+                          "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); elsewhere "
+                          "it says so and falls back to fp8 storage")
+    mem.add_argument("--compile", action="store_true",
+                     help="torch.compile each DiT block (one graph shared by the identical blocks): faster steps "
+                          "after a first step that compiles (about a minute)")
     mem.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
                      help="keep the frozen weights of the DiT's last N blocks (of 60) in pinned host memory and copy "
                           "each to the GPU just ahead of its use (LoRA weights stay on the GPU); needs "
@@ -176,9 +183,9 @@ def check_args(args):
                 problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
     if args.use_gradient_checkpointing_offload and not args.use_gradient_checkpointing:
         problems.append("--use_gradient_checkpointing_offload needs --use_gradient_checkpointing")
-    if args.enable_fp8_training and args.lora_base_model is None:
-        problems.append("--enable_fp8_training stores frozen weights in fp8: it needs LoRA training "
-                        "(--lora_base_model dit)")
+    for flag in ("enable_fp8_training", "fp8_compute"):
+        if getattr(args, flag) and args.lora_base_model is None:
+            problems.append(f"--{flag} stores frozen weights in fp8: it needs LoRA training (--lora_base_model dit)")
     if args.blocks_to_swap > 0 and args.lora_base_model is None:
         problems.append("--blocks_to_swap swaps frozen weights: it needs LoRA training (--lora_base_model dit)")
     if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
 from ..lora.convert import convert_lora_file
+from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
@@ -200,7 +201,7 @@ class Trainer:
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
         # With block swap or fp8 the DiT loads into host memory and goes to the GPU once LoRA, fp8 and the swap are
         # in place: the bf16 model is never on the GPU whole.
-        on_host = bool(args.blocks_to_swap or args.enable_fp8_training)
+        on_host = bool(args.blocks_to_swap or args.enable_fp8_training or getattr(args, "fp8_compute", False))
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
             need=("dit", "text_encoder", "vae") if need_encoders else ("dit",), dit_device="cpu" if on_host else None)
@@ -250,11 +251,10 @@ class Trainer:
         for name, p in dit.named_parameters():
             if p.requires_grad and name.startswith(tuple(m + "." for m in dit.unused_in_output())):
                 p.requires_grad_(False)
-        if args.enable_fp8_training:
-            from ..utils.fp8 import enable_fp8_linear
+        if args.enable_fp8_training or args.fp8_compute:
+            from ..utils.fp8 import enable_fp8
 
-            count = enable_fp8_linear(dit, device=acc.device)
-            self.log(f"fp8: {count} frozen linear layers stored in float8_e4m3fn")
+            self.log(enable_fp8(dit, args.fp8_compute, acc.device))
         if args.use_gradient_checkpointing:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload)
         if args.blocks_to_swap:
@@ -264,6 +264,11 @@ class Trainer:
                      "host memory")
         if on_host:
             dit.to(acc.device)  # with block swap, the resident part only
+        if args.compile:
+            from ..utils.compile import compile_blocks
+
+            self.log(f"--compile: {compile_blocks(dit)} DiT blocks compile on the first step (torch.compile, one graph "
+                     "shared by the identical blocks)")
         dit.train()
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
@@ -462,7 +467,7 @@ class Trainer:
             for batch in loader:
                 # Conditioning outside autocast, exactly as the cache computes it: cached == uncached.
                 cond = self.conditions(batch)
-                with acc.accumulate(self.dit):
+                with acc.accumulate(self.dit), watch_compile(self.dit, self._write):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
                                                   self.state.sample_generators(batch["position"]), self.timesteps)
@@ -535,6 +540,11 @@ class Trainer:
         acc.end_training()
         self.release()
         return final
+
+    def _write(self, message):
+        """A line beside the progress bar (main process)."""
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
 
     def _init_trackers(self):
         """tensorboard / wandb / swanlab through accelerate (main process only); the config is the flags."""

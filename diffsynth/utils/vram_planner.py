@@ -329,7 +329,8 @@ def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> 
     text = vision_tokens(384 * 384 if args.edit_plus else 1024 * 1024) + 64
     mixed = args.mixed_precision if args.mixed_precision != "auto" else "bf16"
     return Setup(batch=args.batch_size, target_tokens=target, edit_tokens=edit, text_tokens=text,
-                 dtype_bytes=4 if mixed == "no" else 2, fp8=args.enable_fp8_training,
+                 dtype_bytes=4 if mixed == "no" else 2,
+                 fp8=bool(args.enable_fp8_training or getattr(args, "fp8_compute", False)),  # the same storage
                  checkpointing=args.use_gradient_checkpointing,
                  checkpointing_offload=args.use_gradient_checkpointing_offload,
                  blocks_to_swap=args.blocks_to_swap, encoders_on_gpu=args.cache_conditioning is None,
@@ -375,6 +376,10 @@ def plan_report(args, processes=1, fsdp=False) -> str:
         + (f", {processes} processes (FSDP)" if fsdp and processes > 1 else ""),
         f"  flags: {' '.join(s.flags()) or '(none)'}",
     ]
+    lora_type = getattr(args, "lora_type", "lora")
+    if lora_type != "lora":
+        lines.append(f"  --lora_type {lora_type}: counted as a LoRA of rank {args.lora_rank} (its own parameter count "
+                     "and any extra activations, e.g. DoRA's weight norms, are not modelled)")
     lines += ["  " + x for x in describe(counts, s, peak)]
     optimizer = getattr(args, "optimizer", "adamw")
     lines.append(f"  first step (before the optimizer ({optimizer}"

@@ -6,6 +6,7 @@
 # Extra flags are appended, so they add to or override the ones below (argparse keeps the last value), e.g.
 #   ... --dry_run                      print the resolved settings and exit
 #   ... --batch_size 4 --max_steps 500
+# --compile: each DiT block through torch.compile; the first step compiles (about a minute), the later ones are faster.
 # Launcher: `accelerate launch` (your `accelerate config` default), found on PATH or in ./.venv; ACCELERATE_CONFIG=<yaml>
 # picks a file,
 # e.g. ACCELERATE_CONFIG=examples/qwen_image/model_training/accelerate_config_ddp.yaml for 8 GPUs.
@@ -59,5 +60,6 @@ fi
   --lora_target_modules "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2" \
   --lora_rank 32 \
   --use_gradient_checkpointing \
+  --compile \
   --dataset_num_workers 8 \
   "$@"

@@ -57,5 +57,6 @@ fi
   --lora_target_modules "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2" \
   --lora_rank 32 \
   --use_gradient_checkpointing \
+  --compile \
   --dataset_num_workers 8 \
   "$@"

@@ -1,0 +1,44 @@
+"""peft's LoRA linear with a leaner forward: the same adapter, fewer passes over the activations.
+
+peft's `lora.Linear.forward` computes `result + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling`. In a trainer
+with a bf16 base, fp32 LoRA weights and autocast, that reads and writes activation-sized tensors four times beyond
+the three matmuls: x cast to fp32 (autocast casts it back to bf16 for lora_A: a second copy), the product scaled,
+then added to the base output. Here the scaling and the addition go into the lora_B matmul itself
+(`addmm(result, h, B^T, alpha=scaling)`: the GEMM accumulates into the base output), and the input is cast only
+where autocast does not do it anyway. What is left per LoRA layer is its two small matmuls. The merged layout
+gains most: its one to_qkv adapter reads x once, where the standard one's q, k and v adapters read it three times.
+
+Anything else (several active adapters, dropout, DoRA and other variants, merged weights, mixed batches, dtypes
+that would need peft's promotion) runs peft's own forward, which stays the reference the tests compare against.
+"""
+import torch
+import torch.nn as nn
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    def forward(self, x, *args, **kwargs):
+        name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+        if (args or kwargs or name is None or name not in self.lora_A or self.disable_adapters or self.merged
+                or name in self.lora_variant or not isinstance(self.lora_dropout[name], nn.Identity)):
+            return super().forward(x, *args, **kwargs)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        result = self.base_layer(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            if not x.dtype == result.dtype == A.dtype == B.dtype:
+                return super().forward(x)  # mixed dtypes without autocast: peft's casts and promotion decide
+        h = torch.nn.functional.linear(x, A)  # (..., r): small
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
+                          alpha=self.scaling[name])
+        return out.view(result.shape)
+
+
+def fuse_lora_forward(model: nn.Module) -> int:
+    """Give every peft LoRA linear of `model` the fused forward (its class becomes FusedLoraLinear; weights, state
+    dict and peft's other methods are unchanged). Returns the number of layers."""
+    count = 0
+    for module in model.modules():
+        if type(module) is PeftLoraLinear:
+            module.__class__ = FusedLoraLinear
+            count += 1
+    return count
