@@ -337,7 +337,18 @@ def run_section(args, config, dtype, variants, modes, flavors, warmup, iters, bu
                 continue
             print(f"[bench_dit] {mode}, {FLAVOR_LABELS[flavor]}, {config['num_layers']} block(s)", file=sys.stderr,
                   flush=True)
-            results, facts = group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpointing)
+            try:
+                results, facts = group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpointing)
+            except Exception as e:  # one flavour failing (out of memory, a compile error) must not end the run
+                print(f"[bench_dit] {mode}, {FLAVOR_LABELS[flavor]} failed: {type(e).__name__}: {e}", file=sys.stderr,
+                      flush=True)
+                first_line = str(e).splitlines()[0][:200].rstrip(".") if str(e) else ""
+                out["skipped"].append((mode, flavor, f"failed: {type(e).__name__}: {first_line}"))
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                on_progress(out)
+                continue
             out["rows"][(mode, flavor)] = results
             for key, value in facts.items():
                 out["facts"].setdefault(key, value)

@@ -33,7 +33,6 @@ from diffsynth.utils import vram_planner as vp
 from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
 from diffsynth.utils.fp8 import enable_fp8_linear
 
-START, END = section_markers("bench_memory")
 PRESETS = {
     # the issue's measuring stick: 1024x1024 edit (4096 target + 4096 edit-image tokens), 160 text tokens, r=32
     "gpu": dict(config=vp.QWEN_IMAGE_DIT, size=1024, text_len=160, rank=32, swaps=(0, 8, 16, 32), budgets=(24, 16),
@@ -54,12 +53,19 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per row")
     p.add_argument("--budget_s", type=float, default=None,
                    help="stop starting new rows after this many seconds (what ran is still reported)")
+    p.add_argument("--inference_swap", type=int, default=None,
+                   help="blocks swapped in the inference row (default: the fewest the planner fits in 16 GB)")
+    p.add_argument("--weights", default="bf16,fp8", help="comma list of the training rows' weights: bf16, fp8")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--section", default="bench_memory", help="name of the BENCHMARKS.md section")
     p.add_argument("--output", default="BENCHMARKS.md",
                    help="markdown file whose bench_memory section is rewritten; '' writes none")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     args.swaps = tuple(int(x) for x in args.swaps.split(",")) if args.swaps else preset["swaps"]
+    args.weights = tuple(w.strip() for w in args.weights.split(",") if w.strip())
+    if not args.weights or set(args.weights) - {"bf16", "fp8"}:
+        p.error(f"--weights: a comma list of bf16 and fp8, got {','.join(args.weights)!r}")
     args.warmup = preset["warmup"] if args.warmup is None else args.warmup
     args.steps = preset["steps"] if args.steps is None else args.steps
     if args.warmup < 1 or args.steps < 1:
@@ -229,7 +235,7 @@ def run(args, progress=None):
     rows, skipped = [], []
     dit = build_dit(preset, args.seed)
 
-    n = inference_swap(counts, preset)
+    n = inference_swap(counts, preset) if args.inference_swap is None else args.inference_swap
     print(f"[bench_memory] inference, {n} blocks swapped", file=sys.stderr, flush=True)
     rows.append(inference_row(dit, preset, args, n, counts))
     plans = planned_swaps(counts, preset)
@@ -247,10 +253,13 @@ def run(args, progress=None):
     dit.enable_gradient_checkpointing()
     dit.train()
     for fp8 in (False, True):
+        if ("fp8" if fp8 else "bf16") not in args.weights:
+            continue
         if fp8:
             place(dit, device, 0)
             enable_fp8_linear(dit)
-        swaps = list(args.swaps) + ([p.blocks_to_swap for _, p in plans] if fp8 else [])
+        # the planners' picks too (fp8), each swap count once: a pick equal to a listed count is that row
+        swaps = list(dict.fromkeys(list(args.swaps) + ([p.blocks_to_swap for _, p in plans] if fp8 else [])))
         for swap in swaps:
             if over():
                 skipped.append(f"{'fp8' if fp8 else 'bf16'} swap {swap}")
@@ -307,7 +316,7 @@ def render(args, rows, plans, skipped, counts, seconds, argv):
         machine = f"{torch.cuda.get_device_name()} ({free_gib:.0f} GiB, CUDA {torch.version.cuda}); host " + machine
     tokens = (preset["size"] // 16) ** 2
     text = [
-        START,
+        section_markers(args.section)[0],
         "## Memory: peak GPU memory and step time with block swap and fp8, planner vs measured "
         "(`benchmarks/bench_memory.py`)",
         "",
@@ -333,7 +342,7 @@ def render(args, rows, plans, skipped, counts, seconds, argv):
     if device != "cuda":
         text += ["", "CPU run of the tiny preset: it checks that the script works; no number here is a measurement "
                      "of the real model."]
-    text.append(END)
+    text.append(section_markers(args.section)[1])
     return "\n".join(text) + "\n"
 
 
@@ -343,13 +352,13 @@ def main(argv=None):
 
     def progress(*state):
         if args.output:
-            write_section(args.output, "bench_memory", render(args, *state, argv))
+            write_section(args.output, args.section, render(args, *state, argv))
 
     rows, plans, skipped, counts, seconds = run(args, progress)
     section = render(args, rows, plans, skipped, counts, seconds, argv)
     print(section)
     if args.output:
-        write_section(args.output, "bench_memory", section)
+        write_section(args.output, args.section, section)
         print(f"wrote the bench_memory section of {args.output}")
 
 

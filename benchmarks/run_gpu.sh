@@ -44,7 +44,7 @@ else
   DIT=(--device cuda --dtype bf16 --num_layers 8 --height 1024 --width 1024 --text_len 160 --rank 32
        --modes train,forward --flavors eager,compiled,fp8_compiled,fp8 --warmup 2 --iters 5 --budget_s 120
        --full_layers 60 --full_warmup 2 --full_iters 3 --full_budget_s 60)
-  LIMIT=210
+  LIMIT="${BENCH_DIT_LIMIT:-210}"  # a longer lease may allow more (with larger --budget_s / --full_budget_s)
 fi
 timeout -k 5 "$LIMIT" "$PYTHON" benchmarks/bench_dit.py "${DIT[@]}" --section bench_dit_gpu --output "$OUTPUT" "$@" \
   || echo "run_gpu: bench_dit stopped (exit $?); BENCHMARKS.md keeps the flavours it finished" >&2

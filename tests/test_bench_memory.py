@@ -17,7 +17,8 @@ def test_bench_memory_tiny(tmp_path, capsys):
     bench.main(["--preset", "tiny", "--swaps", "0,2", "--output", str(out)])
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\n" + OTHER)  # the other sections stay
-    section = text.split(bench.START)[1].split(bench.END)[0]
+    start, end = bench.section_markers("bench_memory")
+    section = text.split(start)[1].split(end)[0]
     assert section in capsys.readouterr().out
     rows = re.findall(r"^\| (inference|LoRA step)[^|]*\| (fp32|fp8) \| (\d+) \| ([0-9.]+) \|.*\| ([0-9.e+-]+|-) \|$",
                       section, re.M)
