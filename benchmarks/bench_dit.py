@@ -344,9 +344,7 @@ def run_section(args, config, dtype, variants, modes, flavors, warmup, iters, bu
                       flush=True)
                 first_line = str(e).splitlines()[0][:200].rstrip(".") if str(e) else ""
                 out["skipped"].append((mode, flavor, f"failed: {type(e).__name__}: {first_line}"))
-                gc.collect()
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
+                free(args.device)
                 on_progress(out)
                 continue
             out["rows"][(mode, flavor)] = results

@@ -359,7 +359,7 @@ def main(argv=None):
     print(section)
     if args.output:
         write_section(args.output, args.section, section)
-        print(f"wrote the bench_memory section of {args.output}")
+        print(f"wrote the {args.section} section of {args.output}")
 
 
 if __name__ == "__main__":

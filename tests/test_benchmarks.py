@@ -95,3 +95,13 @@ def test_run_gpu_dry_mode(tmp_path):
         assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
     assert "Skipped" not in text
     assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too
+
+
+def test_a_failing_flavour_is_reported_and_the_rest_still_runs(tmp_path):
+    """On a GPU lease one flavour may fail (out of memory, a compile error): the run goes on and says why."""
+    out = tmp_path / "BENCHMARKS.md"
+    load_bench().main([*TOY, "--modes", "forward", "--flavors", "compiled,eager",
+                       "--compile_backend", "no_such_backend", "--output", str(out)])
+    section = out.read_text().split("<!-- bench_dit:start -->")[1]
+    assert "- Skipped: forward, compiled: failed: InvalidBackend: Invalid backend: 'no_such_backend'" in section
+    assert re.search(r"\| forward \(no grad\) \| eager \| merged \| [0-9.]+ \|", section)  # the next flavour ran

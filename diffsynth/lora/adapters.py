@@ -3,8 +3,9 @@
 Keys. Native files (this trainer) keep peft's names without the adapter name: `<module>.hada_w1_a/_b`,
 `.hada_w2_a/_b` (LoHa), `<module>.lokr_w1` or `.lokr_w1_a/_b`, `.lokr_w2` or `.lokr_w2_a/_b` (LoKr),
 `<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` (DoRA); rank, alpha and `lora_type` in the
-metadata, scale alpha/rank as in peft, and for LoHa / LoKr `<module>.alpha` tensors (what ComfyUI reads). ComfyUI (`diffusion_model.<module>.`) and kohya/LyCORIS (`lora_unet_...`)
-files use LyCORIS' names (the same `hada_*` / `lokr_*`, `lora_down/up`, `.alpha`, DoRA's `.dora_scale`).
+metadata, scale alpha/rank as in peft, and for LoHa / LoKr `<module>.alpha` tensors (what ComfyUI reads).
+ComfyUI (`diffusion_model.<module>.`) and kohya/LyCORIS (`lora_unet_...`) files use LyCORIS' names (the same
+`hada_*` / `lokr_*`, `lora_down/up`, `.alpha`, DoRA's `.dora_scale`).
 
 Deltas (W the base weight, s the scale): LoHa s (w1a w1b) * (w2a w2b); LoKr s kron(w1, w2); DoRA
 m * V / ||V|| per output row with V = W + s B A (peft). ComfyUI applies an output-axis `dora_scale` d as

@@ -22,10 +22,10 @@ targets as it was when the H100 figures below were measured (commit a521db1): 32
 input and output 8, bf16 copies of the inputs of the LoRA-adapted linears, which peft casts, 7) plus about 9 U of
 gradients alive at the peak of the block's backward (the MLP's): 41 U, which is also what the measured peaks
 imply (CALIBRATION). Without checkpointing a block keeps its 32 U plus its input. An inference forward holds
-about 10 U at its peak by the block's code (the MLP's input, hidden and GELU); measured on an H100 (bench_memory,
-1024x1024, 160 text tokens, two DiT passes with 41 and with 45 blocks swapped: 14.37 and 11.84 GiB) the peaks
-were 11 U above that in both (the prefetched block copy, attention and allocator rounding), so 21 U is used. tests/test_vram_planner.py measures what the current
-block saves (CPU, bf16 autocast) and fails if it outgrows these figures.
+about 10 U at its peak by the block's code (the MLP's input, hidden and GELU); the peaks measured on an H100
+(bench_memory, 1024x1024, 160 text tokens, two DiT passes with 41 and with 45 blocks swapped: 14.37 and 11.84 GiB)
+were 11 U above that in both (not broken down further), so 21 U is used. tests/test_vram_planner.py measures what
+the current block saves (CPU, bf16 autocast) and fails if it outgrows these figures.
 
 Not modelled: the CUDA context and allocator fragmentation (keep HEADROOM_GIB free), cuDNN/cuBLAS workspaces,
 the VAE's decode activations (an uncalibrated estimate), data loader memory.
