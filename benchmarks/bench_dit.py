@@ -91,6 +91,10 @@ def parse_args(argv=None):
                    help="name of the BENCHMARKS.md section (the full-size one is <section>_full)")
     p.add_argument("--output", default="BENCHMARKS.md",
                    help="markdown file whose sections are rewritten; '' writes none")
+    p.add_argument("--profile", default="", help="a flavour of the first section: after its LoRA-step rounds, one "
+                                                 "merged step runs under torch.profiler and the kernels that take "
+                                                 "the most time go to the <section>_profile section")
+    p.add_argument("--profile_top", type=int, default=25, help="rows of the profile table")
     p.add_argument("--note", default="", help="a sentence added under the tables (e.g. 'the machine was busy')")
     args = p.parse_args(argv)
     args.height = args.height or (1024 if args.device == "cuda" else 256)
@@ -107,6 +111,8 @@ def parse_args(argv=None):
     for m in args.modes:
         if m not in ("forward", "train"):
             p.error(f"unknown mode {m!r}; choose from forward, train")
+    if args.profile and args.profile not in args.flavors:
+        p.error(f"--profile {args.profile}: not one of --flavors ({', '.join(args.flavors)})")
     for f in args.flavors + args.full_flavors:
         if f not in FLAVORS:
             p.error(f"unknown flavor {f!r}; choose from {', '.join(FLAVORS)}")
@@ -272,6 +278,41 @@ def measure(args, fns, warmup, iters):
     return results
 
 
+def profile_step(args, fn):
+    """One call of `fn` (warm: compiled already) under torch.profiler -> (rows, total us): per kernel (CUDA) or op
+    (CPU) name, calls and self time, most time first. Self times add up to the step's device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(args.device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if cuda:  # kernels only: a CPU op's self device time is the kernels it launched, counted again
+        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        events = kernels or events
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [(e.key, e.count, getattr(e, attr)) for e in events], total
+
+
+def fmt_profile(args, flavor, rows, total):
+    lines = [f"One merged LoRA step ({FLAVOR_LABELS[flavor]}, {args.num_layers} block(s)) under torch.profiler: "
+             f"{'GPU kernels' if args.device == 'cuda' else 'CPU ops'} by self time, {total / 1e3:.1f} ms in all "
+             f"(the profiler's overhead included; the timed rounds above are the step's time).", "",
+             "| kernel / op | calls | self ms | share |", "|---|---:|---:|---:|"]
+    for name, calls, us in rows[:args.profile_top]:
+        name = name.replace("|", "/")
+        lines.append(f"| `{name[:110]}` | {calls} | {us / 1e3:.2f} | {us / total:.1%} |")
+    rest = rows[args.profile_top:]
+    if rest:
+        lines.append(f"| ({len(rest)} others) | {sum(c for _, c, _ in rest)} | {sum(u for *_, u in rest) / 1e3:.2f} | "
+                     f"{sum(u for *_, u in rest) / total:.1%} |")
+    return "\n".join(lines)
+
+
 def inputs(args, dtype):
     h, w = args.height // 16, args.width // 16  # packed tokens: VAE 8x, then 2x2 patches
     target_len = h * w
@@ -316,6 +357,8 @@ def group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpoint
         facts["agree"] = max(((o - ref).abs().max() / ref.abs().max()).item() for o in outputs.values())
         facts["finite"] = all(bool(torch.isfinite(o).all()) for o in outputs.values())
     results = measure(args, fns, warmup, iters)
+    if args.profile == flavor and mode == "train" and not checkpointing and "merged" in fns:
+        facts["profile"] = (flavor, profile_step(args, fns["merged"]))
     del models, fns
     free(args.device)
     return results, facts
@@ -526,10 +569,26 @@ def main(argv=None):
             return text
         return write
 
-    write = writer(args.section, "DiT: standard vs merged-QKV vs diffusers", args.num_layers, False)
+    write_main = writer(args.section, "DiT: standard vs merged-QKV vs diffusers", args.num_layers, False)
+    profiled = []
+
+    def write(section):  # the profile's section as soon as it exists: a run cut short keeps it
+        if "profile" in section["facts"] and not profiled:
+            flavor, (rows, total) = section["facts"]["profile"]
+            start, end = section_markers(f"{args.section}_profile")
+            profiled.append("\n".join([
+                start, f"## Where a LoRA step's time goes (`benchmarks/bench_dit.py --profile {flavor}`)", "",
+                f"- Command: `{command(argv)}`", f"- Machine: {machine(args.device)}.", "",
+                fmt_profile(args, flavor, rows, total), end]) + "\n")
+            if args.output:
+                write_section(args.output, f"{args.section}_profile", profiled[0])
+        return write_main(section)
+
     section = run_section(args, config, dtype, args.variants, args.modes, args.flavors, args.warmup, args.iters,
                           args.budget_s, False, write)
     print(write(section))
+    if profiled:
+        print(profiled[0])
     if args.full_layers:
         full = dict(config, num_layers=args.full_layers)
         write = writer(f"{args.section}_full", f"Merged DiT, {args.full_layers} blocks, gradient checkpointing, "

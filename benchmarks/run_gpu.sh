@@ -37,12 +37,13 @@ fi
 #    compiled or not). One process, so the 60-block run reuses the 8-block run's compiled block graphs.
 if [ "$DRY" = 1 ]; then
   DIT=(--device cpu --dtype fp32 --num_layers 1 --heads 2 --head_dim 32 --text_dim 64 --height 64 --text_len 8
-       --rank 4 --warmup 1 --iters 2 --flavors eager,fp8_compiled --compile_backend eager
+       --rank 4 --warmup 1 --iters 2 --flavors eager,fp8_compiled --compile_backend eager --profile fp8_compiled
        --full_layers 2 --full_flavors eager,fp8_compiled --full_warmup 1 --full_iters 1)
   LIMIT=300
 else
   DIT=(--device cuda --dtype bf16 --num_layers 8 --height 1024 --width 1024 --text_len 160 --rank 32
        --modes train,forward --flavors eager,compiled,fp8_compiled,fp8 --warmup 2 --iters 5 --budget_s 120
+       --profile compiled
        --full_layers 60 --full_warmup 2 --full_iters 3 --full_budget_s 60)
   LIMIT="${BENCH_DIT_LIMIT:-210}"  # a longer lease may allow more (with larger --budget_s / --full_budget_s)
 fi

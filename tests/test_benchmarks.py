@@ -95,6 +95,11 @@ def test_run_gpu_dry_mode(tmp_path):
         assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
     assert "Skipped" not in text
     assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too
+    # the profile of one merged step: a table of ops whose shares add up to the whole
+    profile = text.split("<!-- bench_dit_gpu_profile:start -->")[1].split("<!-- bench_dit_gpu_profile:end -->")[0]
+    shares = [float(x) for x in re.findall(r"^\| [^|]+ \| \d+ \| [0-9.]+ \| ([0-9.]+)% \|$", profile, re.M)]
+    assert "One merged LoRA step (fp8 compute, compiled, 1 block(s))" in profile and len(shares) >= 5
+    assert abs(sum(shares) - 100) < 1.0
 
 
 def test_a_failing_flavour_is_reported_and_the_rest_still_runs(tmp_path):
