@@ -258,8 +258,10 @@ def run(args, progress=None):
         if fp8:
             place(dit, device, 0)
             enable_fp8_linear(dit)
-        # the planners' picks too (fp8), each swap count once: a pick equal to a listed count is that row
-        swaps = list(dict.fromkeys(list(args.swaps) + ([p.blocks_to_swap for _, p in plans] if fp8 else [])))
+        # fp8: the planner's picks too, right after the resident row (the goals' rows come first when time runs
+        # short), each swap count once: a pick equal to a listed count is that row
+        picks = [p.blocks_to_swap for _, p in plans] if fp8 else []
+        swaps = list(dict.fromkeys([s for s in args.swaps if s == 0] + picks + list(args.swaps)))
         for swap in swaps:
             if over():
                 skipped.append(f"{'fp8' if fp8 else 'bf16'} swap {swap}")
