@@ -201,7 +201,7 @@ class Trainer:
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
         # With block swap or fp8 the DiT loads into host memory and goes to the GPU once LoRA, fp8 and the swap are
         # in place: the bf16 model is never on the GPU whole.
-        on_host = bool(args.blocks_to_swap or args.enable_fp8_training or getattr(args, "fp8_compute", False))
+        on_host = bool(args.blocks_to_swap or args.enable_fp8_training or args.fp8_compute)
         self.pipe = QwenImagePipeline.from_pretrained(
             **model_args, device=acc.device, torch_dtype=dtype, edit_plus=args.edit_plus or None,
             need=("dit", "text_encoder", "vae") if need_encoders else ("dit",), dit_device="cpu" if on_host else None)
