@@ -20,7 +20,6 @@ import datetime
 import gc
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV, merge_qkv_state_dict
-from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
+from diffsynth.utils.benchmarking import command_line, cpu_name, section_markers, write_section
 from diffsynth.utils.compile import compile_blocks, compiled_graphs
 from diffsynth.utils.fp8 import enable_fp8_linear, fp8_compute_problem
 
@@ -369,8 +368,10 @@ def run_section(args, config, dtype, variants, modes, flavors, warmup, iters, bu
     start = time.monotonic()
     out = {"rows": {}, "facts": {}, "skipped": []}
     problem = fp8_compute_problem(args.device) if any(FLAVORS[f][1] == "compute" for f in flavors) else None
-    for mode in modes:
-        for flavor in flavors:
+    # Flavour by flavour, each in every mode: the cheap eager rows first, and a run cut by its budget loses the
+    # last flavour in all modes rather than every flavour of the last mode.
+    for flavor in flavors:
+        for mode in modes:
             if FLAVORS[flavor][1] == "compute" and problem:
                 out["skipped"].append((mode, flavor, problem))
                 continue
@@ -411,7 +412,8 @@ def fmt_table(args, section, absolute_memory=False):
              + (memory if cuda else ""),
              "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
     rows = section["rows"]
-    for (mode, flavor), res in rows.items():
+    order = list(dict.fromkeys(mode for mode, _ in rows))  # the table mode by mode, in the order they ran
+    for (mode, flavor), res in sorted(rows.items(), key=lambda kv: order.index(kv[0][0])):
         label = "forward (no grad)" if mode == "forward" else f"LoRA train step (r={args.rank})"
         eager = rows.get((mode, "eager"))
         for name, r in res.items():
@@ -479,12 +481,6 @@ def spread_note(section):
             f"Timing spread (max - min) / median stayed within {spread:.0%}.")
 
 
-def command(argv):
-    shown = [a for i, a in enumerate(argv)  # where the table was written is no part of what was measured
-             if not a.startswith("--output") and not (i and argv[i - 1] == "--output")]
-    return " ".join(["python benchmarks/bench_dit.py"] + [shlex.quote(a) for a in shown])
-
-
 def render(args, section, argv, name, title, layers, checkpointing):
     start, end = section_markers(name)
     width = args.heads * args.head_dim
@@ -494,7 +490,7 @@ def render(args, section, argv, name, title, layers, checkpointing):
         start,
         f"## {title} (`benchmarks/bench_dit.py`)",
         "",
-        f"- Command: `{command(argv)}`",
+        f"- Command: `{command_line('bench_dit.py', argv)}`",
         f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- Machine: {machine(args.device)}; 1-minute load average {section['load'][0]:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} now.",
@@ -578,7 +574,7 @@ def main(argv=None):
             start, end = section_markers(f"{args.section}_profile")
             profiled.append("\n".join([
                 start, f"## Where a LoRA step's time goes (`benchmarks/bench_dit.py --profile {flavor}`)", "",
-                f"- Command: `{command(argv)}`", f"- Machine: {machine(args.device)}.", "",
+                f"- Command: `{command_line('bench_dit.py', argv)}`", f"- Machine: {machine(args.device)}.", "",
                 fmt_profile(args, flavor, rows, total), end]) + "\n")
             if args.output:
                 write_section(args.output, f"{args.section}_profile", profiled[0])

@@ -18,11 +18,9 @@ import datetime
 import gc
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiTMergedQKV
 from diffsynth.utils import vram_planner as vp
-from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
+from diffsynth.utils.benchmarking import command_line, cpu_name, section_markers, write_section
 from diffsynth.utils.fp8 import enable_fp8_linear
 
 PRESETS = {
@@ -310,8 +308,7 @@ def fmt_rows(rows, plans, device):
 def render(args, rows, plans, skipped, counts, seconds, argv):
     preset = PRESETS[args.preset]
     device = preset["device"]
-    shown = [a for i, a in enumerate(argv) if not a.startswith("--output") and not (i and argv[i - 1] == "--output")]
-    cmd = " ".join(["python benchmarks/bench_memory.py"] + [shlex.quote(a) for a in shown])
+    cmd = command_line("bench_memory.py", argv)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
     if device == "cuda":
         free_gib = torch.cuda.get_device_properties(0).total_memory / 2**30

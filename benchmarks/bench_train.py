@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -30,7 +29,7 @@ import tempfile
 import time
 from collections import namedtuple
 
-from diffsynth.utils.benchmarking import cpu_name, section_markers, write_section
+from diffsynth.utils.benchmarking import command_line, cpu_name, section_markers, write_section
 
 START, END = section_markers("bench_train")
 
@@ -396,10 +395,7 @@ def findings(results, info, args):
 
 
 def render(args, info, results, argv):
-    hidden = ("--output", "--work_dir")  # where files went is no part of what was measured
-    shown = [a for i, a in enumerate(argv)
-             if not a.startswith(hidden) and not (i and argv[i - 1] in hidden)]
-    cmd = " ".join(["python benchmarks/bench_train.py"] + [shlex.quote(a) for a in shown])
+    cmd = command_line("bench_train.py", argv, hidden=("--output", "--work_dir"))
     preset = PRESETS[args.preset]
     machine = (f"{cpu_name()}, {os.cpu_count()} cores visible, torch {info['torch']} ({info['threads']} threads), "
                f"Python {platform.python_version()}")

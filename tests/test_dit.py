@@ -180,14 +180,20 @@ def complex_norm_rope(x, norm, freqs):
     return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
 
 
+@pytest.mark.parametrize("compiling", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_real_rope_equals_complex_rope(dtype):
+def test_norm_rope_equals_the_complex_reference(dtype, compiling, monkeypatch):
+    """Both of norm_rope's paths (complex rotation in eager mode, real under torch.compile) equal diffusers'
+    RMSNorm + complex RoPE bit for bit."""
     from diffsynth.models.qwen_image_dit import QwenImageRoPE, RMSNorm, norm_rope
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
 
     rope = QwenImageRoPE((8, 12, 12))
     shapes, text_len = [(1, 4, 6), (1, 6, 4)], 5
     cos, sin = rope(shapes, text_len, "cpu")
-    freqs = torch.complex(cos, sin)  # the tables are torch.polar's, as diffusers builds its complex ones
+    assert torch.equal(cos[:, 0::2], cos[:, 1::2]) and torch.equal(sin[:, 0::2], -sin[:, 1::2])  # pairs' layout
+    freqs = torch.complex(cos[:, 0::2], sin[:, 1::2])  # the tables are torch.polar's, as diffusers builds its own
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, text_len + 48, 3, 32, generator=g) * 3).to(dtype)
     norm_text, norm_image = RMSNorm(32).to(dtype), RMSNorm(32).to(dtype)
@@ -206,6 +212,30 @@ def test_real_rope_equals_complex_rope(dtype):
     torch.testing.assert_close(both[:, :, 0], got, rtol=0, atol=0)
     torch.testing.assert_close(both[:, :, 1], norm_rope(x.flip(-1), text_len, norm_text.weight.flip(-1),
                                                         norm_image.weight.flip(-1), cos, sin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_two_rotations_are_equal_forward_and_backward(dtype):
+    """norm_rope rotates with complex ops in eager mode and with real ones under torch.compile: one function,
+    two implementations that must agree bit for bit, values and gradients."""
+    from diffsynth.models.qwen_image_dit import QwenImageRoPE, rotate_complex, rotate_real
+
+    cos, sin = QwenImageRoPE((8, 12, 12))([(1, 4, 6), (1, 6, 4)], 5, "cpu")
+    cos, sin = cos[:, None, None], sin[:, None, None]  # (S, 1, 1, D): over q/k and the heads
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 53, 2, 3, 32, generator=g) * 3).to(dtype)
+    grad = torch.randn(x.shape, generator=g).to(dtype)
+    outs, grads = [], []
+    for rotate in (rotate_real, rotate_complex):
+        leaf = x.clone().requires_grad_(True)
+        out = rotate(leaf, cos, sin)
+        out.backward(grad)
+        outs.append(out)
+        grads.append(leaf.grad)
+    assert outs[0].dtype == outs[1].dtype == dtype
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert not torch.equal(outs[0], x)  # it rotated something
 
 
 @pytest.mark.parametrize("cls", [QwenImageDiT, QwenImageDiTMergedQKV])

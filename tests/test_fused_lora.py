@@ -70,8 +70,12 @@ def test_other_cases_run_peft_forward(monkeypatch):
     fused(x)
     assert calls == []  # the fused path
     fused[0].base_layer.to(torch.bfloat16)
+    base_calls = []
+    hook = fused[0].base_layer.register_forward_hook(lambda *_: base_calls.append(1))
     fused(x.bfloat16())  # mixed dtypes without autocast: peft's casts and promotion
     assert calls == [1]
+    assert base_calls == [1]  # the base matmul ran once, inside peft's forward, not also before it
+    hook.remove()
     fused[0].base_layer.float()
     fused[0].lora_dropout["default"] = nn.Dropout(0.1)
     fused(x)

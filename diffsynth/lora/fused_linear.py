@@ -23,10 +23,11 @@ class FusedLoraLinear(PeftLoraLinear):
                 or name in self.lora_variant or not isinstance(self.lora_dropout[name], nn.Identity)):
             return super().forward(x, *args, **kwargs)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if not torch.is_autocast_enabled(x.device.type) and not x.dtype == A.dtype == B.dtype:
+            # mixed dtypes without autocast: peft's casts and promotion decide (decided before the base layer
+            # runs: peft's forward runs it itself, and a second base matmul would double the layer's cost)
+            return super().forward(x)
         result = self.base_layer(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            if not x.dtype == result.dtype == A.dtype == B.dtype:
-                return super().forward(x)  # mixed dtypes without autocast: peft's casts and promotion decide
         h = torch.nn.functional.linear(x, A)  # (..., r): small
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
                           alpha=self.scaling[name])

@@ -83,9 +83,11 @@ class QwenImageRoPE(nn.Module):
         ], dim=-1).reshape(frames * h * w, -1)
 
     def forward(self, shapes, text_len, device):
-        """shapes: list of (frames, h, w) of one sample -> (cos, sin), each (text_len + image tokens, D/2) fp32,
-        rows in the order attention joins the tokens: text first, then the images. Built once per shape, so the
-        blocks (and a compiled graph) see only real tensors."""
+        """shapes: list of (frames, h, w) of one sample -> (cos, sin), each (text_len + image tokens, D) fp32, rows
+        in the order attention joins the tokens: text first, then the images. Laid out for the interleaved pairs
+        of the head dim: cos holds each pair's cosine twice, sin its sine as (-sin, sin), so that the rotation is
+        x * cos + (x with each pair swapped) * sin. Built once per shape, so the blocks (and a compiled graph)
+        see only real tensors."""
         key = (tuple(map(tuple, shapes)), int(text_len), str(device))
         if key not in self._cache:
             image = torch.cat([self._image(i, *shape) for i, shape in enumerate(shapes)])
@@ -95,20 +97,20 @@ class QwenImageRoPE(nn.Module):
             freqs = torch.cat([text, image])
             if len(self._cache) > 64:
                 self._cache.clear()
-            self._cache[key] = (freqs.real.contiguous().to(device), freqs.imag.contiguous().to(device))
+            cos = freqs.real.repeat_interleave(2, dim=-1)
+            sin = torch.stack([-freqs.imag, freqs.imag], dim=-1).flatten(-2)
+            self._cache[key] = (cos.to(device), sin.to(device))
         return self._cache[key]
 
 
 def norm_rope(x, text_len, text_weight, image_weight, cos, sin, eps=1e-6):
-    """The q/k prologue in one function: RMSNorm over the head dim, then the rotary embedding, real-valued.
+    """The q/k prologue in one function: RMSNorm over the head dim, then the rotary embedding.
 
     x: (B, S, ..., D), text tokens first (S = text_len + image tokens); text_weight / image_weight: the norm
-    weights of the two streams, broadcastable to x's dims after S; cos, sin: (S, D/2) from QwenImageRoPE.
-    Rotating the interleaved pair (x0, x1) by the angle a is the complex product (x0 + i x1)(cos a + i sin a);
-    written with real tensors, inductor fuses norm and rotation into one kernel (it cannot fuse complex ops).
+    weights of the two streams, broadcastable to x's dims after S; cos, sin: (S, D) from QwenImageRoPE.
     The rounding is the reference's (diffusers' RMSNorm and apply_rotary_emb_qwen): statistics in fp32, the
     normalised value cast to a half-precision weight's dtype before the weight multiplies it, the rotation in
-    fp32, the result in the normalised value's dtype. In fp32 this equals the complex version bit for bit.
+    fp32, the result in the normalised value's dtype.
     """
     per_token = (x.shape[1],) + (1,) * (x.dim() - 3)  # broadcast over the heads (and q/k) after S
     is_text = (torch.arange(x.shape[1], device=x.device) < text_len).view(*per_token, 1)
@@ -118,8 +120,25 @@ def norm_rope(x, text_len, text_weight, image_weight, cos, sin, eps=1e-6):
         x = x.to(weight.dtype)
     x = x * weight
     cos, sin = cos.view(*per_token, -1), sin.view(*per_token, -1)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    rotate = rotate_real if torch.compiler.is_compiling() else rotate_complex
+    return rotate(x, cos, sin)
+
+
+# Rotating the interleaved pair (x0, x1) by the angle a is the complex product (x0 + i x1)(cos a + i sin a). Two
+# implementations of it, equal bit for bit (tests/test_dit.py; -(x1 sin) and the order of a sum round alike).
+# Under torch.compile the real one: elementwise only, so inductor fuses norm and rotation into one kernel whatever
+# its heuristics for cat (it cannot generate code for complex ops). In eager mode the complex one: one pass over the
+# data where the real one makes four (benchmarks/bench_ops.py counts the bytes).
+def rotate_real(x, cos, sin):
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    return (xf * cos + swapped * sin).to(x.dtype)
+
+
+def rotate_complex(x, cos, sin):
+    freqs = torch.complex(cos[..., 0::2], sin[..., 1::2])
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 class QwenImageAttention(nn.Module):

@@ -30,11 +30,13 @@ class MergedQKVAttention(QwenImageAttention):
         # One copy joins the two streams' projections; q, k and v are views of it, and q and k are normalised
         # and rotated together in one pass (the standard layout needs three joins and two passes).
         qkv = torch.cat([self.add_qkv_proj(text), self.to_qkv(image)], dim=1)
-        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))
+        # split/unbind/squeeze rather than indexing: in eager backward an index's gradient is a zero tensor of the
+        # whole input with the slice copied in, then summed; these views' gradients are one cat / stack.
+        qk, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).split([2, 1], dim=2)
         text_weight = torch.stack([self.norm_added_q.weight, self.norm_added_k.weight])[:, None]
         image_weight = torch.stack([self.norm_q.weight, self.norm_k.weight])[:, None]
-        qk = norm_rope(qkv[:, :, :2], text.shape[1], text_weight, image_weight, *rope, self.norm_q.eps)
-        return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        q, k = norm_rope(qk, text.shape[1], text_weight, image_weight, *rope, self.norm_q.eps).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
 
 
 class QwenImageDiTMergedQKV(QwenImageDiT):

@@ -2,6 +2,7 @@
 import os
 import platform
 import re
+import shlex
 
 from .io import atomic_path
 
@@ -12,6 +13,13 @@ def cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def command_line(script, argv, hidden=("--output",)):
+    """The command that measured a table, as a reader would retype it: where files were written (the `hidden`
+    flags) is no part of what was measured."""
+    shown = [a for i, a in enumerate(argv) if not a.startswith(hidden) and not (i and argv[i - 1] in hidden)]
+    return " ".join([f"python benchmarks/{script}"] + [shlex.quote(a) for a in shown])
 
 
 def section_markers(name):
