@@ -51,8 +51,9 @@ ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"}
-# no kernel: allocation without a fill, and views whose schema does not say they alias
-FREE = {"detach", "lift_fresh", "_unsafe_view", "_reshape_alias", "empty", "empty_strided", "empty_like", "set_"}
+# memory without a kernel (allocation without a fill), and views whose schema does not say they alias
+ALLOC = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+VIEWS = {"detach", "lift_fresh", "_unsafe_view", "_reshape_alias", "set_"}
 
 
 def parse_args(argv=None):
@@ -131,7 +132,11 @@ class Counter(TorchDispatchMode):
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         aliases = any(r.alias_info is not None for r in func._schema.returns)
         inplace = name.endswith("_")
-        if name in FREE or (not inplace and (aliases or not outs)):  # views, metadata: no kernel
+        if name in ALLOC:
+            for t in outs:
+                self._track(t)
+            return out
+        if name in VIEWS or (not inplace and (aliases or not outs)):  # views, metadata: no kernel, no memory
             return out
         if inplace and not outs:  # void in-place ops (AdamW's _foreach_*_) write their first argument
             outs = [t for t in torch.utils._pytree.tree_leaves(args[0]) if isinstance(t, torch.Tensor)]

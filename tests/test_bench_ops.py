@@ -27,12 +27,16 @@ def test_counter_counts_kernels_bytes_flops_and_live_memory():
         v = z.view(10, 100).t()   # views: no kernel, no bytes
         del y
         m = a @ b                 # matmul: FLOPs, not bytes
+        e = torch.empty(250)      # memory without a kernel
+        w = a.t()                 # a view of a tensor from before: neither a kernel nor new memory
     assert counter.kernels == 3
     assert counter.moved == 2000 + 4000 + 4000 + 4000
     assert counter.flops == 2 * 8 * 16 * 4
     assert counter.peak == 4000 + 4000  # y and z alive together; later z and m, less
-    assert counter.live == 4000 + 8 * 4 * 4  # y freed; z (held by the view v) and m alive
-    assert v.shape == (100, 10) and m.shape == (8, 4)
+    assert counter.live == 4000 + 8 * 4 * 4 + 1000  # y freed; z (held by the view v), m and e alive
+    assert v.shape == (100, 10) and m.shape == (8, 4) and e.shape == (250,) and w.shape == (16, 8)
+    del z, v, m, e
+    assert counter.live == 0  # storages freed when the last tensor on them goes
 
 
 def test_bench_ops_writes_its_section_and_the_eager_prologue_keeps_its_relations(tmp_path):
