@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV
 from diffsynth.utils.benchmarking import command_line, section_markers, write_section
+from diffsynth.utils.fp8 import enable_fp8_linear
 
 try:
     import diffusers
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_dtype", default="fp32", choices=["fp32", "base"],
                    help="fp32: LoRA weights and AdamW in fp32 under autocast (the trainer); base: in --dtype "
                         "without autocast (the setup of the a521db1 benchmark)")
+    p.add_argument("--fp8", default="none", choices=["none", "storage", "compute"],
+                   help="frozen linears in fp8: storage (--enable_fp8_training) or compute (--fp8_compute)")
     p.add_argument("--top", type=int, default=0, help="also list each variant's N ops moving the most bytes")
     p.add_argument("--section", default="bench_ops")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose section is rewritten; '' none")
@@ -202,6 +205,10 @@ def count(args, variant, mode):
     model = build(args, variant, config, dtype, train)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")  # fake CPU tensors: what the ops see is shapes and dtypes
+        if args.fp8 == "storage":
+            enable_fp8_linear(model)
+        elif args.fp8 == "compute":
+            enable_fp8_linear(model, compute=True)
         x = torch.randn(1, 2 * h * w, 64, dtype=dtype)
         text = torch.randn(1, args.text_len, args.text_dim, dtype=dtype)
         t = torch.rand(1)
@@ -286,7 +293,7 @@ def render(args, argv, results):
             f"diffusers {diffusers.__version__ if diffusers else 'absent'}, peft {peft.__version__}, "
             f"Python {platform.python_version()}. Counts, not timings: the same on any machine with these versions.",
             f"- Model: {args.num_layers} block(s) at width {args.heads * args.head_dim} ({args.heads} heads x "
-            f"{args.head_dim}), {args.dtype} weights. Input: batch 1, {args.height}x{args.width} edit = "
+            f"{args.head_dim}), {args.dtype} weights{'' if args.fp8 == 'none' else ', frozen linears in fp8 (' + args.fp8 + ')'}. Input: batch 1, {args.height}x{args.width} edit = "
             f"{h * w} target + {h * w} edit-image tokens + {args.text_len} text tokens.",
             "- forward: no grad, in the weights' dtype. train: one LoRA step (r=" + str(args.rank) + " on q/k/v or "
             "to_qkv/add_qkv_proj, to_out.0, to_add_out, the MLP linears; "

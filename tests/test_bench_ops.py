@@ -61,3 +61,15 @@ def test_bench_ops_writes_its_section_and_the_eager_prologue_keeps_its_relations
         assert results[("forward", variant)]["moved"] <= 1.01 * results[("forward", "diffusers")]["moved"]
         assert results[("train", variant)]["moved"] < results[("train", "diffusers")]["moved"]
         assert results[("train", variant)]["saved"] < results[("train", "diffusers")]["saved"]
+
+
+def test_bench_ops_counts_fp8_weights():
+    """--fp8 storage: half the weight bytes resident, and the per-op upcast shows as memory-bound traffic; --fp8
+    compute: the matmuls are fp8 (same FLOPs) and the activations' quantisation adds traffic of its own."""
+    ops = load_ops()
+    common = ["--height", "128", "--variants", "merged", "--modes", "forward", "--output", ""]
+    plain, storage, compute = (ops.main(common + ["--fp8", f])[("forward", "merged")]
+                               for f in ("none", "storage", "compute"))
+    assert storage["resident"] < 0.6 * plain["resident"] and compute["resident"] == storage["resident"]
+    assert storage["moved"] > plain["moved"] and compute["moved"] > plain["moved"]
+    assert plain["flops"] == storage["flops"] == compute["flops"]
