@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV, merge_qkv_state_dict
-from diffsynth.utils.benchmarking import command_line, cpu_name, section_markers, write_section
+from diffsynth.utils.benchmarking import (
+    COMMON_TARGETS, QKV_TARGETS, VARIANTS, comma_list, command_line, cpu_name, section_markers, write_section,
+)
 from diffsynth.utils.compile import compile_blocks, compiled_graphs
 from diffsynth.utils.fp8 import enable_fp8_linear, fp8_compute_problem
 
@@ -39,14 +41,6 @@ try:
 except ImportError:  # the GPU machine has no diffusers unless run_gpu.sh installed its wheel
     diffusers = None
 
-VARIANTS = ("standard", "merged", "diffusers")
-COMMON_TARGETS = ["to_out.0", "to_add_out",
-                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
-QKV_TARGETS = {
-    "standard": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"],
-    "merged": ["to_qkv", "add_qkv_proj"],
-    "diffusers": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"],
-}
 # flavour -> (compiled, fp8: None | "storage" | "compute")
 FLAVORS = {"eager": (False, None), "compiled": (True, None), "fp8_storage": (False, "storage"),
            "fp8_storage_compiled": (True, "storage"), "fp8": (False, "compute"), "fp8_compiled": (True, "compute")}
@@ -100,21 +94,12 @@ def parse_args(argv=None):
     args.width = args.width or args.height
     if args.height % 16 or args.width % 16:
         p.error(f"--height/--width must be multiples of 16 (VAE 8x, then 2x2 packing), got {args.height}x{args.width}")
-    args.modes = [m for m in args.modes.split(",") if m]
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.flavors = [f for f in args.flavors.split(",") if f]
-    args.full_flavors = [f for f in args.full_flavors.split(",") if f]
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    for m in args.modes:
-        if m not in ("forward", "train"):
-            p.error(f"unknown mode {m!r}; choose from forward, train")
+    args.modes = comma_list(p, args.modes, "mode", ("forward", "train"))
+    args.variants = comma_list(p, args.variants, "variant", VARIANTS)
+    args.flavors = comma_list(p, args.flavors, "flavor", FLAVORS)
+    args.full_flavors = comma_list(p, args.full_flavors, "flavor", FLAVORS)
     if args.profile and args.profile not in args.flavors:
         p.error(f"--profile {args.profile}: not one of --flavors ({', '.join(args.flavors)})")
-    for f in args.flavors + args.full_flavors:
-        if f not in FLAVORS:
-            p.error(f"unknown flavor {f!r}; choose from {', '.join(FLAVORS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
     args.skipped_variants = []

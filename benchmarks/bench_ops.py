@@ -32,7 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV
-from diffsynth.utils.benchmarking import command_line, section_markers, write_section
+from diffsynth.utils.benchmarking import (
+    COMMON_TARGETS, QKV_TARGETS, VARIANTS, comma_list, command_line, section_markers, write_section,
+)
 from diffsynth.utils.fp8 import enable_fp8_linear
 
 try:
@@ -40,12 +42,6 @@ try:
 except ImportError:
     diffusers = None
 
-VARIANTS = ("standard", "merged", "diffusers")
-COMMON_TARGETS = ["to_out.0", "to_add_out",
-                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
-QKV_TARGETS = {"standard": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"],
-               "merged": ["to_qkv", "add_qkv_proj"],
-               "diffusers": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"]}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
 ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
@@ -86,14 +82,8 @@ def parse_args(argv=None):
     args.width = args.width or args.height
     if args.height % 16 or args.width % 16:
         p.error(f"--height/--width must be multiples of 16, got {args.height}x{args.width}")
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.modes = [m for m in args.modes.split(",") if m]
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    for m in args.modes:
-        if m not in ("forward", "train"):
-            p.error(f"unknown mode {m!r}; choose from forward, train")
+    args.variants = comma_list(p, args.variants, "variant", VARIANTS)
+    args.modes = comma_list(p, args.modes, "mode", ("forward", "train"))
     args.skipped = []
     if diffusers is None and "diffusers" in args.variants:
         args.variants.remove("diffusers")

@@ -15,6 +15,27 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+# The DiTs the benchmarks compare and the LoRA they train: the trainer's default targets, q/k/v per layout.
+VARIANTS = ("standard", "merged", "diffusers")
+COMMON_TARGETS = ["to_out.0", "to_add_out",
+                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+QKV_TARGETS = {
+    "standard": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"],
+    "merged": ["to_qkv", "add_qkv_proj"],
+    "diffusers": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"],
+}
+
+
+def comma_list(parser, value, what, choices):
+    """A comma-list flag's value -> its items, each one of `choices` (else argparse's error naming the `what`,
+    exit 2)."""
+    items = [x for x in value.split(",") if x]
+    for x in items:
+        if x not in choices:
+            parser.error(f"unknown {what} {x!r}; choose from {', '.join(choices)}")
+    return items
+
+
 def command_line(script, argv, hidden=("--output",)):
     """The command that measured a table, as a reader would retype it: where files were written (the `hidden`
     flags) is no part of what was measured."""
