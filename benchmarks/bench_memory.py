@@ -1,7 +1,7 @@
 """Memory benchmark: peak GPU memory and step time of the full merged DiT (60 blocks) in a LoRA training step with
 gradient checkpointing, bf16 and fp8 storage x --blocks_to_swap, next to the VRAM planner's prediction for each
-row; the flags the planner picks for 24 GB and 16 GB cards; and one 1024x1024 edit denoising step (two DiT passes,
-true CFG) with block swap.
+row; the flags the planner picks for 80 GB (fewer checkpointed blocks), 24 GB and 16 GB cards; and one 1024x1024
+edit denoising step (two DiT passes, true CFG) with block swap.
 
 The DiT is built directly on the GPU (meta device, then the weights allocated there and filled with random values
 of a sane scale): never a full-precision 20B model in host memory. Every row starts from the same LoRA weights and
@@ -33,7 +33,7 @@ from diffsynth.utils.fp8 import enable_fp8_linear
 
 PRESETS = {
     # the issue's measuring stick: 1024x1024 edit (4096 target + 4096 edit-image tokens), 160 text tokens, r=32
-    "gpu": dict(config=vp.QWEN_IMAGE_DIT, size=1024, text_len=160, rank=32, swaps=(0, 8, 16, 32), budgets=(24, 16),
+    "gpu": dict(config=vp.QWEN_IMAGE_DIT, size=1024, text_len=160, rank=32, swaps=(0, 8, 16, 32), budgets=(80, 24, 16),
                 inference_budget=16, device="cuda", dtype=torch.bfloat16, warmup=1, steps=2),
     # a tiny DiT with 4 blocks on the CPU: the same code path, its numbers mean nothing (no diffusers import: the GPU
     # machine has none)
@@ -53,6 +53,9 @@ def parse_args(argv=None):
                    help="stop starting new rows after this many seconds (what ran is still reported)")
     p.add_argument("--inference_swap", type=int, default=None,
                    help="blocks swapped in the inference row (default: the fewest the planner fits in 16 GB)")
+    p.add_argument("--checkpointed", default="",
+                   help="comma list: extra bf16 rows checkpointing only the last N blocks (--blocks_to_checkpoint N), "
+                        "besides the planner's picks")
     p.add_argument("--weights", default="bf16,fp8", help="comma list of the training rows' weights: bf16, fp8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--section", default="bench_memory", help="name of the BENCHMARKS.md section")
@@ -61,6 +64,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     args.swaps = tuple(int(x) for x in args.swaps.split(",")) if args.swaps else preset["swaps"]
+    try:
+        args.checkpointed = tuple(int(x) for x in args.checkpointed.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--checkpointed: a comma list of block counts, got {args.checkpointed!r}")
+    if any(not 0 < n <= PRESETS[args.preset]["config"]["num_layers"] for n in args.checkpointed):
+        p.error(f"--checkpointed: each count between 1 and the preset's {PRESETS[args.preset]['config']['num_layers']} "
+                "blocks")
     args.weights = tuple(w.strip() for w in args.weights.split(",") if w.strip())
     if not args.weights or set(args.weights) - {"bf16", "fp8"}:
         p.error(f"--weights: a comma list of bf16 and fp8, got {','.join(args.weights)!r}")
@@ -138,8 +148,9 @@ def peak_gib(device):
 
 # ---- rows ---------------------------------------------------------------------------------------------------------
 
-def train_row(dit, preset, args, swap, fp8, lora_init, counts):
+def train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed=None):
     device = preset["device"]
+    dit.enable_gradient_checkpointing(blocks=checkpointed)
     place(dit, device, swap)
     with torch.no_grad():
         for name, p in dit.named_parameters():
@@ -166,10 +177,11 @@ def train_row(dit, preset, args, swap, fp8, lora_init, counts):
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
     setup = vp.Setup(batch=1, target_tokens=x.shape[1] // 2, edit_tokens=x.shape[1] // 2, text_tokens=text.shape[1],
-                     dtype_bytes=torch.finfo(preset["dtype"]).bits // 8, fp8=fp8, blocks_to_swap=swap)
+                     dtype_bytes=torch.finfo(preset["dtype"]).bits // 8, fp8=fp8, blocks_to_swap=swap,
+                     checkpointed_blocks=checkpointed)
     measured = peak_gib(device)
     del optimizer
-    return {"kind": "train", "fp8": fp8, "swap": swap, "seconds": statistics.median(times), "peak": measured,
+    return {"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed, "seconds": statistics.median(times), "peak": measured,
             "planned": vp.training_peak(counts, setup).gib(), "losses": losses,
             "copies": dit.block_swap.copies if dit.block_swap else 0}
 
@@ -193,18 +205,19 @@ def inference_row(dit, preset, args, swap, counts):
             times.append(time.perf_counter() - start)
     setup = vp.Setup(batch=1, target_tokens=x.shape[1] // 2, edit_tokens=x.shape[1] // 2, text_tokens=text.shape[1],
                      dtype_bytes=torch.finfo(preset["dtype"]).bits // 8, blocks_to_swap=swap)
-    return {"kind": "inference", "fp8": False, "swap": swap, "seconds": times[-1], "peak": peak_gib(device),
+    return {"kind": "inference", "fp8": False, "swap": swap, "checkpointed": None, "seconds": times[-1], "peak": peak_gib(device),
             "planned": vp.denoising_bytes(counts, setup) / vp.GIB, "losses": None}
 
 
-def planned_swaps(counts, preset, fp8=True):
-    """The planner's choice for each budget of the preset (at this benchmark's token counts): (GiB, Setup)."""
+def planned_setups(counts, preset):
+    """The planner's choice for each budget of the preset (at this benchmark's token counts) that this benchmark
+    can run (checkpointing without its offload): [(GiB, Setup)]."""
     tokens = (preset["size"] // 16) ** 2
     base = vp.Setup(target_tokens=tokens, edit_tokens=tokens, text_tokens=preset["text_len"])
     out = []
     for gib in preset["budgets"]:
         fit = vp.cheapest_fit(counts, base, gib * vp.GIB)
-        if fit is not None and fit[0].fp8 == fp8 and fit[0].checkpointing and not fit[0].checkpointing_offload:
+        if fit is not None and fit[0].checkpointing and not fit[0].checkpointing_offload:
             out.append((gib, fit[0]))
     return out
 
@@ -236,7 +249,7 @@ def run(args, progress=None):
     n = inference_swap(counts, preset) if args.inference_swap is None else args.inference_swap
     print(f"[bench_memory] inference, {n} blocks swapped", file=sys.stderr, flush=True)
     rows.append(inference_row(dit, preset, args, n, counts))
-    plans = planned_swaps(counts, preset)
+    plans = planned_setups(counts, preset)
     report = lambda: progress and progress(rows, plans, skipped, counts, time.perf_counter() - started)  # noqa: E731
     report()
 
@@ -256,20 +269,22 @@ def run(args, progress=None):
         if fp8:
             place(dit, device, 0)
             enable_fp8_linear(dit)
-        # fp8: the planner's picks too, right after the resident row (the goals' rows come first when time runs
-        # short), each swap count once: a pick equal to a listed count is that row
-        picks = [p.blocks_to_swap for _, p in plans] if fp8 else []
-        swaps = list(dict.fromkeys([s for s in args.swaps if s == 0] + picks + list(args.swaps)))
-        for swap in swaps:
+        # The planner's picks right after the resident row (the goals' rows come first when time runs short), then
+        # the extra checkpointing rows, then the listed swaps; each (swap, checkpointed blocks) once
+        picks = [(p.blocks_to_swap, p.checkpointed_blocks) for _, p in plans if p.fp8 == fp8]
+        extra = [(0, n) for n in args.checkpointed] if not fp8 else []
+        configs = list(dict.fromkeys([(s, None) for s in args.swaps if s == 0] + picks + extra
+                                     + [(s, None) for s in args.swaps]))
+        for swap, checkpointed in configs:
+            what = f"{'fp8' if fp8 else 'bf16'} swap {swap}" + (f" checkpointed {checkpointed}" if checkpointed else "")
             if over():
-                skipped.append(f"{'fp8' if fp8 else 'bf16'} swap {swap}")
+                skipped.append(what)
                 continue
-            print(f"[bench_memory] training, {'fp8' if fp8 else 'bf16'}, {swap} blocks swapped", file=sys.stderr,
-                  flush=True)
+            print(f"[bench_memory] training, {what}", file=sys.stderr, flush=True)
             try:
-                rows.append(train_row(dit, preset, args, swap, fp8, lora_init, counts))
+                rows.append(train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed))
             except torch.cuda.OutOfMemoryError:
-                rows.append({"kind": "train", "fp8": fp8, "swap": swap, "oom": True})
+                rows.append({"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed, "oom": True})
                 free(device)
             report()
     return rows, plans, skipped, counts, time.perf_counter() - started
@@ -277,22 +292,25 @@ def run(args, progress=None):
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 
-def fmt_rows(rows, plans, device):
-    resident = {(r["fp8"], r["kind"]): r for r in rows if r["kind"] == "train" and r.get("swap") == 0 and "oom" not in r}
+def fmt_rows(rows, plans, device, num_layers):
+    resident = {(r["fp8"], r["kind"]): r for r in rows
+                if r["kind"] == "train" and r.get("swap") == 0 and r["checkpointed"] is None and "oom" not in r}
     fp8_base = resident.get((True, "train"))
-    plan_of = {p.blocks_to_swap: gib for gib, p in plans}
-    lines = ["| run | weights | blocks swapped | s/step | x fp8 resident | peak GiB (measured) | planner GiB | "
-             "planner error | max loss diff vs resident |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    plan_of = {(p.fp8, p.blocks_to_swap, p.checkpointed_blocks): gib for gib, p in plans}
+    lines = ["| run | weights | blocks swapped | blocks checkpointed | s/step | x fp8 resident | peak GiB (measured) | "
+             "planner GiB | planner error | max loss diff vs resident |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         weights = "fp8" if r["fp8"] else ("bf16" if device == "cuda" else "fp32")
+        checkpointed = "-" if r["kind"] == "inference" else (r["checkpointed"] or num_layers)
         if r["kind"] == "inference":
             label = "inference: 1 edit step, true CFG (2 DiT passes)"
         else:
-            label = "LoRA step, checkpointing" + (f" ({plan_of[r['swap']]} GB plan)" if r["fp8"] and r["swap"] in
-                                                  plan_of and r["swap"] not in (0,) else "")
+            plan = plan_of.get((r["fp8"], r["swap"], r["checkpointed"]))
+            plain = r["swap"] == 0 and r["checkpointed"] is None  # what any budget with room to spare picks
+            label = "LoRA step" + (f" ({plan} GB plan)" if plan and not plain else "")
         if r.get("oom"):
-            lines.append(f"| {label} | {weights} | {r['swap']} | OOM | | | | | |")
+            lines.append(f"| {label} | {weights} | {r['swap']} | {checkpointed} | OOM | | | | | |")
             continue
         ratio = f"{r['seconds'] / fp8_base['seconds']:.2f}" if fp8_base and r["kind"] == "train" else "-"
         peak = f"{r['peak']:.2f}" if r["peak"] is not None else "n/a (CPU)"
@@ -300,7 +318,7 @@ def fmt_rows(rows, plans, device):
         base = resident.get((r["fp8"], "train"))
         diff = (f"{max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.1e}"
                 if r["losses"] and base else "-")
-        lines.append(f"| {label} | {weights} | {r['swap']} | {r['seconds']:.3f} | {ratio} | {peak} | "
+        lines.append(f"| {label} | {weights} | {r['swap']} | {checkpointed} | {r['seconds']:.3f} | {ratio} | {peak} | "
                      f"{r['planned']:.2f} | {error} | {diff} |")
     return "\n".join(lines)
 
@@ -325,12 +343,13 @@ def render(args, rows, plans, skipped, counts, seconds, argv):
         f"- Model: merged-QKV DiT, {counts.num_layers} blocks ({counts.total / 1e6:,.1f}M parameters), random weights; "
         f"LoRA r={preset['rank']} on the default targets ({counts.lora / 1e6:.2f}M parameters, fp32, AdamW); "
         f"batch 1, {preset['size']}x{preset['size']} edit = {tokens} target + {tokens} edit-image tokens + "
-        f"{preset['text_len']} text tokens; gradient checkpointing in every training row.",
+        f"{preset['text_len']} text tokens; gradient checkpointing in every training row (of every block, or of the "
+        "last N: `--blocks_to_checkpoint N`).",
         f"- Method: {args.warmup} warm-up step(s) (the optimizer state is allocated), then {args.steps} timed; peak = "
         "torch.cuda.max_memory_allocated over the timed steps; planner = `diffsynth/utils/vram_planner.py` "
         "(steady state) for the same setup. The text encoder and VAE are not part of any row.",
         "",
-        fmt_rows(rows, plans, device),
+        fmt_rows(rows, plans, device, counts.num_layers),
     ]
     if plans:
         text += ["", "Plans: " + "; ".join(f"{gib} GB card: {' '.join(p.flags())}" for gib, p in plans)

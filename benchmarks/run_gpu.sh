@@ -56,7 +56,8 @@ timeout -k 5 "$LIMIT" "$PYTHON" benchmarks/bench_dit.py "${DIT[@]}" --section be
 
 # 2. Memory (issue 11's slot, at most 100 s): the 60-block step with block swap and fp8, planner vs measured, an
 #    inference step with swap (--budget_s stops starting rows at 85 s; the section is rewritten after every row).
-#    Swaps 0 and 16 in bf16 and fp8, plus the planner's 24 / 16 GB picks in fp8.
+#    Swaps 0 and 16 in bf16 and fp8, plus the planner's 80 GB pick in bf16 (--blocks_to_checkpoint: fewer blocks
+#    recomputed) and its 24 / 16 GB picks in fp8.
 if [ "$DRY" = 1 ]; then
   MEMORY=(--preset tiny)
 else

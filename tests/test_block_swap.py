@@ -90,6 +90,18 @@ def test_swap_equals_resident_forward_and_gradients(cls, checkpointing):
     assert swap.copies == ((3 + 2) + (2 + 2) if checkpointing else (3 + 1) + 3), swap.trace
 
 
+def test_swap_with_only_the_swapped_blocks_checkpointed():
+    """--blocks_to_swap 2 --blocks_to_checkpoint 2 of 4: the first two blocks keep their activations, the two swapped
+    ones are recomputed; the numbers are those of the resident model checkpointing every block."""
+    reference, swapped = lora_dit(QwenImageDiTMergedQKV), lora_dit(QwenImageDiTMergedQKV, checkpointing=False)
+    swapped.enable_gradient_checkpointing(blocks=2)
+    swapped.enable_block_swap(2, "cpu")
+    swapped.block_swap.trace = []
+    assert_steps_equal(reference, swapped)
+    runs = [i for kind, i in swapped.block_swap.trace if kind == "run"]
+    assert runs == [0, 1, 2, 3, 3, 2] * 2  # blocks 0 and 1 are not run again in the backward pass
+
+
 def test_swap_holds_the_frozen_weights_in_host_memory_only():
     dit = lora_dit(QwenImageDiTMergedQKV)
     dit.enable_block_swap(2, "cpu")
@@ -202,6 +214,29 @@ def test_trainer_steps_with_swap_equal_resident(tiny_models, data, tmp_path, cap
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_trainer_checkpointing_fewer_blocks_trains_the_same(tiny_models, data, tmp_path, capsys, compiled):
+    """--blocks_to_checkpoint 1 (of the tiny DiT's 2): the same losses and LoRA as checkpointing both blocks, eager
+    and with --compile (the same compiled graphs run inside and outside the checkpoint)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("all", []), ("last", ["--blocks_to_checkpoint", "1"])):
+        out = str(tmp_path / name)
+        assert main(flags(tiny_models, data, out, "--max_steps", "2", "--use_gradient_checkpointing",
+                          "--cache_conditioning", str(tmp_path / "cache"), *extra,
+                          *(["--compile"] if compiled else []))) == 0
+        runs[name] = (losses(out), load_file(os.path.join(out, "checkpoint-final.safetensors")))
+    assert "gradient checkpointing: the last 1 of 2 blocks; the first 1 keep their activations" in \
+        capsys.readouterr().out
+    assert runs["all"][0] == runs["last"][0] and len(runs["all"][0]) == 2
+    a, b = runs["all"][1], runs["last"][1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code = main(flags(tiny_models, data, str(tmp_path / "c"), "--use_gradient_checkpointing", "--blocks_to_checkpoint",
+                      "3", "--max_steps", "1"))
+    assert code == 2 and "blocks_to_checkpoint 3: the DiT has 2 blocks; checkpoint 1 to 2" in capsys.readouterr().err
+
+
 def test_trainer_swap_flag_checks(tiny_models, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(flags(tiny_models, data, str(tmp_path / "a"), "--blocks_to_swap", "1"))
@@ -212,14 +247,10 @@ def test_trainer_swap_flag_checks(tiny_models, data, tmp_path, capsys):
 
 
 def test_trainer_compile_with_swap_equals_compile(tiny_models, data, tmp_path):
-    """Issue 9's --compile (each block's forward compiled) with block swap: the same losses and LoRA as compiled
-    without swap. Skipped until --compile is on this branch."""
+    """--compile (each block's forward compiled) with block swap: the same losses and LoRA as compiled without
+    swap."""
     from safetensors.torch import load_file
 
-    from diffsynth.trainers.args import build_parser
-
-    if "--compile" not in build_parser(True)._option_string_actions:
-        pytest.skip("the trainer has no --compile yet (issue 9)")
     runs = {}
     for name, swap in (("resident", []), ("swapped", ["--blocks_to_swap", "1"])):
         out = str(tmp_path / name)

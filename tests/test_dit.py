@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_diffusers_dit
+from conftest import TINY_DIT, random_diffusers_dit
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV, merge_qkv_state_dict, split_qkv_state_dict
 from diffsynth.models.qwen_image_dit_merged_qkv import QKVLayoutError
 
@@ -114,6 +114,43 @@ def test_gradient_checkpointing_gives_same_gradients(cls, offload):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-8, msg=name)
             compared += 1
     assert compared > 0.8 * len(list(plain.parameters()))
+
+
+@pytest.mark.parametrize("cls", [QwenImageDiT, QwenImageDiTMergedQKV])
+def test_checkpointing_only_the_last_blocks(cls, monkeypatch):
+    """enable_gradient_checkpointing(blocks=N): only the last N blocks run under checkpoint, the others keep their
+    activations; outputs and gradients equal those of checkpointing every block and of none."""
+    torch.manual_seed(0)
+    weights = cls(**dict(TINY_DIT, num_layers=3)).state_dict()
+    weights = {k: torch.randn_like(v) * 0.05 for k, v in weights.items()}
+
+    def build3():
+        model = cls(**dict(TINY_DIT, num_layers=3))
+        model.load_state_dict(weights)
+        return model
+
+    runs = {}
+    real = torch.utils.checkpoint.checkpoint
+    for blocks in (None, 1, 3, "off"):
+        model = build3()
+        if blocks != "off":
+            model.enable_gradient_checkpointing(blocks=blocks)
+        ran = []
+        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                            lambda fn, *a, **k: ran.append(list(model.transformer_blocks).index(fn)) or real(fn, *a, **k))
+        out = model(*edit_batch())
+        out.square().mean().backward()
+        runs[blocks] = (out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ran)
+    assert [runs[b][2] for b in (None, 1, 3, "off")] == [[0, 1, 2], [2], [0, 1, 2], []]
+    for blocks in (1, 3, "off"):
+        torch.testing.assert_close(runs[blocks][0], runs[None][0], rtol=0, atol=0)
+        assert runs[blocks][1].keys() == runs[None][1].keys()
+        for name, grad in runs[None][1].items():
+            torch.testing.assert_close(runs[blocks][1][name], grad, rtol=1e-6, atol=1e-8, msg=f"{blocks}: {name}")
+    model = build3()
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"blocks_to_checkpoint {bad}: the DiT has 3 blocks; checkpoint 1 to 3"):
+            model.enable_gradient_checkpointing(blocks=bad)
 
 
 def test_offload_moves_saved_block_inputs_to_cpu(monkeypatch):

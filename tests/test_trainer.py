@@ -117,6 +117,10 @@ def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, ca
     (["--height", "64"], "--height and --width go together"),
     (["--use_gradient_checkpointing_offload"], "needs --use_gradient_checkpointing"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--blocks_to_checkpoint", "1"], "--blocks_to_checkpoint needs --use_gradient_checkpointing"),
+    (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "0"], "--blocks_to_checkpoint must be >= 1 (got 0)"),
+    (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "1", "--blocks_to_swap", "2"],
+     "--blocks_to_checkpoint 1 is fewer than --blocks_to_swap 2: a swapped block must be checkpointed"),
 ])
 def test_bad_flags_exit_with_a_message(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:

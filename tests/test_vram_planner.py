@@ -150,12 +150,34 @@ def test_cheapest_fit(real):
         # the smallest swap that fits: one block fewer does not
         assert vp.training_peak(real, replace(cand, blocks_to_swap=cand.blocks_to_swap - 1)).gib() > most
         assert "--cache_conditioning" in cand.flags()
+    # 80 GB: bf16 with room to spare, spent on blocks that keep their activations: the fewest checkpointed blocks
+    # that fit (one fewer does not), each block out of the recompute making the step cheaper
     cand, peak, cost = vp.cheapest_fit(real, s, 80 * vp.GIB)
-    assert (cand.fp8, cand.blocks_to_swap, cost) == (False, 0, 1.0)  # fits as it is: nothing to pay
+    assert (cand.fp8, cand.blocks_to_swap, cand.checkpointing) == (False, 0, True) and 30 < cand.checkpointed_blocks < 60
+    assert peak.gib() <= 78 < vp.training_peak(real, replace(cand, checkpointed_blocks=cand.checkpointed_blocks - 1)).gib()
+    assert cost == vp.step_cost(real, cand) < 1.0
+    assert cand.flags()[:3] == ["--use_gradient_checkpointing", "--blocks_to_checkpoint", str(cand.checkpointed_blocks)]
+    cand, peak, cost = vp.cheapest_fit(real, s, 48 * vp.GIB)
+    assert (cand.fp8, cand.blocks_to_swap, cand.checkpointed_blocks, cost) == (False, 0, None, 1.0)  # fits as it is
     assert vp.cheapest_fit(real, replace(s, batch=64), 24 * vp.GIB) is None
     # swapping costs more the more blocks move, fp8 blocks cost half as much to move as bf16 ones
     costs = [vp.step_cost(real, replace(s, fp8=True, blocks_to_swap=n)) for n in (0, 8, 16, 32)]
     assert costs == sorted(costs)
+
+
+def test_blocks_not_checkpointed_keep_their_activations(real):
+    """--blocks_to_checkpoint N: the 60 - N blocks not checkpointed hold their saved activations instead of their
+    input; the step loses their recompute."""
+    s = vp.Setup()
+    unit = vp.hidden_unit(real, s)
+    every = vp.training_peak(real, s).peak
+    for kept in (1, 30, 59):
+        partial = vp.training_peak(real, replace(s, checkpointed_blocks=kept)).peak
+        assert partial - every == (60 - kept) * (vp.HIDDEN_UNITS_SAVED - 1) * unit
+    assert vp.training_peak(real, replace(s, checkpointed_blocks=60)).peak == every
+    costs = [vp.step_cost(real, replace(s, checkpointed_blocks=k)) for k in (1, 30, 60)]
+    assert costs == sorted(costs) and costs[-1] == 1.0
+    assert costs[0] == pytest.approx((1 + 59 * vp.NO_CHECKPOINTING_FACTOR) / 60)
 
 
 @pytest.mark.parametrize("text, gib", [("24GB", 24), ("16GiB", 16), ("80", 80), ("12g", 12), ("16384MB", 16)])
@@ -192,6 +214,12 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
     assert "flags: --use_gradient_checkpointing --enable_fp8_training --blocks_to_swap 20" in plan
     peak = float(plan.split("predicted peak GPU memory: ")[1].split(" GiB")[0])
     assert 15 < peak < 22
+    # fewer checkpointed blocks: their activations are counted, and an 80 GB card is told how many
+    assert main(argv + ["--blocks_to_checkpoint", "50", "--vram_budget", "80GB"]) == 0
+    plan = capsys.readouterr().err
+    assert "flags: --use_gradient_checkpointing --blocks_to_checkpoint 50 --cache_conditioning" in plan
+    assert "activations of the blocks not checkpointed" in plan and "your flags fit as given" in plan
+    assert "cheapest flags that fit: --use_gradient_checkpointing --blocks_to_checkpoint 42 --cache_conditioning" in plan
 
 
 def test_bad_budget_is_a_flag_error(capsys):

@@ -301,6 +301,7 @@ class QwenImageDiT(nn.Module):
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.gradient_checkpointing = False
         self.gradient_checkpointing_offload = False
+        self.checkpointed_blocks = num_layers  # the last this many blocks are checkpointed (when enabled)
         self.block_swap = None
 
     def unused_in_output(self):
@@ -309,9 +310,17 @@ class QwenImageDiT(nn.Module):
         last = f"transformer_blocks.{len(self.transformer_blocks) - 1}"
         return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
 
-    def enable_gradient_checkpointing(self, offload=False):
-        """Recompute each block in backward; with offload, the saved block inputs wait on the CPU."""
+    def enable_gradient_checkpointing(self, offload=False, blocks=None):
+        """Recompute blocks in backward; with offload, the saved block inputs wait on the CPU. `blocks`: checkpoint
+        only the last `blocks` blocks (default: all); the others keep their activations for the backward pass, so
+        they are not run twice: faster, for the memory of their activations (a block swapped without checkpointing
+        keeps its weights' device copy alive until its backward: swap only checkpointed blocks to save memory)."""
+        n = len(self.transformer_blocks)
+        blocks = n if blocks is None else blocks
+        if not 0 < blocks <= n:
+            raise ValueError(f"blocks_to_checkpoint {blocks}: the DiT has {n} blocks; checkpoint 1 to {n}")
         self.gradient_checkpointing, self.gradient_checkpointing_offload = True, offload
+        self.checkpointed_blocks = blocks
 
     def enable_block_swap(self, num_blocks, device, prefetch=1):
         """Keep the frozen weights of the last `num_blocks` blocks in (pinned) host memory; each visits `device`
@@ -368,10 +377,11 @@ class QwenImageDiT(nn.Module):
             attn_mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
 
         rope = self.pos_embed(shapes, text.shape[1], image.device)
+        first_checkpointed = len(self.transformer_blocks) - self.checkpointed_blocks
         for i, block in enumerate(self.transformer_blocks):
             if self.block_swap is not None:
                 block = self.block_swap.bind(i)  # the same call, with the block's weights on the device
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and i >= first_checkpointed and torch.is_grad_enabled():
                 image, text = self._checkpointed(block, image, text, temb, rope, attn_mask, modulate_index)
             else:
                 image, text = block(image, text, temb, rope, attn_mask, modulate_index)

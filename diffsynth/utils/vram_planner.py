@@ -12,7 +12,8 @@ What is counted (bytes on the GPU, per process):
 - activations, in units of one hidden state of the whole sequence, U = batch x tokens x 3072 x 2 bytes (bf16):
   with gradient checkpointing every block keeps its input (1 U per block; with the offload they wait in host
   memory instead) and one block at a time holds its recomputed activations during its backward pass;
-  without checkpointing every block keeps its activations until the backward pass;
+  without checkpointing every block keeps its activations until the backward pass; with --blocks_to_checkpoint N
+  the last N blocks are checkpointed and the others keep their activations;
 - with fp8 storage, the transient full-precision copy of the largest weight that the backward pass upcasts;
 - the text encoder and the VAE when they stay on the GPU (training without a complete conditioning cache).
 
@@ -58,11 +59,13 @@ CALIBRATION = [
 CALIBRATION_INPUT = dict(batch=1, target_tokens=4096, edit_tokens=4096, text_tokens=160, rank=32)
 
 # Relative step time, for ranking options only (H100 measurements: 60 blocks with checkpointing 1.589 s;
-# fp8 storage 1.887 s; without checkpointing not measured at 60 blocks: the CPU benchmark's 1/1.31).
+# fp8 storage 1.887 s). A block's share of the step without checkpointing, from one H100 run (BENCHMARKS.md,
+# merged, eager, same setup): 8 blocks without checkpointing 0.1745 s = 21.8 ms a block, 60 blocks with it
+# 1.822 s = 30.4 ms a block: 0.72 (compiled: 14.6 vs 20.6 ms, 0.71). 60 blocks without it were not measured.
 STEP_SECONDS = 1.589
 FORWARD_SECONDS = 0.394
 FP8_FACTOR = 1.887 / 1.589
-NO_CHECKPOINTING_FACTOR = 1 / 1.31
+NO_CHECKPOINTING_FACTOR = (0.1745 / 8) / (1.822 / 60)
 
 
 # Optimizer state per trainable parameter, bytes (fp32 states; 8-bit AdamW: two 1-byte states; Adafactor: factored
@@ -134,6 +137,7 @@ class Setup:
     fp8: bool = False
     checkpointing: bool = True
     checkpointing_offload: bool = False
+    checkpointed_blocks: int = None  # with checkpointing: the last this many blocks (None: all)
     blocks_to_swap: int = 0
     prefetch: int = 1
     encoders_on_gpu: bool = False  # training without a complete conditioning cache keeps them there
@@ -146,6 +150,8 @@ class Setup:
         out = []
         if self.checkpointing:
             out.append("--use_gradient_checkpointing")
+        if self.checkpointing and self.checkpointed_blocks is not None:
+            out += ["--blocks_to_checkpoint", str(self.checkpointed_blocks)]
         if self.checkpointing_offload:
             out.append("--use_gradient_checkpointing_offload")
         if self.fp8:
@@ -190,6 +196,13 @@ def weight_bytes(counts: DiTCounts, s: Setup) -> int:
     return int(total)
 
 
+def checkpointed(counts: DiTCounts, s: Setup) -> int:
+    """How many blocks are checkpointed."""
+    if not s.checkpointing:
+        return 0
+    return counts.num_layers if s.checkpointed_blocks is None else min(s.checkpointed_blocks, counts.num_layers)
+
+
 def hidden_unit(counts: DiTCounts, s: Setup) -> int:
     """U: one hidden state of the whole sequence (image and text tokens) in the compute dtype."""
     return s.batch * (s.target_tokens + s.edit_tokens + s.text_tokens) * counts.dim * s.dtype_bytes
@@ -211,7 +224,12 @@ def training_peak(counts: DiTCounts, s: Setup) -> Breakdown:
     if s.ema:
         common["EMA of the LoRA (fp32)"] = backward["EMA of the LoRA (fp32)"] = 4 * lora
     if s.checkpointing:
-        backward["block inputs kept for the backward"] = 0 if s.checkpointing_offload else counts.num_layers * unit
+        kept = checkpointed(counts, s)
+        backward["block inputs kept for the backward"] = 0 if s.checkpointing_offload else kept * unit
+        if kept < counts.num_layers:
+            backward["activations of the blocks not checkpointed"] = \
+                (counts.num_layers - kept) * HIDDEN_UNITS_SAVED * unit
+        # the backward pass starts with the last block, a checkpointed one: the largest transient of all
         backward["one block's recompute and backward"] = HIDDEN_UNITS_CKPT * unit
     else:
         backward["activations of every block"] = counts.num_layers * HIDDEN_UNITS_SAVED * unit
@@ -266,7 +284,8 @@ def inference_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
 def step_cost(counts: DiTCounts, s: Setup) -> float:
     """Estimated step time relative to the all-resident bf16 step with checkpointing (H100-based; PCIe
     bandwidth PCIE_GBPS): for ranking flags, not a measurement."""
-    cost = 1.0 if s.checkpointing else NO_CHECKPOINTING_FACTOR
+    kept = checkpointed(counts, s)
+    cost = (kept + (counts.num_layers - kept) * NO_CHECKPOINTING_FACTOR) / counts.num_layers
     if s.fp8:
         cost *= FP8_FACTOR
     step = STEP_SECONDS * cost
@@ -286,22 +305,29 @@ def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
     """The flags with the lowest estimated step time whose predicted peak fits `budget_bytes` minus the
     headroom; -> (Setup, Breakdown, cost) or None. Batch, sizes, rank and precision are kept as given."""
     usable = budget_bytes - HEADROOM_GIB * GIB
+    n = counts.num_layers
     best = None
     for checkpointing in (False, True):
         for offload in ((False, True) if checkpointing else (False,)):
             for fp8 in (False, True):
-                for swap in range(0, counts.num_layers + 1):
+                for swap in range(0, n + 1):
                     if swap and not checkpointing:
                         continue
-                    cand = replace(s, checkpointing=checkpointing, checkpointing_offload=offload, fp8=fp8,
-                                   blocks_to_swap=swap, encoders_on_gpu=False)
-                    peak = training_peak(counts, cand)
-                    if peak.peak > usable:
+                    # the fewest checkpointed blocks that fit (a swapped block is a checkpointed one)
+                    for kept in (range(max(swap, 1), n + 1) if checkpointing else (None,)):
+                        cand = replace(s, checkpointing=checkpointing, checkpointing_offload=offload, fp8=fp8,
+                                       blocks_to_swap=swap, encoders_on_gpu=False,
+                                       checkpointed_blocks=None if kept in (None, n) else kept)
+                        peak = training_peak(counts, cand)
+                        if peak.peak <= usable:
+                            break
+                    else:
                         continue
                     cost = step_cost(counts, cand)
                     if best is None or (cost, peak.peak) < (best[2], best[1].peak):
                         best = (cand, peak, cost)
-                    break  # more swapping only costs more
+                    if kept in (None, max(swap, 1)):
+                        break  # nothing left to trade: more swapping only costs more
     return best
 
 
@@ -335,6 +361,7 @@ def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> 
                  fp8=bool(args.enable_fp8_training or getattr(args, "fp8_compute", False)),  # the same storage
                  checkpointing=args.use_gradient_checkpointing,
                  checkpointing_offload=args.use_gradient_checkpointing_offload,
+                 checkpointed_blocks=getattr(args, "blocks_to_checkpoint", None),
                  blocks_to_swap=args.blocks_to_swap, encoders_on_gpu=args.cache_conditioning is None,
                  processes=processes, fsdp=fsdp, ema=bool(getattr(args, "ema_decay", None)),
                  optimizer_state_bytes=OPTIMIZER_STATE_BYTES.get(getattr(args, "optimizer", "adamw"), 8))
