@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL_IDS
 from diffsynth.lora import LoraError, fuse_lora
 from diffsynth.lora.adapters import Adapter, adapter_type, read_adapters, to_standard
 from diffsynth.models import load_qwen_image_dit
