@@ -58,14 +58,16 @@ CALIBRATION = [
 ]
 CALIBRATION_INPUT = dict(batch=1, target_tokens=4096, edit_tokens=4096, text_tokens=160, rank=32)
 
-# Relative step time, for ranking options only (H100 measurements: 60 blocks with checkpointing 1.589 s;
-# fp8 storage 1.887 s). A block's share of the step without checkpointing, from one H100 run (BENCHMARKS.md,
-# merged, eager, same setup): 8 blocks without checkpointing 0.1745 s = 21.8 ms a block, 60 blocks with it
-# 1.822 s = 30.4 ms a block: 0.72 (compiled: 14.6 vs 20.6 ms, 0.71). 60 blocks without it were not measured.
-STEP_SECONDS = 1.589
-FORWARD_SECONDS = 0.394
-FP8_FACTOR = 1.887 / 1.589
-NO_CHECKPOINTING_FACTOR = (0.1745 / 8) / (1.822 / 60)
+# Step times, for ranking flags only. One H100 80GB run of this code (BENCHMARKS.md, 2026-11-27; merged DiT, LoRA
+# r=32 in fp32 under autocast as the trainer runs it, 1024x1024 edit, 160 text tokens), keyed by (--compile,
+# weights): the 60-block step with gradient checkpointing, s; a block's forward as a share of a checkpointed
+# block's step (8 blocks' forward / 8 vs the 60-block step / 60); a block's step without checkpointing as a share
+# of a checkpointed one (8 blocks without it / 8 vs 60 with it / 60). fp8 storage with --compile was not measured:
+# it is assumed to cost what it costs eager, relative to bf16 (STEP_SECONDS falls back to that ratio).
+STEP_SECONDS = {(False, "bf16"): 1.822, (False, "fp8"): 2.181, (False, "fp8_compute"): 2.319,
+                (True, "bf16"): 1.238, (True, "fp8_compute"): 1.164}
+FORWARD_SHARE = {False: (0.0599 / 8) / (1.822 / 60), True: (0.0413 / 8) / (1.238 / 60)}
+NO_CHECKPOINTING_FACTOR = {False: (0.1745 / 8) / (1.822 / 60), True: (0.1171 / 8) / (1.238 / 60)}
 
 
 # Optimizer state per trainable parameter, bytes (fp32 states; 8-bit AdamW: two 1-byte states; Adafactor: factored
@@ -138,6 +140,8 @@ class Setup:
     checkpointing: bool = True
     checkpointing_offload: bool = False
     checkpointed_blocks: int = None  # with checkpointing: the last this many blocks (None: all)
+    compiled: bool = False  # --compile: changes the step time, not the memory the planner counts
+    fp8_compute: bool = False  # with fp8: --fp8_compute (the same storage, fp8 matmuls) instead of fp8 storage
     blocks_to_swap: int = 0
     prefetch: int = 1
     encoders_on_gpu: bool = False  # training without a complete conditioning cache keeps them there
@@ -155,7 +159,7 @@ class Setup:
         if self.checkpointing_offload:
             out.append("--use_gradient_checkpointing_offload")
         if self.fp8:
-            out.append("--enable_fp8_training")
+            out.append("--fp8_compute" if self.fp8_compute else "--enable_fp8_training")
         if self.blocks_to_swap:
             out += ["--blocks_to_swap", str(self.blocks_to_swap)]
         if not self.encoders_on_gpu:
@@ -281,29 +285,41 @@ def inference_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
     return None
 
 
+def weights_kind(s: Setup) -> str:
+    return "fp8_compute" if s.fp8 and s.fp8_compute else ("fp8" if s.fp8 else "bf16")
+
+
+def checkpointed_step_seconds(s: Setup) -> float:
+    """The measured (or, for fp8 storage compiled, derived) 60-block step with every block checkpointed."""
+    key = (s.compiled, weights_kind(s))
+    if key in STEP_SECONDS:
+        return STEP_SECONDS[key]
+    eager = STEP_SECONDS[(False, key[1])] / STEP_SECONDS[(False, "bf16")]
+    return STEP_SECONDS[(s.compiled, "bf16")] * eager
+
+
 def step_cost(counts: DiTCounts, s: Setup) -> float:
-    """Estimated step time relative to the all-resident bf16 step with checkpointing (H100-based; PCIe
-    bandwidth PCIE_GBPS): for ranking flags, not a measurement."""
+    """Estimated step time relative to the all-resident bf16 step with every block checkpointed, compiled or not as
+    `s` is (H100-based; PCIe bandwidth PCIE_GBPS): for ranking flags, not a measurement."""
+    n = counts.num_layers
+    block = checkpointed_step_seconds(s) / n  # a checkpointed block's forward, recompute and backward
+    forward = FORWARD_SHARE[s.compiled] * block
     kept = checkpointed(counts, s)
-    cost = (kept + (counts.num_layers - kept) * NO_CHECKPOINTING_FACTOR) / counts.num_layers
-    if s.fp8:
-        cost *= FP8_FACTOR
-    step = STEP_SECONDS * cost
-    per_block_forward = FORWARD_SECONDS * cost / counts.num_layers
-    per_block_backward = (step - FORWARD_SECONDS * cost) / counts.num_layers
+    step = block * (kept + (n - kept) * NO_CHECKPOINTING_FACTOR[s.compiled])
     copy = block_bytes(counts, s) / (PCIE_GBPS * 1e9)
-    swapped = min(s.blocks_to_swap, counts.num_layers)
-    # Each swapped block is copied for the forward and again for the recompute; a copy hides behind the compute
-    # of the block before it.
-    exposed = swapped * (max(0.0, copy - per_block_forward) + max(0.0, copy - per_block_backward))
+    swapped = min(s.blocks_to_swap, n)
+    # Each swapped (so checkpointed) block is copied for the forward and again for the recompute; a copy hides
+    # behind the compute of the block before it: its forward, then its recompute and backward.
+    exposed = swapped * (max(0.0, copy - forward) + max(0.0, copy - (block - forward)))
     if s.checkpointing_offload:
-        exposed += 2 * counts.num_layers * hidden_unit(counts, s) / (PCIE_GBPS * 1e9)
-    return (step + exposed) / STEP_SECONDS
+        exposed += 2 * kept * hidden_unit(counts, s) / (PCIE_GBPS * 1e9)
+    return (step + exposed) / STEP_SECONDS[(s.compiled, "bf16")]
 
 
 def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
     """The flags with the lowest estimated step time whose predicted peak fits `budget_bytes` minus the
-    headroom; -> (Setup, Breakdown, cost) or None. Batch, sizes, rank and precision are kept as given."""
+    headroom; -> (Setup, Breakdown, cost) or None. Batch, sizes, rank, precision, --compile and
+    --fp8_compute (which fp8 a candidate with fp8 weights uses) are kept as given."""
     usable = budget_bytes - HEADROOM_GIB * GIB
     n = counts.num_layers
     best = None
@@ -359,6 +375,7 @@ def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> 
     return Setup(batch=args.batch_size, target_tokens=target, edit_tokens=edit, text_tokens=text,
                  dtype_bytes=4 if mixed == "no" else 2,
                  fp8=bool(args.enable_fp8_training or getattr(args, "fp8_compute", False)),  # the same storage
+                 fp8_compute=bool(getattr(args, "fp8_compute", False)), compiled=bool(getattr(args, "compile", False)),
                  checkpointing=args.use_gradient_checkpointing,
                  checkpointing_offload=args.use_gradient_checkpointing_offload,
                  checkpointed_blocks=getattr(args, "blocks_to_checkpoint", None),
@@ -429,7 +446,8 @@ def plan_report(args, processes=1, fsdp=False) -> str:
             cand, cpeak, cost = fit
             lines.append(f"{head}: cheapest flags that fit: {' '.join(cand.flags())}")
             lines.append(f"  predicted peak {cpeak.gib():.1f} GiB, estimated step time {cost:.2f}x the "
-                         "all-resident bf16 step (H100-based estimate, PCIe 4.0 assumed for the copies)")
+                         f"all-resident bf16 step{' (both with --compile)' if s.compiled else ''} (H100-based "
+                         "estimate, PCIe 4.0 assumed for the copies)")
             if peak.peak <= total - HEADROOM_GIB * GIB:
                 lines.append("  your flags fit as given")
             else:
