@@ -50,6 +50,23 @@ FLAVOR_LABELS = {"eager": "eager", "compiled": "compiled", "fp8_storage": "fp8 s
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def flavor_parts(flavor):
+    """'fp8_compiled:27' -> ('fp8_compiled', 27): a flavour and, after a colon (--full_flavors only), how many of
+    the last blocks are checkpointed (--blocks_to_checkpoint); None: every block."""
+    name, _, blocks = flavor.partition(":")
+    return name, int(blocks) if blocks else None
+
+
+def flavor_mode(flavor):
+    """-> (compiled, fp8: None | "storage" | "compute")"""
+    return FLAVORS[flavor_parts(flavor)[0]]
+
+
+def flavor_label(flavor):
+    name, blocks = flavor_parts(flavor)
+    return FLAVOR_LABELS[name] + (f", only the last {blocks} blocks checkpointed" if blocks else "")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -74,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--full_layers", type=int, default=0,
                    help="also time the merged DiT at this many blocks with gradient checkpointing (LoRA step)")
     p.add_argument("--full_flavors", default="eager,compiled,fp8_storage,fp8,fp8_compiled,fp8_storage_compiled",
-                   help="flavours of the --full_layers section, in this order")
+                   help="flavours of the --full_layers section, in this order; FLAVOR:N checkpoints only the last N "
+                        "blocks (--blocks_to_checkpoint N), e.g. fp8_compiled:35")
     p.add_argument("--full_warmup", type=int, default=2)
     p.add_argument("--full_iters", type=int, default=3)
     p.add_argument("--full_budget_s", type=float, default=0, help="as --budget_s, for the --full_layers section")
@@ -97,7 +115,14 @@ def parse_args(argv=None):
     args.modes = comma_list(p, args.modes, "mode", ("forward", "train"))
     args.variants = comma_list(p, args.variants, "variant", VARIANTS)
     args.flavors = comma_list(p, args.flavors, "flavor", FLAVORS)
-    args.full_flavors = comma_list(p, args.full_flavors, "flavor", FLAVORS)
+    full = [f for f in args.full_flavors.split(",") if f]
+    comma_list(p, ",".join(f.partition(":")[0] for f in full), "flavor", FLAVORS)
+    for f in full:
+        _, colon, blocks = f.partition(":")
+        if colon and not (blocks.isdigit() and 0 < int(blocks) <= args.full_layers):
+            p.error(f"--full_flavors {f}: after the colon, how many of the last blocks to checkpoint, 1 to "
+                    f"--full_layers ({args.full_layers})")
+    args.full_flavors = full
     if args.profile and args.profile not in args.flavors:
         p.error(f"--profile {args.profile}: not one of --flavors ({', '.join(args.flavors)})")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -193,7 +218,7 @@ def build_models(args, config, dtype, variants):
 
 def prepare(args, name, model, mode, flavor, checkpointing):
     """LoRA (train mode), fp8 and compile, in the trainer's order; -> the trainable parameters."""
-    compiled, fp8 = FLAVORS[flavor]
+    compiled, fp8 = flavor_mode(flavor)
     params = []
     if mode == "train":
         targets = QKV_TARGETS[name] + COMMON_TARGETS
@@ -209,7 +234,7 @@ def prepare(args, name, model, mode, flavor, checkpointing):
                 params.append(p)
         model.train()
         if checkpointing:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(blocks=flavor_parts(flavor)[1])
     if fp8:
         enable_fp8_linear(model, compute=fp8 == "compute")
     if compiled:
@@ -283,7 +308,7 @@ def profile_step(args, fn):
 
 
 def fmt_profile(args, flavor, rows, total):
-    lines = [f"One merged LoRA step ({FLAVOR_LABELS[flavor]}, {args.num_layers} block(s)) under torch.profiler: "
+    lines = [f"One merged LoRA step ({flavor_label(flavor)}, {args.num_layers} block(s)) under torch.profiler: "
              f"{'GPU kernels' if args.device == 'cuda' else 'CPU ops'} by self time, {total / 1e3:.1f} ms in all "
              f"(the profiler's overhead included; the timed rounds above are the step's time).", "",
              "| kernel / op | calls | self ms | share |", "|---|---:|---:|---:|"]
@@ -334,7 +359,7 @@ def group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpoint
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         fns[name] = fn
-    if mode == "forward" and not FLAVORS[flavor][0]:
+    if mode == "forward" and not flavor_mode(flavor)[0]:
         with torch.no_grad():
             outputs = {n: call(n, m, batch).float() for n, m in models.items()}
         ref = outputs.get("diffusers", next(iter(outputs.values())))
@@ -352,24 +377,24 @@ def run_section(args, config, dtype, variants, modes, flavors, warmup, iters, bu
     """-> {"rows": {(mode, flavor): results}, "facts": {...}, "skipped": [(mode, flavor, why)]}"""
     start = time.monotonic()
     out = {"rows": {}, "facts": {}, "skipped": []}
-    problem = fp8_compute_problem(args.device) if any(FLAVORS[f][1] == "compute" for f in flavors) else None
+    problem = fp8_compute_problem(args.device) if any(flavor_mode(f)[1] == "compute" for f in flavors) else None
     # Flavour by flavour, each in every mode: the cheap eager rows first, and a run cut by its budget loses the
     # last flavour in all modes rather than every flavour of the last mode.
     for flavor in flavors:
         for mode in modes:
-            if FLAVORS[flavor][1] == "compute" and problem:
+            if flavor_mode(flavor)[1] == "compute" and problem:
                 out["skipped"].append((mode, flavor, problem))
                 continue
             elapsed = time.monotonic() - start
             if budget and elapsed > budget:
                 out["skipped"].append((mode, flavor, f"time budget: {elapsed:.0f} s of {budget:.0f} s spent"))
                 continue
-            print(f"[bench_dit] {mode}, {FLAVOR_LABELS[flavor]}, {config['num_layers']} block(s)", file=sys.stderr,
+            print(f"[bench_dit] {mode}, {flavor_label(flavor)}, {config['num_layers']} block(s)", file=sys.stderr,
                   flush=True)
             try:
                 results, facts = group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpointing)
             except Exception as e:  # one flavour failing (out of memory, a compile error) must not end the run
-                print(f"[bench_dit] {mode}, {FLAVOR_LABELS[flavor]} failed: {type(e).__name__}: {e}", file=sys.stderr,
+                print(f"[bench_dit] {mode}, {flavor_label(flavor)} failed: {type(e).__name__}: {e}", file=sys.stderr,
                       flush=True)
                 first_line = str(e).splitlines()[0][:200].rstrip(".") if str(e) else ""
                 out["skipped"].append((mode, flavor, f"failed: {type(e).__name__}: {first_line}"))
@@ -406,7 +431,7 @@ def fmt_table(args, section, absolute_memory=False):
                                    if other in res and other != name else "-")
             vs_eager = (f"{statistics.median(r['times']) / statistics.median(eager[name]['times']):.3f}"
                         if eager and flavor != "eager" and name in eager else "-")
-            line = (f"| {label} | {FLAVOR_LABELS[flavor]} | {name} | {statistics.median(r['times']):.4f} | "
+            line = (f"| {label} | {flavor_label(flavor)} | {name} | {statistics.median(r['times']):.4f} | "
                     f"{min(r['times']):.4f} | {ratio('standard')} | {ratio('diffusers')} | {vs_eager} | "
                     f"{r['warmup_s']:.1f} |")
             if cuda:
@@ -431,7 +456,7 @@ def verdict(section):
         else:
             word = "no difference beyond noise"
         what = "forward" if mode == "forward" else "LoRA step"
-        out.append(f"{what}, {FLAVOR_LABELS[flavor]}: merged/standard = {ratio:.3f} (middle half of {len(ratios)} "
+        out.append(f"{what}, {flavor_label(flavor)}: merged/standard = {ratio:.3f} (middle half of {len(ratios)} "
                    f"paired rounds {q1:.3f}-{q3:.3f}): {word}.")
     return " ".join(out)
 
@@ -450,7 +475,7 @@ def goal_lines(args, section, layers):
         res = section["rows"].get((mode, flavor))
         if n == layers and res and "merged" in res:
             got = statistics.median(res["merged"]["times"])
-            lines.append(f"merged {mode} {FLAVOR_LABELS[flavor]}: {got:.3f} s, goal <= {goal} s: "
+            lines.append(f"merged {mode} {flavor_label(flavor)}: {got:.3f} s, goal <= {goal} s: "
                          f"{'met' if got <= goal else 'NOT met'}")
     return lines
 
@@ -470,7 +495,7 @@ def render(args, section, argv, name, title, layers, checkpointing):
     start, end = section_markers(name)
     width = args.heads * args.head_dim
     h, w = args.height // 16, args.width // 16
-    compiled = any(FLAVORS[f][0] for _, f in section["rows"])
+    compiled = any(flavor_mode(f)[0] for _, f in section["rows"])
     text = [
         start,
         f"## {title} (`benchmarks/bench_dit.py`)",
@@ -516,10 +541,10 @@ def render(args, section, argv, name, title, layers, checkpointing):
         text.append(f"- {line}")
     for (mode, flavor), res in section["rows"].items():
         if any(r.get("recompiled") for r in res.values()):
-            text.append(f"- Warning: {mode}, {FLAVOR_LABELS[flavor]}: something compiled during the timed rounds; "
+            text.append(f"- Warning: {mode}, {flavor_label(flavor)}: something compiled during the timed rounds; "
                         "those rows include compilation time.")
     for mode, flavor, why in section["skipped"]:
-        text.append(f"- Skipped: {mode}, {FLAVOR_LABELS[flavor]}: {why}.")
+        text.append(f"- Skipped: {mode}, {flavor_label(flavor)}: {why}.")
     for variant in args.skipped_variants:
         text.append(f"- Skipped variant: {variant}.")
     text += ["", spread_note(section)]

@@ -53,7 +53,11 @@ def test_bench_dit_rejects_bad_arguments(capsys):
     bench = load_bench()
     for argv, message in ((["--variants", "fast"], "unknown variant 'fast'"),
                           (["--height", "100"], "multiples of 16"),
-                          (["--modes", "backward"], "unknown mode 'backward'")):
+                          (["--modes", "backward"], "unknown mode 'backward'"),
+                          (["--full_flavors", "fast:2"], "unknown flavor 'fast'"),
+                          (["--full_layers", "4", "--full_flavors", "compiled:5"],
+                           "--full_flavors compiled:5: after the colon, how many of the last blocks to checkpoint, "
+                           "1 to --full_layers (4)")):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -91,7 +95,7 @@ def test_run_gpu_dry_mode(tmp_path):
                 assert f"| {mode} | {flavor} | {variant} | " in main, (mode, flavor, variant)
     full = text.split("<!-- bench_dit_gpu_full:start -->")[1].split("<!-- bench_dit_gpu_full:end -->")[0]
     assert "Merged DiT, 2 blocks, gradient checkpointing" in full
-    for flavor in ("eager", "fp8 compute, compiled"):
+    for flavor in ("eager", "fp8 compute, compiled", "fp8 compute, compiled, only the last 1 blocks checkpointed"):
         assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
     assert "Skipped" not in text
     assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too
