@@ -237,6 +237,20 @@ def test_trainer_checkpointing_fewer_blocks_trains_the_same(tiny_models, data, t
     assert code == 2 and "blocks_to_checkpoint 3: the DiT has 2 blocks; checkpoint 1 to 2" in capsys.readouterr().err
 
 
+def test_trainer_auto_checkpointing_asks_the_planner(tiny_models, data, tmp_path, capsys):
+    """--blocks_to_checkpoint auto: with room to spare the fewest blocks (1 of the tiny DiT's 2), with a budget that
+    nothing fits every block, without a GPU or a budget every block; the run trains either way."""
+    for name, budget, said in (("roomy", "80GB", "1 of 2 blocks checkpointed"), ("tight", "2049MB", "2 of 2 blocks"),
+                               ("none", None, "no GPU and no --vram_budget to plan for: every block is checkpointed")):
+        out = str(tmp_path / name)
+        assert main(flags(tiny_models, data, out, "--max_steps", "1", "--use_gradient_checkpointing",
+                          "--blocks_to_checkpoint", "auto", *(["--vram_budget", budget] if budget else []))) == 0
+        printed = capsys.readouterr().out
+        assert f"--blocks_to_checkpoint auto: {said}" in printed, printed
+        assert ("gradient checkpointing: the last 1 of 2 blocks" in printed) == (name == "roomy")
+        assert len(losses(out)) == 1
+
+
 def test_trainer_swap_flag_checks(tiny_models, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(flags(tiny_models, data, str(tmp_path / "a"), "--blocks_to_swap", "1"))

@@ -119,6 +119,9 @@ def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, ca
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--blocks_to_checkpoint", "1"], "--blocks_to_checkpoint needs --use_gradient_checkpointing"),
     (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "0"], "--blocks_to_checkpoint must be >= 1 (got 0)"),
+    (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "half"],
+     "--blocks_to_checkpoint 'half': give a number of blocks, or auto"),
+    (["--blocks_to_checkpoint", "auto"], "--blocks_to_checkpoint needs --use_gradient_checkpointing"),
     (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "1", "--blocks_to_swap", "2"],
      "--blocks_to_checkpoint 1 is fewer than --blocks_to_swap 2: a swapped block must be checkpointed"),
 ])
@@ -148,6 +151,15 @@ def test_fp8_halves_weight_memory_and_trains(tiny_models, data, tmp_path):
     trained = losses(out)
     assert all(torch.isfinite(torch.tensor(trained)))
     assert fixed_loss(trainer) < before
+
+
+def test_auto_checkpointing_needs_a_lora_run(tiny_models, data, tmp_path, capsys):
+    argv = [a for a in flags(tiny_models, data, str(tmp_path / "out"), "--use_gradient_checkpointing",
+                             "--blocks_to_checkpoint", "auto") if a not in ("--lora_base_model", "dit")]
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert "--blocks_to_checkpoint auto asks the VRAM planner, which plans LoRA runs" in capsys.readouterr().err
 
 
 def test_full_fine_tuning_writes_a_loadable_dit(tiny_models, data, tmp_path):

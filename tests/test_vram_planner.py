@@ -239,6 +239,15 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
     assert "flags: --use_gradient_checkpointing --blocks_to_checkpoint 50 --cache_conditioning" in plan
     assert "activations of the blocks not checkpointed" in plan and "your flags fit as given" in plan
     assert "cheapest flags that fit: --use_gradient_checkpointing --blocks_to_checkpoint 42 --cache_conditioning" in plan
+    # auto: resolved for the budget in the dry run's settings, or left to the run's start without one
+    assert main(argv + ["--blocks_to_checkpoint", "auto", "--vram_budget", "80GB"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["blocks_to_checkpoint"] == 42
+    assert "--blocks_to_checkpoint auto: 42 of 60 blocks checkpointed for --vram_budget 80GB" in out.err
+    assert main(argv + ["--blocks_to_checkpoint", "auto"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["blocks_to_checkpoint"] == "auto"
+    assert "--blocks_to_checkpoint auto: decided when the run starts, from the GPU's free memory" in out.err
     # --compile and --fp8_compute are kept and priced: the plan says fp8 compute
     assert main(argv + ["--compile", "--fp8_compute", "--vram_budget", "80GB"]) == 0
     plan = capsys.readouterr().err

@@ -89,11 +89,12 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     mem.add_argument("--use_gradient_checkpointing", action="store_true")
     mem.add_argument("--use_gradient_checkpointing_offload", action="store_true",
                      help="also keep the checkpointed block inputs on the CPU")
-    mem.add_argument("--blocks_to_checkpoint", type=int, default=None, metavar="N",
+    mem.add_argument("--blocks_to_checkpoint", default=None, metavar="N|auto",
                      help="with --use_gradient_checkpointing: checkpoint only the DiT's last N blocks (default: all "
                           "60); the others keep their activations (about 1.8 GiB per block at 1024x1024) and are not "
-                          "recomputed, so a step is faster on a GPU with memory to spare (--dry_run --vram_budget "
-                          "80GB picks N). At least --blocks_to_swap")
+                          "recomputed, so a step is faster on a GPU with memory to spare. auto: the fewest that the "
+                          "VRAM planner fits into --vram_budget or, without it, the GPU's free memory (LoRA runs). "
+                          "At least --blocks_to_swap")
     mem.add_argument("--enable_fp8_training", action="store_true",
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
     mem.add_argument("--fp8_compute", action="store_true",
@@ -191,7 +192,20 @@ def check_args(args):
     for flag in ("enable_fp8_training", "fp8_compute"):
         if getattr(args, flag) and args.lora_base_model is None:
             problems.append(f"--{flag} stores frozen weights in fp8: it needs LoRA training (--lora_base_model dit)")
-    if args.blocks_to_checkpoint is not None:
+    if args.blocks_to_checkpoint not in (None, "auto"):
+        try:
+            args.blocks_to_checkpoint = int(args.blocks_to_checkpoint)
+        except ValueError:
+            problems.append(f"--blocks_to_checkpoint {args.blocks_to_checkpoint!r}: give a number of blocks, or auto")
+            args.blocks_to_checkpoint = None
+    if args.blocks_to_checkpoint == "auto":
+        if not args.use_gradient_checkpointing:
+            problems.append("--blocks_to_checkpoint needs --use_gradient_checkpointing (it says how many blocks that "
+                            "checkpoints)")
+        if args.lora_base_model is None:
+            problems.append("--blocks_to_checkpoint auto asks the VRAM planner, which plans LoRA runs: give a number "
+                            "of blocks for full fine-tuning")
+    elif args.blocks_to_checkpoint is not None:
         if not args.use_gradient_checkpointing:
             problems.append("--blocks_to_checkpoint needs --use_gradient_checkpointing (it says how many blocks that "
                             "checkpoints)")

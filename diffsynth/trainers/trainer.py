@@ -140,6 +140,27 @@ class Trainer:
         self.checkpointed = {"train_state": self.state}
         self.log = self.accelerator.print
 
+    def _auto_checkpointed_blocks(self, dit):
+        """--blocks_to_checkpoint auto: the fewest checkpointed blocks with which the VRAM planner fits this run (the
+        loaded DiT's shapes, these flags) into --vram_budget or, without one, the GPU memory this process can have;
+        None (every block) without either."""
+        from ..utils import vram_planner as vp
+
+        args, acc = self.args, self.accelerator
+        if args.vram_budget:
+            budget, where = vp.parse_vram(args.vram_budget), f"--vram_budget {args.vram_budget}"
+        elif acc.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(acc.device)
+            budget = free + torch.cuda.memory_reserved(acc.device)  # what other processes leave, ours included
+            where = f"this GPU's {budget / vp.GIB:.1f} GiB"
+        else:
+            self.log("--blocks_to_checkpoint auto: no GPU and no --vram_budget to plan for: every block is checkpointed")
+            return None
+        kept, layers = vp.auto_checkpointed_blocks(args, budget, dit.config, acc.num_processes, is_fsdp(acc))
+        self.log(f"--blocks_to_checkpoint auto: {kept or layers} of {layers} blocks checkpointed, the fewest with which "
+                 f"the VRAM planner fits this run into {where}, {vp.HEADROOM_GIB:.0f} GiB kept free")
+        return kept
+
     def release(self):
         """Give the output folder's lock back (at the end of train(), and when a run stops on an error)."""
         if getattr(self, "output_dir", None) is not None:
@@ -259,6 +280,8 @@ class Trainer:
                 # measured (BENCHMARKS.md): eager, the per-token quantisation costs more than the fp8 matmuls save
                 self.log("note: --fp8_compute pays off with --compile: on an H100 (60 blocks, 1024x1024) a step took "
                          "2.32 s eager vs 2.18 s with fp8 storage and 1.16 s compiled; add --compile")
+        if args.blocks_to_checkpoint == "auto":
+            args.blocks_to_checkpoint = self._auto_checkpointed_blocks(dit)
         if args.use_gradient_checkpointing:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload,
                                               blocks=args.blocks_to_checkpoint)

@@ -347,6 +347,23 @@ def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
     return best
 
 
+def fewest_checkpointed(counts: DiTCounts, s: Setup, budget_bytes: int):
+    """The fewest checkpointed blocks (at least the swapped ones) with which `s` fits `budget_bytes` minus the
+    headroom; None: every block (also when even that does not fit)."""
+    usable = budget_bytes - HEADROOM_GIB * GIB
+    for kept in range(max(s.blocks_to_swap, 1), counts.num_layers):
+        if training_peak(counts, replace(s, checkpointing=True, checkpointed_blocks=kept)).peak <= usable:
+            return kept
+    return None
+
+
+def auto_checkpointed_blocks(args, budget_bytes, config=None, processes=1, fsdp=False):
+    """--blocks_to_checkpoint auto for the trainer's flags: fewest_checkpointed for the DiT of `config` (default: the
+    real one). -> (blocks or None for every block, number of blocks)."""
+    counts = dit_counts(config, merged_qkv=args.merged_qkv, lora_targets=args.lora_target_modules, rank=args.lora_rank)
+    return fewest_checkpointed(counts, setup_from_args(args, counts, processes, fsdp), budget_bytes), counts.num_layers
+
+
 def parse_vram(text) -> int:
     """'24GB', '24GiB', '24G', '24' or '16384MB' -> bytes. GB means GiB here: GPU memory is sold in binary units
     (a "24 GB" card has 24 GiB)."""
@@ -378,7 +395,8 @@ def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> 
                  fp8_compute=bool(getattr(args, "fp8_compute", False)), compiled=bool(getattr(args, "compile", False)),
                  checkpointing=args.use_gradient_checkpointing,
                  checkpointing_offload=args.use_gradient_checkpointing_offload,
-                 checkpointed_blocks=getattr(args, "blocks_to_checkpoint", None),
+                 checkpointed_blocks=None if getattr(args, "blocks_to_checkpoint", None) == "auto" else
+                 getattr(args, "blocks_to_checkpoint", None),  # auto: until resolved, every block
                  blocks_to_swap=args.blocks_to_swap, encoders_on_gpu=args.cache_conditioning is None,
                  processes=processes, fsdp=fsdp, ema=bool(getattr(args, "ema_decay", None)),
                  optimizer_state_bytes=OPTIMIZER_STATE_BYTES.get(getattr(args, "optimizer", "adamw"), 8))
@@ -412,6 +430,7 @@ def plan_report(args, processes=1, fsdp=False) -> str:
     s = setup_from_args(args, counts, processes, fsdp)
     peak = training_peak(counts, s)
     tokens = s.target_tokens + s.edit_tokens + s.text_tokens
+    auto = getattr(args, "blocks_to_checkpoint", None) == "auto"
     lines = [
         "VRAM plan (diffsynth/utils/vram_planner.py; a prediction, not a measurement)",
         f"  model: Qwen-Image DiT, {counts.num_layers} blocks, {counts.total / 1e9:.2f}B parameters "
@@ -422,6 +441,9 @@ def plan_report(args, processes=1, fsdp=False) -> str:
         + (f", {processes} processes (FSDP)" if fsdp and processes > 1 else ""),
         f"  flags: {' '.join(s.flags()) or '(none)'}",
     ]
+    if auto:
+        lines.append("  --blocks_to_checkpoint auto: decided when the run starts, from the GPU's free memory (with "
+                     "--vram_budget, from that); counted here as every block")
     lora_type = getattr(args, "lora_type", "lora")
     if lora_type != "lora":
         lines.append(f"  --lora_type {lora_type}: counted as a LoRA of rank {args.lora_rank} (its own parameter count "
