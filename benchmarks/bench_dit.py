@@ -480,6 +480,23 @@ def goal_lines(args, section, layers):
     return lines
 
 
+def partial_lines(section):
+    """A row checkpointing only some blocks against the same flavour checkpointing every block."""
+    lines = []
+    for (mode, flavor), res in section["rows"].items():
+        base = section["rows"].get((mode, flavor_parts(flavor)[0]))
+        if flavor_parts(flavor)[1] is None or not base:
+            continue
+        for name in res.keys() & base.keys():
+            part, full = res[name], base[name]
+            memory = (f"; peak {part['peak_gib']:.1f} vs {full['peak_gib']:.1f} GiB" if part.get("peak_gib") is not None
+                      and full.get("peak_gib") is not None else "")
+            lines.append(f"{name}, {flavor_label(flavor)}: "
+                         f"{statistics.median(part['times']) / statistics.median(full['times']):.3f}x the time of "
+                         f"every block checkpointed{memory}")
+    return lines
+
+
 def spread_note(section):
     spreads = [(max(r["times"]) - min(r["times"])) / statistics.median(r["times"])
                for res in section["rows"].values() for r in res.values()]
@@ -537,7 +554,7 @@ def render(args, section, argv, name, title, layers, checkpointing):
     said = verdict(section)
     if said:
         text += [said, ""]
-    for line in goal_lines(args, section, layers):
+    for line in goal_lines(args, section, layers) + partial_lines(section):
         text.append(f"- {line}")
     for (mode, flavor), res in section["rows"].items():
         if any(r.get("recompiled") for r in res.values()):

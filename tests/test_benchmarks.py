@@ -97,6 +97,8 @@ def test_run_gpu_dry_mode(tmp_path):
     assert "Merged DiT, 2 blocks, gradient checkpointing" in full
     for flavor in ("eager", "fp8 compute, compiled", "fp8 compute, compiled, only the last 1 blocks checkpointed"):
         assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
+    assert re.search(r"^- merged, fp8 compute, compiled, only the last 1 blocks checkpointed: [0-9.]+x the time of "
+                     r"every block checkpointed$", full, re.M), full
     assert "Skipped" not in text
     assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too
     # the profile of one merged step: a table of ops whose shares add up to the whole
