@@ -15,11 +15,14 @@ and counts, per variant and mode:
 forward = one forward pass without grad in the weights' dtype (bench_dit's forward row); train = one LoRA step
 (forward under autocast with fp32 LoRA weights, MSE on the target tokens, backward; no optimizer step, which is the
 same for all), as the trainer runs it. Ops are CPU dispatch: a CUDA build takes the same path for these models
-except inside attention (one fused kernel either way) and in what autocast casts.
+except inside attention (one fused kernel either way) and in what autocast casts. CUDA's autocast runs more ops in
+fp32 than the CPU's (layer_norm, rms_norm, pow, sum, softmax, ...): `--autocast_rules cuda` (the default) casts
+their inputs as CUDA's would, so the train rows count what a GPU runs.
 
     python benchmarks/bench_ops.py                      # 1 block, 1024x1024 edit, bf16, into BENCHMARKS.md
 """
 import argparse
+import contextlib
 import platform
 import sys
 import weakref
@@ -28,6 +31,7 @@ import peft
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffsynth.lora import inject_lora
@@ -75,6 +79,9 @@ def parse_args(argv=None):
                         "without autocast (the setup of the a521db1 benchmark)")
     p.add_argument("--fp8", default="none", choices=["none", "storage", "compute"],
                    help="frozen linears in fp8: storage (--enable_fp8_training) or compute (--fp8_compute)")
+    p.add_argument("--autocast_rules", default="cuda", choices=["cuda", "cpu"],
+                   help="which autocast to count the train rows under: CUDA's (ops such as layer_norm run in fp32; "
+                        "emulated on the CPU dispatch) or the CPU's own")
     p.add_argument("--top", type=int, default=0, help="also list each variant's N ops moving the most bytes")
     p.add_argument("--section", default="bench_ops")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose section is rewritten; '' none")
@@ -89,6 +96,29 @@ def parse_args(argv=None):
         args.variants.remove("diffusers")
         args.skipped.append("diffusers (not installed)")
     return args
+
+
+# The ops CUDA's autocast runs in fp32 (torch.amp's "CUDA Ops that can autocast to float32") whose CPU autocast
+# policy differs, as the Python functions that reach them; matmuls and attention are cast alike on both.
+CUDA_FP32 = {F.layer_norm, F.group_norm, F.rms_norm, F.softmax, F.log_softmax, F.mse_loss, F.l1_loss, F.softplus,
+             torch.layer_norm, torch.group_norm, torch.rms_norm, torch.softmax, torch.log_softmax,
+             torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.__rpow__, torch.rsqrt,
+             torch.Tensor.rsqrt, torch.reciprocal, torch.Tensor.reciprocal, torch.exp, torch.Tensor.exp, torch.log,
+             torch.Tensor.log, torch.sum, torch.Tensor.sum, torch.cumsum, torch.Tensor.cumsum, torch.prod,
+             torch.Tensor.prod, torch.norm, torch.Tensor.norm, torch.Tensor.softmax, torch.Tensor.log_softmax}
+
+
+class CudaAutocastRules(TorchFunctionMode):
+    """While CPU autocast is on, the half-precision inputs of CUDA_FP32's functions are cast to fp32 first, as
+    CUDA's autocast would (a cast kernel each, recorded by autograd like autocast's own)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in CUDA_FP32 and torch.is_autocast_enabled("cpu"):
+            def up(t):
+                return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
+            args, kwargs = torch.utils._pytree.tree_map(up, (args, kwargs))
+        return func(*args, **kwargs)
 
 
 def _nbytes(t):
@@ -213,14 +243,16 @@ def count(args, variant, mode):
 
         mixed = train and dtype != torch.float32 and args.lora_dtype == "fp32"
         autocast = torch.autocast("cpu", dtype, enabled=mixed)
+        rules = CudaAutocastRules() if mixed and args.autocast_rules == "cuda" else contextlib.nullcontext()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if train and args.optimizer else None
 
         def step():
-            with autocast:
-                loss = F.mse_loss(forward()[:, :h * w].float(), target.float())
-            saved = counter.live  # what autograd holds for backward (and the loss)
-            loss.backward()
+            with rules:  # in the backward too: a checkpointed block's recompute casts as its forward did
+                with autocast:
+                    loss = F.mse_loss(forward()[:, :h * w].float(), target.float())
+                saved = counter.live  # what autograd holds for backward (and the loss)
+                loss.backward()
             if optimizer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -230,7 +262,7 @@ def count(args, variant, mode):
         with counter:
             if optimizer:
                 step()  # the first step creates AdamW's states
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), rules, autocast:
                 forward()  # fills the RoPE cache outside the count, as any step after the first finds it
         counter = Counter()
         with counter:
@@ -287,7 +319,8 @@ def render(args, argv, results):
             f"{h * w} target + {h * w} edit-image tokens + {args.text_len} text tokens.",
             "- forward: no grad, in the weights' dtype. train: one LoRA step (r=" + str(args.rank) + " on q/k/v or "
             "to_qkv/add_qkv_proj, to_out.0, to_add_out, the MLP linears; "
-            + ("fp32 LoRA weights under autocast" if args.lora_dtype == "fp32" else
+            + (f"fp32 LoRA weights under autocast ({args.autocast_rules.upper()}'s rules)" if args.lora_dtype == "fp32"
+               else
                f"LoRA weights in {args.dtype}, no autocast")
             + ("; gradient checkpointing on every block" if args.checkpointing else "")
             + "; MSE; backward; " + ("AdamW (foreach), the second step counted" if args.optimizer else

@@ -26,6 +26,20 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm without affine weights that returns its input's dtype under autocast too. CUDA's autocast runs
+    layer_norm in fp32 and returns fp32: the modulation after it and the next linear's input cast would then pass
+    over fp32 activations (an eager bf16 LoRA step moved 27% more bytes that way, benchmarks/bench_ops.py). The
+    kernel accumulates in fp32 either way; the result is what inference, which runs without autocast, computes."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__(dim, elementwise_affine=False, eps=eps)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()
@@ -222,10 +236,10 @@ class QwenImageTransformerBlock(nn.Module):
         super().__init__()
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.img_norm1 = LayerNorm(dim, eps)
+        self.img_norm2 = LayerNorm(dim, eps)
+        self.txt_norm1 = LayerNorm(dim, eps)
+        self.txt_norm2 = LayerNorm(dim, eps)
         self.attn = attention_cls(dim, num_heads, head_dim, eps)
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
@@ -255,7 +269,7 @@ class QwenImageTransformerBlock(nn.Module):
 class AdaLayerNormOut(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.norm = LayerNorm(dim, eps)
         self.linear = nn.Linear(dim, 2 * dim)
 
     def forward(self, x, temb):
