@@ -75,6 +75,7 @@ def relative(a, b):
 def compiled_runs():
     """Per layout: eager and compiled outputs and gradients on two batches of different token counts, and how many
     graphs compiled for each."""
+    torch._dynamo.reset()  # graphs an earlier test in this process compiled would be found, not compiled
     runs = {}
     # the trainer's merged DiT (two blocks); the standard one with one block: one graph to compile
     for cls, layers in ((QwenImageDiTMergedQKV, 2), (QwenImageDiT, 1)):
@@ -114,6 +115,7 @@ def bucket_batch(batch, text_len, shape, seed=2):
 
 
 def test_identical_blocks_share_one_graph_and_buckets_do_not_recompile():
+    torch._dynamo.reset()  # graphs an earlier test in this process compiled would be found, not compiled
     model = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
     reference = build(QwenImageDiTMergedQKV, random_diffusers_dit(), False)
     compile_blocks(model)

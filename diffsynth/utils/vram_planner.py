@@ -316,52 +316,54 @@ def step_cost(counts: DiTCounts, s: Setup) -> float:
     return (step + exposed) / STEP_SECONDS[(s.compiled, "bf16")]
 
 
+def fewest_checkpointed(counts: DiTCounts, s: Setup, budget_bytes: int):
+    """`s` with gradient checkpointing on the fewest blocks (at least the swapped ones; checkpointed_blocks None:
+    every block) whose predicted peak fits `budget_bytes` minus the headroom -> (Setup, Breakdown), or None when
+    even every block checkpointed does not fit."""
+    usable = budget_bytes - HEADROOM_GIB * GIB
+    n = counts.num_layers
+    for kept in range(max(s.blocks_to_swap, 1), n + 1):
+        cand = replace(s, checkpointing=True, checkpointed_blocks=None if kept == n else kept)
+        peak = training_peak(counts, cand)
+        if peak.peak <= usable:
+            return cand, peak
+    return None
+
+
 def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
     """The flags with the lowest estimated step time whose predicted peak fits `budget_bytes` minus the
     headroom; -> (Setup, Breakdown, cost) or None. Batch, sizes, rank, precision, --compile and
     --fp8_compute (which fp8 a candidate with fp8 weights uses) are kept as given."""
-    usable = budget_bytes - HEADROOM_GIB * GIB
-    n = counts.num_layers
     best = None
     for checkpointing in (False, True):
         for offload in ((False, True) if checkpointing else (False,)):
             for fp8 in (False, True):
-                for swap in range(0, n + 1):
-                    if swap and not checkpointing:
-                        continue
-                    # the fewest checkpointed blocks that fit (a swapped block is a checkpointed one)
-                    for kept in (range(max(swap, 1), n + 1) if checkpointing else (None,)):
-                        cand = replace(s, checkpointing=checkpointing, checkpointing_offload=offload, fp8=fp8,
-                                       blocks_to_swap=swap, encoders_on_gpu=False,
-                                       checkpointed_blocks=None if kept in (None, n) else kept)
-                        peak = training_peak(counts, cand)
-                        if peak.peak <= usable:
-                            break
+                for swap in range(0, counts.num_layers + 1) if checkpointing else (0,):
+                    base = replace(s, checkpointing=checkpointing, checkpointing_offload=offload, fp8=fp8,
+                                   blocks_to_swap=swap, encoders_on_gpu=False, checkpointed_blocks=None)
+                    if checkpointing:
+                        fit = fewest_checkpointed(counts, base, budget_bytes)
                     else:
+                        peak = training_peak(counts, base)
+                        fit = (base, peak) if peak.peak <= budget_bytes - HEADROOM_GIB * GIB else None
+                    if fit is None:
                         continue
+                    cand, peak = fit
                     cost = step_cost(counts, cand)
                     if best is None or (cost, peak.peak) < (best[2], best[1].peak):
                         best = (cand, peak, cost)
-                    if kept in (None, max(swap, 1)):
+                    if checkpointed(counts, cand) == max(swap, 1):
                         break  # nothing left to trade: more swapping only costs more
     return best
 
 
-def fewest_checkpointed(counts: DiTCounts, s: Setup, budget_bytes: int):
-    """The fewest checkpointed blocks (at least the swapped ones) with which `s` fits `budget_bytes` minus the
-    headroom; None: every block (also when even that does not fit)."""
-    usable = budget_bytes - HEADROOM_GIB * GIB
-    for kept in range(max(s.blocks_to_swap, 1), counts.num_layers):
-        if training_peak(counts, replace(s, checkpointing=True, checkpointed_blocks=kept)).peak <= usable:
-            return kept
-    return None
-
-
 def auto_checkpointed_blocks(args, budget_bytes, config=None, processes=1, fsdp=False):
-    """--blocks_to_checkpoint auto for the trainer's flags: fewest_checkpointed for the DiT of `config` (default: the
-    real one). -> (blocks or None for every block, number of blocks)."""
+    """--blocks_to_checkpoint auto for the trainer's flags and the DiT of `config` (default: the real one): the
+    fewest checkpointed blocks that fit `budget_bytes` -> (blocks, or None for every block (also when nothing
+    fits), the number of blocks)."""
     counts = dit_counts(config, merged_qkv=args.merged_qkv, lora_targets=args.lora_target_modules, rank=args.lora_rank)
-    return fewest_checkpointed(counts, setup_from_args(args, counts, processes, fsdp), budget_bytes), counts.num_layers
+    fit = fewest_checkpointed(counts, setup_from_args(args, counts, processes, fsdp), budget_bytes)
+    return (fit[0].checkpointed_blocks if fit else None), counts.num_layers
 
 
 def parse_vram(text) -> int:
