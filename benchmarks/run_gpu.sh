@@ -44,7 +44,7 @@ else
   # Flavour by flavour (eager: LoRA step and forward, then compiled: step, profile, forward, then fp8 compute),
   # most informative first; fp8 compute without compile is left out (measured: slower than fp8 storage). The
   # 60-block section: the goal rows first (compiled, fp8 compute compiled), then the same with only the last 35 / 45
-  # blocks checkpointed (--blocks_to_checkpoint; fewer than the planner's 80 GB picks, 27 / 39, to leave room for
+  # blocks checkpointed (--blocks_to_checkpoint; fewer than the planner's 80 GB picks, 17 / 33, to leave room for
   # what an earlier flavour may still hold), then fp8 storage compiled, eager.
   DIT=(--device cuda --dtype bf16 --num_layers 8 --height 1024 --width 1024 --text_len 160 --rank 32
        --modes train,forward --flavors eager,compiled,fp8_compiled --warmup 2 --iters 5 --budget_s 120

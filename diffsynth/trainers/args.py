@@ -91,7 +91,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="also keep the checkpointed block inputs on the CPU")
     mem.add_argument("--blocks_to_checkpoint", default=None, metavar="N|auto",
                      help="with --use_gradient_checkpointing: checkpoint only the DiT's last N blocks (default: all "
-                          "60); the others keep their activations (about 1.8 GiB per block at 1024x1024) and are not "
+                          "60); the others keep their activations (about 1.4 GiB per block at 1024x1024) and are not "
                           "recomputed, so a step is faster on a GPU with memory to spare. auto: the fewest that the "
                           "VRAM planner fits into --vram_budget or, without it, the GPU's free memory (LoRA runs). "
                           "At least --blocks_to_swap")

@@ -22,7 +22,12 @@ targets as it was when the H100 figures below were measured (commit a521db1): 32
 (modulated inputs 2, q/k RMSNorm in fp32 6, SDPA q/k/v/out 4, to_out input 1, gated outputs 2, MLP input 2, GELU
 input and output 8, bf16 copies of the inputs of the LoRA-adapted linears, which peft casts, 7) plus about 9 U of
 gradients alive at the peak of the block's backward (the MLP's): 41 U, which is also what the measured peaks
-imply (CALIBRATION). Without checkpointing a block keeps its 32 U plus its input. An inference forward holds
+imply (CALIBRATION). Without checkpointing (or with --blocks_to_checkpoint, for the blocks left out) a block
+keeps what it saves for its backward pass, its input included: 33 U in the code of a521db1, less in this one (the
+eager RoPE as one complex multiply, the merged prologue's views, LayerNorms that keep bf16 under autocast): 23-24 U
+counted on the CPU (tests/test_vram_planner.py), and on an H100 an eager 8-block LoRA step without checkpointing
+peaked 9845 MiB above the weights at 8352 tokens (BENCHMARKS.md, code of 2026-11-27 before those changes): 201 U,
+24 U a block besides 9 U of gradients. 26 U is used. An inference forward holds
 about 10 U at its peak by the block's code (the MLP's input, hidden and GELU); the peaks measured on an H100
 (bench_memory, 1024x1024, 160 text tokens, two DiT passes with 41 and with 45 blocks swapped: 14.37 and 11.84 GiB)
 were 11 U above that in both (not broken down further), so 21 U is used. tests/test_vram_planner.py measures what
@@ -37,7 +42,8 @@ from dataclasses import dataclass, field, replace
 
 GIB = 2**30
 HIDDEN_UNITS_CKPT = 41  # U per block: recompute + backward of one block (see above)
-HIDDEN_UNITS_SAVED = 33  # U per block kept without checkpointing: 32 saved + its input
+HIDDEN_UNITS_SAVED = 26  # U per block kept without checkpointing, its input included (measured 24, see above)
+GRADIENT_UNITS = 9  # U of gradients alive at the peak of a block's backward pass (in HIDDEN_UNITS_CKPT too)
 HIDDEN_UNITS_INFERENCE = 21  # U at the peak of a forward pass without gradients (measured; see above)
 HEADROOM_GIB = 2.0  # what a budget keeps free: CUDA context (~0.5 GiB), fragmentation, the planner's error
 PCIE_GBPS = 24.0  # host-to-device bandwidth assumed by the cost estimate (PCIe 4.0 x16 in practice)
@@ -237,7 +243,7 @@ def training_peak(counts: DiTCounts, s: Setup) -> Breakdown:
         backward["one block's recompute and backward"] = HIDDEN_UNITS_CKPT * unit
     else:
         backward["activations of every block"] = counts.num_layers * HIDDEN_UNITS_SAVED * unit
-        backward["gradients alive in the backward"] = (HIDDEN_UNITS_CKPT - HIDDEN_UNITS_SAVED + 1) * unit
+        backward["gradients alive in the backward"] = GRADIENT_UNITS * unit
     if s.fp8:
         backward["fp8 weight upcast (transient)"] = 2 * counts.largest_linear * s.dtype_bytes
     first = sum(backward.values())
