@@ -181,8 +181,9 @@ def train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed=None
                      checkpointed_blocks=checkpointed)
     measured = peak_gib(device)
     del optimizer
-    return {"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed, "seconds": statistics.median(times), "peak": measured,
-            "planned": vp.training_peak(counts, setup).gib(), "losses": losses,
+    return {"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed,
+            "seconds": statistics.median(times), "peak": measured, "planned": vp.training_peak(counts, setup).gib(),
+            "losses": losses,
             "copies": dit.block_swap.copies if dit.block_swap else 0}
 
 
@@ -205,8 +206,8 @@ def inference_row(dit, preset, args, swap, counts):
             times.append(time.perf_counter() - start)
     setup = vp.Setup(batch=1, target_tokens=x.shape[1] // 2, edit_tokens=x.shape[1] // 2, text_tokens=text.shape[1],
                      dtype_bytes=torch.finfo(preset["dtype"]).bits // 8, blocks_to_swap=swap)
-    return {"kind": "inference", "fp8": False, "swap": swap, "checkpointed": None, "seconds": times[-1], "peak": peak_gib(device),
-            "planned": vp.denoising_bytes(counts, setup) / vp.GIB, "losses": None}
+    return {"kind": "inference", "fp8": False, "swap": swap, "checkpointed": None, "seconds": times[-1],
+            "peak": peak_gib(device), "planned": vp.denoising_bytes(counts, setup) / vp.GIB, "losses": None}
 
 
 def planned_setups(counts, preset):
