@@ -198,18 +198,15 @@ def check_args(args):
         except ValueError:
             problems.append(f"--blocks_to_checkpoint {args.blocks_to_checkpoint!r}: give a number of blocks, or auto")
             args.blocks_to_checkpoint = None
-    if args.blocks_to_checkpoint == "auto":
-        if not args.use_gradient_checkpointing:
-            problems.append("--blocks_to_checkpoint needs --use_gradient_checkpointing (it says how many blocks that "
-                            "checkpoints)")
+    if args.blocks_to_checkpoint is not None and not args.use_gradient_checkpointing:
+        problems.append("--blocks_to_checkpoint needs --use_gradient_checkpointing (it says how many blocks that "
+                        "checkpoints)")
+    elif args.blocks_to_checkpoint == "auto":
         if args.lora_base_model is None:
             problems.append("--blocks_to_checkpoint auto asks the VRAM planner, which plans LoRA runs: give a number "
                             "of blocks for full fine-tuning")
     elif args.blocks_to_checkpoint is not None:
-        if not args.use_gradient_checkpointing:
-            problems.append("--blocks_to_checkpoint needs --use_gradient_checkpointing (it says how many blocks that "
-                            "checkpoints)")
-        elif args.blocks_to_checkpoint < 1:
+        if args.blocks_to_checkpoint < 1:
             problems.append(f"--blocks_to_checkpoint must be >= 1 (got {args.blocks_to_checkpoint}); to checkpoint "
                             "nothing, leave out --use_gradient_checkpointing")
         elif args.blocks_to_checkpoint < args.blocks_to_swap:
