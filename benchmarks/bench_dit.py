@@ -51,10 +51,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flavor_parts(flavor):
-    """'fp8_compiled:27' -> ('fp8_compiled', 27): a flavour and, after a colon (--full_flavors only), how many of
-    the last blocks are checkpointed (--blocks_to_checkpoint); None: every block."""
-    name, _, blocks = flavor.partition(":")
-    return name, int(blocks) if blocks else None
+    """'fp8_compiled:27+selective' -> ('fp8_compiled', 27, True): a flavour and, after a colon (--full_flavors
+    only), how many of the last blocks are checkpointed (--blocks_to_checkpoint; None: every block) and/or
+    "selective" (--selective_checkpointing), joined by +."""
+    name, _, spec = flavor.partition(":")
+    parts = spec.split("+") if spec else []
+    blocks = [int(p) for p in parts if p.isdigit()]
+    return name, blocks[0] if blocks else None, "selective" in parts
+
+
+def bad_checkpointing_spec(flavor, layers):
+    """Why FLAVOR:SPEC is not a checkpointing spec for `layers` blocks, or None."""
+    _, colon, spec = flavor.partition(":")
+    parts = spec.split("+") if colon else []
+    numbers = [p for p in parts if p.isdigit()]
+    if colon and (not parts or any(not (p.isdigit() or p == "selective") for p in parts) or len(numbers) > 1
+                  or len(set(parts)) < len(parts) or any(not 0 < int(n) <= layers for n in numbers)):
+        return (f"after the colon, how many of the last blocks to checkpoint (1 to --full_layers, {layers}), "
+                "selective, or both joined by +")
+    return None
 
 
 def flavor_mode(flavor):
@@ -63,8 +78,9 @@ def flavor_mode(flavor):
 
 
 def flavor_label(flavor):
-    name, blocks = flavor_parts(flavor)
-    return FLAVOR_LABELS[name] + (f", only the last {blocks} blocks checkpointed" if blocks else "")
+    name, blocks, selective = flavor_parts(flavor)
+    return (FLAVOR_LABELS[name] + (f", only the last {blocks} blocks checkpointed" if blocks else "")
+            + (", selective (attention outputs kept)" if selective else ""))
 
 
 def parse_args(argv=None):
@@ -92,7 +108,8 @@ def parse_args(argv=None):
                    help="also time the merged DiT at this many blocks with gradient checkpointing (LoRA step)")
     p.add_argument("--full_flavors", default="eager,compiled,fp8_storage,fp8,fp8_compiled,fp8_storage_compiled",
                    help="flavours of the --full_layers section, in this order; FLAVOR:N checkpoints only the last N "
-                        "blocks (--blocks_to_checkpoint N), e.g. fp8_compiled:35")
+                        "blocks (--blocks_to_checkpoint N), FLAVOR:selective keeps the attention outputs "
+                        "(--selective_checkpointing), e.g. fp8_compiled:35, compiled:selective, compiled:39+selective")
     p.add_argument("--full_warmup", type=int, default=2)
     p.add_argument("--full_iters", type=int, default=3)
     p.add_argument("--full_budget_s", type=float, default=0, help="as --budget_s, for the --full_layers section")
@@ -118,10 +135,9 @@ def parse_args(argv=None):
     full = [f for f in args.full_flavors.split(",") if f]
     comma_list(p, ",".join(f.partition(":")[0] for f in full), "flavor", FLAVORS)
     for f in full:
-        _, colon, blocks = f.partition(":")
-        if colon and not (blocks.isdigit() and 0 < int(blocks) <= args.full_layers):
-            p.error(f"--full_flavors {f}: after the colon, how many of the last blocks to checkpoint, 1 to "
-                    f"--full_layers ({args.full_layers})")
+        problem = bad_checkpointing_spec(f, args.full_layers)
+        if problem:
+            p.error(f"--full_flavors {f}: {problem}")
     args.full_flavors = full
     if args.profile and args.profile not in args.flavors:
         p.error(f"--profile {args.profile}: not one of --flavors ({', '.join(args.flavors)})")
@@ -234,7 +250,8 @@ def prepare(args, name, model, mode, flavor, checkpointing):
                 params.append(p)
         model.train()
         if checkpointing:
-            model.enable_gradient_checkpointing(blocks=flavor_parts(flavor)[1])
+            _, blocks, selective = flavor_parts(flavor)
+            model.enable_gradient_checkpointing(blocks=blocks, keep_attention=selective)
     if fp8:
         enable_fp8_linear(model, compute=fp8 == "compute")
     if compiled:
@@ -481,11 +498,11 @@ def goal_lines(args, section, layers):
 
 
 def partial_lines(section):
-    """A row checkpointing only some blocks against the same flavour checkpointing every block."""
+    """A row checkpointing only some blocks, or selectively, against the same flavour checkpointing every block."""
     lines = []
     for (mode, flavor), res in section["rows"].items():
         base = section["rows"].get((mode, flavor_parts(flavor)[0]))
-        if flavor_parts(flavor)[1] is None or not base:
+        if flavor == flavor_parts(flavor)[0] or not base:
             continue
         for name in res.keys() & base.keys():
             part, full = res[name], base[name]

@@ -1,7 +1,7 @@
 """Memory benchmark: peak GPU memory and step time of the full merged DiT (60 blocks) in a LoRA training step with
 gradient checkpointing, bf16 and fp8 storage x --blocks_to_swap, next to the VRAM planner's prediction for each
-row; the flags the planner picks for 80 GB (fewer checkpointed blocks), 24 GB and 16 GB cards; and one 1024x1024
-edit denoising step (two DiT passes, true CFG) with block swap.
+row; the flags the planner picks for 80 GB (fewer checkpointed blocks, attention outputs kept), 24 GB and 16 GB
+cards; and one 1024x1024 edit denoising step (two DiT passes, true CFG) with block swap.
 
 The DiT is built directly on the GPU (meta device, then the weights allocated there and filled with random values
 of a sane scale): never a full-precision 20B model in host memory. Every row starts from the same LoRA weights and
@@ -55,6 +55,7 @@ def parse_args(argv=None):
                    help="blocks swapped in the inference row (default: the fewest the planner fits in 16 GB)")
     p.add_argument("--checkpointed", default="",
                    help="comma list: extra bf16 rows checkpointing only the last N blocks (--blocks_to_checkpoint N), "
+                        "keeping the attention outputs (selective: --selective_checkpointing) or both (N+selective), "
                         "besides the planner's picks")
     p.add_argument("--weights", default="bf16,fp8", help="comma list of the training rows' weights: bf16, fp8")
     p.add_argument("--seed", type=int, default=0)
@@ -64,13 +65,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     args.swaps = tuple(int(x) for x in args.swaps.split(",")) if args.swaps else preset["swaps"]
-    try:
-        args.checkpointed = tuple(int(x) for x in args.checkpointed.split(",") if x.strip())
-    except ValueError:
-        p.error(f"--checkpointed: a comma list of block counts, got {args.checkpointed!r}")
-    if any(not 0 < n <= PRESETS[args.preset]["config"]["num_layers"] for n in args.checkpointed):
-        p.error(f"--checkpointed: each count between 1 and the preset's {PRESETS[args.preset]['config']['num_layers']} "
-                "blocks")
+    layers = PRESETS[args.preset]["config"]["num_layers"]
+    rows = []
+    for item in (x.strip() for x in args.checkpointed.split(",") if x.strip()):
+        parts = item.split("+")
+        numbers = [int(x) for x in parts if x.isdigit()]
+        if any(not (x.isdigit() or x == "selective") for x in parts) or len(numbers) > 1 or len(set(parts)) < len(parts):
+            p.error(f"--checkpointed {item}: a block count, selective, or both joined by + (e.g. 34+selective)")
+        if any(not 0 < n <= layers for n in numbers):
+            p.error(f"--checkpointed: each count between 1 and the preset's {layers} blocks")
+        rows.append((numbers[0] if numbers else None, "selective" in parts))
+    args.checkpointed = tuple(rows)
     args.weights = tuple(w.strip() for w in args.weights.split(",") if w.strip())
     if not args.weights or set(args.weights) - {"bf16", "fp8"}:
         p.error(f"--weights: a comma list of bf16 and fp8, got {','.join(args.weights)!r}")
@@ -148,9 +153,9 @@ def peak_gib(device):
 
 # ---- rows ---------------------------------------------------------------------------------------------------------
 
-def train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed=None):
+def train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed=None, selective=False):
     device = preset["device"]
-    dit.enable_gradient_checkpointing(blocks=checkpointed)
+    dit.enable_gradient_checkpointing(blocks=checkpointed, keep_attention=selective)
     place(dit, device, swap)
     with torch.no_grad():
         for name, p in dit.named_parameters():
@@ -178,10 +183,10 @@ def train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed=None
         losses.append(loss.item())
     setup = vp.Setup(batch=1, target_tokens=x.shape[1] // 2, edit_tokens=x.shape[1] // 2, text_tokens=text.shape[1],
                      dtype_bytes=torch.finfo(preset["dtype"]).bits // 8, fp8=fp8, blocks_to_swap=swap,
-                     checkpointed_blocks=checkpointed)
+                     checkpointed_blocks=checkpointed, keep_attention=selective)
     measured = peak_gib(device)
     del optimizer
-    return {"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed,
+    return {"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed, "selective": selective,
             "seconds": statistics.median(times), "peak": measured, "planned": vp.training_peak(counts, setup).gib(),
             "losses": losses,
             "copies": dit.block_swap.copies if dit.block_swap else 0}
@@ -206,7 +211,8 @@ def inference_row(dit, preset, args, swap, counts):
             times.append(time.perf_counter() - start)
     setup = vp.Setup(batch=1, target_tokens=x.shape[1] // 2, edit_tokens=x.shape[1] // 2, text_tokens=text.shape[1],
                      dtype_bytes=torch.finfo(preset["dtype"]).bits // 8, blocks_to_swap=swap)
-    return {"kind": "inference", "fp8": False, "swap": swap, "checkpointed": None, "seconds": times[-1],
+    return {"kind": "inference", "fp8": False, "swap": swap, "checkpointed": None, "selective": False,
+            "seconds": times[-1],
             "peak": peak_gib(device), "planned": vp.denoising_bytes(counts, setup) / vp.GIB, "losses": None}
 
 
@@ -272,20 +278,22 @@ def run(args, progress=None):
             enable_fp8_linear(dit)
         # The planner's picks right after the resident row (the goals' rows come first when time runs short), then
         # the extra checkpointing rows, then the listed swaps; each (swap, checkpointed blocks) once
-        picks = [(p.blocks_to_swap, p.checkpointed_blocks) for _, p in plans if p.fp8 == fp8]
-        extra = [(0, n) for n in args.checkpointed] if not fp8 else []
-        configs = list(dict.fromkeys([(s, None) for s in args.swaps if s == 0] + picks + extra
-                                     + [(s, None) for s in args.swaps]))
-        for swap, checkpointed in configs:
-            what = f"{'fp8' if fp8 else 'bf16'} swap {swap}" + (f" checkpointed {checkpointed}" if checkpointed else "")
+        picks = [(p.blocks_to_swap, p.checkpointed_blocks, p.keep_attention) for _, p in plans if p.fp8 == fp8]
+        extra = [(0, n, selective) for n, selective in args.checkpointed] if not fp8 else []
+        configs = list(dict.fromkeys([(s, None, False) for s in args.swaps if s == 0] + picks + extra
+                                     + [(s, None, False) for s in args.swaps]))
+        for swap, checkpointed, selective in configs:
+            what = (f"{'fp8' if fp8 else 'bf16'} swap {swap}" + (f" checkpointed {checkpointed}" if checkpointed else "")
+                    + (" selective" if selective else ""))
             if over():
                 skipped.append(what)
                 continue
             print(f"[bench_memory] training, {what}", file=sys.stderr, flush=True)
             try:
-                rows.append(train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed))
+                rows.append(train_row(dit, preset, args, swap, fp8, lora_init, counts, checkpointed, selective))
             except torch.cuda.OutOfMemoryError:
-                rows.append({"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed, "oom": True})
+                rows.append({"kind": "train", "fp8": fp8, "swap": swap, "checkpointed": checkpointed,
+                             "selective": selective, "oom": True})
                 free(device)
             report()
     return rows, plans, skipped, counts, time.perf_counter() - started
@@ -295,20 +303,22 @@ def run(args, progress=None):
 
 def fmt_rows(rows, plans, device, num_layers):
     resident = {(r["fp8"], r["kind"]): r for r in rows
-                if r["kind"] == "train" and r.get("swap") == 0 and r["checkpointed"] is None and "oom" not in r}
+                if r["kind"] == "train" and r.get("swap") == 0 and r["checkpointed"] is None and not r["selective"]
+                and "oom" not in r}
     fp8_base = resident.get((True, "train"))
-    plan_of = {(p.fp8, p.blocks_to_swap, p.checkpointed_blocks): gib for gib, p in plans}
+    plan_of = {(p.fp8, p.blocks_to_swap, p.checkpointed_blocks, p.keep_attention): gib for gib, p in plans}
     lines = ["| run | weights | blocks swapped | blocks checkpointed | s/step | x fp8 resident | peak GiB (measured) | "
              "planner GiB | planner error | max loss diff vs resident |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         weights = "fp8" if r["fp8"] else ("bf16" if device == "cuda" else "fp32")
-        checkpointed = "-" if r["kind"] == "inference" else (r["checkpointed"] or num_layers)
+        checkpointed = "-" if r["kind"] == "inference" else (
+            f"{r['checkpointed'] or num_layers}" + (", attention kept" if r["selective"] else ""))
         if r["kind"] == "inference":
             label = "inference: 1 edit step, true CFG (2 DiT passes)"
         else:
-            plan = plan_of.get((r["fp8"], r["swap"], r["checkpointed"]))
-            plain = r["swap"] == 0 and r["checkpointed"] is None  # what any budget with room to spare picks
+            plan = plan_of.get((r["fp8"], r["swap"], r["checkpointed"], r["selective"]))
+            plain = r["swap"] == 0 and r["checkpointed"] is None and not r["selective"]  # any budget with room picks
             label = "LoRA step" + (f" ({plan} GB plan)" if plan and not plain else "")
         if r.get("oom"):
             lines.append(f"| {label} | {weights} | {r['swap']} | {checkpointed} | OOM | | | | | |")

@@ -38,18 +38,21 @@ fi
 if [ "$DRY" = 1 ]; then
   DIT=(--device cpu --dtype fp32 --num_layers 1 --heads 2 --head_dim 32 --text_dim 64 --height 64 --text_len 8
        --rank 4 --warmup 1 --iters 2 --flavors eager,fp8_compiled --compile_backend eager --profile fp8_compiled
-       --full_layers 2 --full_flavors eager,fp8_compiled,fp8_compiled:1 --full_warmup 1 --full_iters 1)
+       --full_layers 2 --full_flavors eager,fp8_compiled,fp8_compiled:1,fp8_compiled:selective --full_warmup 1
+       --full_iters 1)
   LIMIT=300
 else
   # Flavour by flavour (eager: LoRA step and forward, then compiled: step, profile, forward, then fp8 compute),
   # most informative first; fp8 compute without compile is left out (measured: slower than fp8 storage). The
-  # 60-block section: the goal rows first (compiled, fp8 compute compiled), then the same with only the last 35 / 45
-  # blocks checkpointed (--blocks_to_checkpoint; fewer than the planner's 80 GB picks, 17 / 33, to leave room for
-  # what an earlier flavour may still hold), then fp8 storage compiled, eager.
+  # 60-block section: the goal rows first (compiled, fp8 compute compiled), then the same with the attention outputs
+  # kept (--selective_checkpointing), then with only the last 35 / 45 blocks checkpointed (--blocks_to_checkpoint;
+  # fewer than the planner's 80 GB picks, 18 / 34 with --selective_checkpointing, to leave room for what an earlier
+  # flavour may still hold), then fp8 storage compiled, eager.
   DIT=(--device cuda --dtype bf16 --num_layers 8 --height 1024 --width 1024 --text_len 160 --rank 32
        --modes train,forward --flavors eager,compiled,fp8_compiled --warmup 2 --iters 5 --budget_s 120
        --profile compiled
-       --full_layers 60 --full_flavors compiled,fp8_compiled,fp8_compiled:35,compiled:45,fp8_storage_compiled,eager
+       --full_layers 60
+       --full_flavors compiled,fp8_compiled,compiled:selective,fp8_compiled:selective,fp8_compiled:35,compiled:45,fp8_storage_compiled,eager
        --full_warmup 2 --full_iters 3 --full_budget_s 60)
   LIMIT="${BENCH_DIT_LIMIT:-220}"  # a longer lease may allow more (with larger --budget_s / --full_budget_s)
 fi

@@ -55,9 +55,10 @@ def test_bench_dit_rejects_bad_arguments(capsys):
                           (["--height", "100"], "multiples of 16"),
                           (["--modes", "backward"], "unknown mode 'backward'"),
                           (["--full_flavors", "fast:2"], "unknown flavor 'fast'"),
-                          (["--full_layers", "4", "--full_flavors", "compiled:5"],
-                           "--full_flavors compiled:5: after the colon, how many of the last blocks to checkpoint, "
-                           "1 to --full_layers (4)")):
+                          *((["--full_layers", "4", "--full_flavors", f"compiled:{spec}"],
+                             f"--full_flavors compiled:{spec}: after the colon, how many of the last blocks to "
+                             "checkpoint (1 to --full_layers, 4), selective, or both joined by +")
+                            for spec in ("5", "0", "fast", "", "2+3", "selective+selective"))):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -95,10 +96,13 @@ def test_run_gpu_dry_mode(tmp_path):
                 assert f"| {mode} | {flavor} | {variant} | " in main, (mode, flavor, variant)
     full = text.split("<!-- bench_dit_gpu_full:start -->")[1].split("<!-- bench_dit_gpu_full:end -->")[0]
     assert "Merged DiT, 2 blocks, gradient checkpointing" in full
-    for flavor in ("eager", "fp8 compute, compiled", "fp8 compute, compiled, only the last 1 blocks checkpointed"):
+    partial = ("fp8 compute, compiled, only the last 1 blocks checkpointed",
+               "fp8 compute, compiled, selective (attention outputs kept)")
+    for flavor in ("eager", "fp8 compute, compiled", *partial):
         assert f"| LoRA train step (r=4) | {flavor} | merged | " in full
-    assert re.search(r"^- merged, fp8 compute, compiled, only the last 1 blocks checkpointed: [0-9.]+x the time of "
-                     r"every block checkpointed$", full, re.M), full
+    for flavor in partial:
+        assert re.search(rf"^- merged, {re.escape(flavor)}: [0-9.]+x the time of every block checkpointed$", full,
+                         re.M), full
     assert "Skipped" not in text
     assert text.count("<!-- bench_memory:start -->") == 1  # the memory benchmark's stage ran too
     # the profile of one merged step: a table of ops whose shares add up to the whole

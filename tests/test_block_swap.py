@@ -216,25 +216,33 @@ def test_trainer_steps_with_swap_equal_resident(tiny_models, data, tmp_path, cap
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_trainer_checkpointing_fewer_blocks_trains_the_same(tiny_models, data, tmp_path, capsys, compiled):
-    """--blocks_to_checkpoint 1 (of the tiny DiT's 2): the same losses and LoRA as checkpointing both blocks, eager
-    and with --compile (the same compiled graphs run inside and outside the checkpoint)."""
+    """--blocks_to_checkpoint 1 (of the tiny DiT's 2), and --selective_checkpointing with block swap: the same losses
+    and LoRA as checkpointing both blocks, eager and with --compile (the same compiled graphs run inside and outside
+    the checkpoint)."""
     from safetensors.torch import load_file
 
     runs = {}
-    for name, extra in (("all", []), ("last", ["--blocks_to_checkpoint", "1"])):
+    for name, extra in (("all", []), ("last", ["--blocks_to_checkpoint", "1"]),
+                        ("selective", ["--selective_checkpointing", "--blocks_to_swap", "1"])):
         out = str(tmp_path / name)
         assert main(flags(tiny_models, data, out, "--max_steps", "2", "--use_gradient_checkpointing",
                           "--cache_conditioning", str(tmp_path / "cache"), *extra,
                           *(["--compile"] if compiled else []))) == 0
         runs[name] = (losses(out), load_file(os.path.join(out, "checkpoint-final.safetensors")))
-    assert "gradient checkpointing: the last 1 of 2 blocks; the first 1 keep their activations" in \
-        capsys.readouterr().out
-    assert runs["all"][0] == runs["last"][0] and len(runs["all"][0]) == 2
-    a, b = runs["all"][1], runs["last"][1]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    printed = capsys.readouterr().out
+    assert "gradient checkpointing: the last 1 of 2 blocks; the first 1 keep their activations" in printed
+    assert printed.count("selective checkpointing: the checkpointed blocks keep their attention outputs") == 1
+    assert runs["all"][0] == runs["last"][0] == runs["selective"][0] and len(runs["all"][0]) == 2
+    for other in ("last", "selective"):
+        a, b = runs["all"][1], runs[other][1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), other
     code = main(flags(tiny_models, data, str(tmp_path / "c"), "--use_gradient_checkpointing", "--blocks_to_checkpoint",
                       "3", "--max_steps", "1"))
     assert code == 2 and "blocks_to_checkpoint 3: the DiT has 2 blocks; checkpoint 1 to 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(flags(tiny_models, data, str(tmp_path / "d"), "--selective_checkpointing", "--max_steps", "1"))
+    assert e.value.code == 2 and "--selective_checkpointing needs --use_gradient_checkpointing" in \
+        capsys.readouterr().err
 
 
 def test_trainer_auto_checkpointing_asks_the_planner(tiny_models, data, tmp_path, capsys):

@@ -12,10 +12,12 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TINY_MODEL_IDS, random_diffusers_dit
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV
+from diffsynth.models.qwen_image_dit import ATTENTION_OPS
 from diffsynth.trainers import build_parser
 from diffsynth.utils.compile import compile_blocks, compiled_graphs, watch_compile
 from diffsynth.utils.fp8 import FP8Linear, enable_fp8_linear
@@ -326,3 +328,64 @@ def test_compile_and_fp8_with_block_swap():
     with torch.no_grad():
         torch.testing.assert_close(pipe.dit(*batch), fp8_reference(*batch), rtol=0, atol=0)
     assert pipe.dit.block_swap is not None and pipe.dit.block_swap.copies > 0
+
+
+class AttentionRuns(TorchDispatchMode):
+    """Counts the attention kernels that run (eager code only: a dispatch mode keeps dynamo from compiling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.runs += func in ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [QwenImageDiTMergedQKV, QwenImageDiT])
+def test_keep_attention_skips_attention_in_the_recompute(cls):
+    """Selective checkpointing (--selective_checkpointing): the checkpointed blocks keep their attention outputs, so
+    the backward pass runs attention's forward no second time; the numbers are those of checkpointing everything,
+    with and without the offload."""
+    batch = edit_batch(batch=1, pad=False)
+    full, selective = lora_dit(cls), lora_dit(cls)
+    runs = []
+    for offload in (False, True):
+        full.enable_gradient_checkpointing(offload=offload)
+        selective.enable_gradient_checkpointing(offload=offload, keep_attention=True)
+        for model in (full, selective):
+            with AttentionRuns() as counter:
+                out, grads = step(model, batch)
+            runs.append((counter.runs, out, grads))
+        (n_full, out, grads), (n_sel, out_s, grads_s) = runs[-2:]
+        assert (n_full, n_sel) == (4, 2)  # 2 blocks: forward + recompute, forward only
+        torch.testing.assert_close(out_s, out, rtol=0, atol=0)
+        assert grads.keys() == grads_s.keys() and any("lora_A" in n for n in grads)
+        for name in grads:
+            torch.testing.assert_close(grads_s[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_keep_attention_with_compiled_blocks(monkeypatch):
+    """With compiled blocks the checkpoint stays outside the graph; inductor calls attention as an external kernel,
+    through the dispatcher, where the selective-checkpoint cache keeps its output: the policy sees it once per block,
+    from compiled code (no eager op such as gelu reaches it), and the numbers are those of the compiled blocks under
+    full checkpointing."""
+    import diffsynth.models.qwen_image_dit as dit_module
+
+    seen = []
+    policy = dit_module.save_attention_outputs
+    monkeypatch.setattr(dit_module, "save_attention_outputs", lambda ctx, op, *a, **k: seen.append(op) or policy(
+        ctx, op, *a, **k))
+    batch = edit_batch(batch=1, pad=False)
+    full, selective = lora_dit(QwenImageDiTMergedQKV), lora_dit(QwenImageDiTMergedQKV)
+    selective.enable_gradient_checkpointing(keep_attention=True)
+    for model in (full, selective):
+        compile_blocks(model)
+    (out, grads), (out_s, grads_s) = step(full, batch), step(selective, batch)
+    seen.clear()
+    (out, grads), (out_s, grads_s) = step(full, batch), step(selective, batch)  # compiled: the second step
+    assert sum(op in ATTENTION_OPS for op in seen) == 2
+    assert torch.ops.aten.gelu.default not in seen and seen  # the compiled graph ran, with the cache around it
+    torch.testing.assert_close(out_s, out, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_s[name], grads[name], rtol=0, atol=0, msg=name)

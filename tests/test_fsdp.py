@@ -54,13 +54,14 @@ def test_fsdp2_shards_the_dit_and_trains_as_one_process(tiny_models, data, tmp_p
     assert main(flags(tiny_models, data, one, *COMMON, "--batch_size", "2", "--use_gradient_checkpointing")) == 0
     assert_same_training(one, out)
 
-    # resumed under FSDP2 from the state written after step 1 (the optimizer state gathered, unsharded):
-    # the uninterrupted run's LoRA, bit for bit
+    # resumed under FSDP2 from the state written after step 1 (the optimizer state gathered, unsharded), with
+    # --selective_checkpointing (FSDP's hooks run inside the checkpoint): the uninterrupted run's LoRA, bit for bit
     resumed = str(tmp_path / "resumed")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--num_processes", "2",
            "--main_process_port", "29557", "examples/qwen_image/model_training/train_merged_qkv.py",
            *flags(tiny_models, data, resumed, *COMMON, "--use_gradient_checkpointing", "--compile",  # as the recipe
-                  "--resume_from_checkpoint", os.path.join(out, "checkpoints", "step-1"))]
+                  "--resume_from_checkpoint", os.path.join(out, "checkpoints", "step-1"),
+                  "--selective_checkpointing")]  # changes no number, under FSDP2 too
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout

@@ -180,6 +180,35 @@ def test_blocks_not_checkpointed_keep_their_activations(real):
     assert costs[0] == pytest.approx((1 + 59 * vp.NO_CHECKPOINTING_FACTOR[False]) / 60)
 
 
+def test_selective_checkpointing_keeps_an_attention_output_per_checkpointed_block(real):
+    """--selective_checkpointing: each checkpointed block keeps its attention output (1 U and the log-sum-exp), also
+    with the offload; its recompute loses attention's forward; the planner spends memory on it before it takes blocks
+    out of the recompute (the 80 GB pick has both)."""
+    s = vp.Setup()
+    unit = vp.hidden_unit(real, s)
+    for base in (s, replace(s, checkpointed_blocks=40), replace(s, checkpointing_offload=True)):
+        sel = replace(base, keep_attention=True)
+        kept = vp.checkpointed(real, base)
+        assert vp.training_peak(real, sel).peak - vp.training_peak(real, base).peak == \
+            int(kept * vp.ATTENTION_KEPT_UNITS * unit)
+        assert "--selective_checkpointing" in sel.flags() and "--selective_checkpointing" not in base.flags()
+        saved = (vp.step_cost(real, base) - vp.step_cost(real, sel)) * vp.STEP_SECONDS[(False, "bf16")]
+        assert saved == pytest.approx(kept * vp.ATTENTION_FORWARD_SECONDS)
+    # without checkpointing there is nothing to keep
+    off = replace(s, checkpointing=False)
+    assert vp.training_peak(real, replace(off, keep_attention=True)).peak == vp.training_peak(real, off).peak
+    assert "--selective_checkpointing" not in replace(off, keep_attention=True).flags()
+    cand, _, _ = vp.cheapest_fit(real, s, 80 * vp.GIB)
+    assert cand.keep_attention and cand.checkpointed_blocks < 60
+    # the trainer's flag reaches the plan
+    from diffsynth.trainers import build_parser
+
+    args = build_parser(True).parse_args(["--dataset_metadata_path", "m.csv", "--model_paths", "[]",
+                                          "--lora_base_model", "dit", "--use_gradient_checkpointing",
+                                          "--selective_checkpointing"])
+    assert vp.setup_from_args(args).keep_attention
+
+
 def test_step_cost_follows_compile_and_fp8_compute(real):
     """The ranking uses the H100 step times of the mode the run is in: --compile makes the block copies of a swap
     harder to hide, --fp8_compute with --compile is the cheapest resident step (measured 1.164 vs 1.238 s)."""
@@ -224,7 +253,8 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
     assert "20.43B parameters (merged QKV); LoRA r=32: 188.7M parameters" in plan
     assert "4096 target + 4096 edit-image + ~1433 text tokens" in plan
     assert "predicted peak GPU memory: 45.7 GiB" in plan and "DiT weights" in plan
-    assert "cheapest flags that fit: --use_gradient_checkpointing --enable_fp8_training --blocks_to_swap" in plan
+    assert "cheapest flags that fit: --use_gradient_checkpointing --selective_checkpointing --enable_fp8_training " \
+           "--blocks_to_swap" in plan
     assert "your flags are predicted NOT to fit" in plan
     assert "calibration (first-step peaks measured on an H100" in plan
     # the planner follows the flags: fp8 + swap is far smaller than bf16
@@ -238,12 +268,18 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
     plan = capsys.readouterr().err
     assert "flags: --use_gradient_checkpointing --blocks_to_checkpoint 50 --cache_conditioning" in plan
     assert "activations of the blocks not checkpointed" in plan and "your flags fit as given" in plan
-    assert "cheapest flags that fit: --use_gradient_checkpointing --blocks_to_checkpoint 37 --cache_conditioning" in plan
-    # auto: resolved for the budget in the dry run's settings, or left to the run's start without one
+    assert "cheapest flags that fit: --use_gradient_checkpointing --blocks_to_checkpoint 39 --selective_checkpointing " \
+           "--cache_conditioning" in plan
+    # auto: resolved for the budget in the dry run's settings (for the flags as given: no selective checkpointing,
+    # so more blocks out of the recompute than the pick above), or left to the run's start without one
     assert main(argv + ["--blocks_to_checkpoint", "auto", "--vram_budget", "80GB"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["blocks_to_checkpoint"] == 37
     assert "--blocks_to_checkpoint auto: 37 of 60 blocks checkpointed for --vram_budget 80GB" in out.err
+    assert main(argv + ["--blocks_to_checkpoint", "auto", "--selective_checkpointing", "--vram_budget", "80GB"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["blocks_to_checkpoint"] == 39  # the kept attention outputs take room too
+    assert "flags: --use_gradient_checkpointing --blocks_to_checkpoint 39 --selective_checkpointing" in out.err
     assert main(argv + ["--blocks_to_checkpoint", "auto"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["blocks_to_checkpoint"] == "auto"
@@ -252,8 +288,8 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
     assert main(argv + ["--compile", "--fp8_compute", "--vram_budget", "80GB"]) == 0
     plan = capsys.readouterr().err
     assert "flags: --use_gradient_checkpointing --fp8_compute --cache_conditioning" in plan
-    assert "cheapest flags that fit: --use_gradient_checkpointing --blocks_to_checkpoint 23 --fp8_compute " \
-           "--cache_conditioning" in plan and "the all-resident bf16 step (both with --compile)" in plan
+    assert "cheapest flags that fit: --use_gradient_checkpointing --blocks_to_checkpoint 24 --selective_checkpointing " \
+           "--fp8_compute --cache_conditioning" in plan and "the all-resident bf16 step (both with --compile)" in plan
 
 
 def test_bad_budget_is_a_flag_error(capsys):

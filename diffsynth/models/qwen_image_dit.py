@@ -4,11 +4,13 @@ Module names are the official state-dict keys (diffusers' `QwenImageTransformer2
 `transformer/diffusion_pytorch_model*.safetensors` load with strict key checking. The merged-QKV variant in
 `qwen_image_dit_merged_qkv.py` subclasses the attention and the model; everything else lives here, once.
 """
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 
 class RMSNorm(nn.Module):
@@ -226,6 +228,23 @@ def modulate(x, params, index=None):
     return x * (1 + scale) + shift, gate
 
 
+# Selective checkpointing (enable_gradient_checkpointing(keep_attention=True)): a checkpointed block keeps the output
+# of its attention kernel, so the recompute in the backward pass skips attention's forward, the block's only op whose
+# cost grows with the square of the tokens, for one hidden state of memory. These are the ops SDPA dispatches to on
+# the CPU and CUDA (its math fallback, where no fused kernel applies, is plain ops and is recomputed as before).
+# Inside a compiled block inductor calls them as external kernels, through the dispatcher, so torch's
+# selective-checkpoint cache sees them there too (tests/test_compile.py checks both).
+ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(torch.ops.aten, name))
+
+
+def save_attention_outputs(ctx, op, *args, **kwargs):
+    """The selective-checkpoint policy: save attention's outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class QwenImageTransformerBlock(nn.Module):
     # For torch.compile (diffsynth/utils/compile.py): the dims of forward's tensors that follow the batch size and
     # the token counts, so that one compiled graph serves every aspect bucket and prompt length.
@@ -316,6 +335,7 @@ class QwenImageDiT(nn.Module):
         self.gradient_checkpointing = False
         self.gradient_checkpointing_offload = False
         self.checkpointed_blocks = num_layers  # the last this many blocks are checkpointed (when enabled)
+        self.checkpoint_keep_attention = False  # selective checkpointing: see save_attention_outputs
         self.block_swap = None
 
     def unused_in_output(self):
@@ -324,17 +344,19 @@ class QwenImageDiT(nn.Module):
         last = f"transformer_blocks.{len(self.transformer_blocks) - 1}"
         return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
 
-    def enable_gradient_checkpointing(self, offload=False, blocks=None):
+    def enable_gradient_checkpointing(self, offload=False, blocks=None, keep_attention=False):
         """Recompute blocks in backward; with offload, the saved block inputs wait on the CPU. `blocks`: checkpoint
         only the last `blocks` blocks (default: all); the others keep their activations for the backward pass, so
         they are not run twice: faster, for the memory of their activations (a block swapped without checkpointing
-        keeps its weights' device copy alive until its backward: swap only checkpointed blocks to save memory)."""
+        keeps its weights' device copy alive until its backward: swap only checkpointed blocks to save memory).
+        `keep_attention`: the checkpointed blocks keep their attention outputs (on the device, offload or not), and
+        the recompute skips attention's forward (selective checkpointing; the gradients are the same)."""
         n = len(self.transformer_blocks)
         blocks = n if blocks is None else blocks
         if not 0 < blocks <= n:
             raise ValueError(f"blocks_to_checkpoint {blocks}: the DiT has {n} blocks; checkpoint 1 to {n}")
         self.gradient_checkpointing, self.gradient_checkpointing_offload = True, offload
-        self.checkpointed_blocks = blocks
+        self.checkpointed_blocks, self.checkpoint_keep_attention = blocks, keep_attention
 
     def enable_block_swap(self, num_blocks, device, prefetch=1):
         """Keep the frozen weights of the last `num_blocks` blocks in (pinned) host memory; each visits `device`
@@ -405,7 +427,9 @@ class QwenImageDiT(nn.Module):
         return self.proj_out(self.norm_out(image, temb))
 
     def _checkpointed(self, block, *args):
-        run = lambda: torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)  # noqa: E731
+        selective = {"context_fn": functools.partial(create_selective_checkpoint_contexts, save_attention_outputs)}
+        run = lambda: torch.utils.checkpoint.checkpoint(  # noqa: E731
+            block, *args, use_reentrant=False, **(selective if self.checkpoint_keep_attention else {}))
         if self.gradient_checkpointing_offload:
             with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
                 return run()

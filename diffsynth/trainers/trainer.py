@@ -284,11 +284,15 @@ class Trainer:
             args.blocks_to_checkpoint = self._auto_checkpointed_blocks(dit)
         if args.use_gradient_checkpointing:
             dit.enable_gradient_checkpointing(offload=args.use_gradient_checkpointing_offload,
-                                              blocks=args.blocks_to_checkpoint)
+                                              blocks=args.blocks_to_checkpoint,
+                                              keep_attention=args.selective_checkpointing)
             if args.blocks_to_checkpoint is not None:
                 n = len(dit.transformer_blocks)
                 self.log(f"gradient checkpointing: the last {args.blocks_to_checkpoint} of {n} blocks; the first "
                          f"{n - args.blocks_to_checkpoint} keep their activations (not recomputed)")
+            if args.selective_checkpointing:
+                self.log("selective checkpointing: the checkpointed blocks keep their attention outputs (attention's "
+                         "forward is not recomputed)")
         if args.blocks_to_swap:
             dit.enable_block_swap(args.blocks_to_swap, acc.device)
             self.log(f"block swap: the frozen weights of the last {args.blocks_to_swap} of "

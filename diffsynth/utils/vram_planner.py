@@ -13,7 +13,9 @@ What is counted (bytes on the GPU, per process):
   with gradient checkpointing every block keeps its input (1 U per block; with the offload they wait in host
   memory instead) and one block at a time holds its recomputed activations during its backward pass;
   without checkpointing every block keeps its activations until the backward pass; with --blocks_to_checkpoint N
-  the last N blocks are checkpointed and the others keep their activations;
+  the last N blocks are checkpointed and the others keep their activations; with --selective_checkpointing each
+  checkpointed block also keeps its attention output (1 U, and a log-sum-exp of 1/64 U, on the GPU even with the
+  offload);
 - with fp8 storage, the transient full-precision copy of the largest weight that the backward pass upcasts;
 - the text encoder and the VAE when they stay on the GPU (training without a complete conditioning cache).
 
@@ -44,6 +46,7 @@ GIB = 2**30
 HIDDEN_UNITS_CKPT = 41  # U per block: recompute + backward of one block (see above)
 HIDDEN_UNITS_SAVED = 26  # U per block kept without checkpointing, its input included (measured 24, see above)
 GRADIENT_UNITS = 9  # U of gradients alive at the peak of a block's backward pass (in HIDDEN_UNITS_CKPT too)
+ATTENTION_KEPT_UNITS = 1 + 1 / 64  # --selective_checkpointing: SDPA's output and its fp32 log-sum-exp per block
 HIDDEN_UNITS_INFERENCE = 21  # U at the peak of a forward pass without gradients (measured; see above)
 HEADROOM_GIB = 2.0  # what a budget keeps free: CUDA context (~0.5 GiB), fragmentation, the planner's error
 PCIE_GBPS = 24.0  # host-to-device bandwidth assumed by the cost estimate (PCIe 4.0 x16 in practice)
@@ -74,6 +77,12 @@ STEP_SECONDS = {(False, "bf16"): 1.822, (False, "fp8"): 2.181, (False, "fp8_comp
                 (True, "bf16"): 1.238, (True, "fp8_compute"): 1.164}
 FORWARD_SHARE = {False: (0.0599 / 8) / (1.822 / 60), True: (0.0413 / 8) / (1.238 / 60)}
 NO_CHECKPOINTING_FACTOR = {False: (0.1745 / 8) / (1.822 / 60), True: (0.1171 / 8) / (1.238 / 60)}
+# Attention's forward in one block at the calibration input, s: what --selective_checkpointing takes out of each
+# checkpointed block's recompute. Derived, not timed on its own: the issue's H100 profile of an eager 8-block step
+# (0.150 s) gave attention forward + backward 27% of GPU time, and flash attention's backward does 2.5 times its
+# forward's matmul work: 0.27 x 0.150 / 8 / 3.5 = 1.45 ms (857 GFLOP at 590 TFLOP/s). The same kernel eager and
+# compiled; it grows with the square of the tokens, which the planner's fixed step times do not follow.
+ATTENTION_FORWARD_SECONDS = 0.27 * 0.150 / 8 / 3.5
 
 
 # Optimizer state per trainable parameter, bytes (fp32 states; 8-bit AdamW: two 1-byte states; Adafactor: factored
@@ -148,6 +157,7 @@ class Setup:
     checkpointed_blocks: int = None  # with checkpointing: the last this many blocks (None: all)
     compiled: bool = False  # --compile: changes the step time, not the memory the planner counts
     fp8_compute: bool = False  # with fp8: --fp8_compute (the same storage, fp8 matmuls) instead of fp8 storage
+    keep_attention: bool = False  # with checkpointing: --selective_checkpointing
     blocks_to_swap: int = 0
     prefetch: int = 1
     encoders_on_gpu: bool = False  # training without a complete conditioning cache keeps them there
@@ -162,6 +172,8 @@ class Setup:
             out.append("--use_gradient_checkpointing")
         if self.checkpointing and self.checkpointed_blocks is not None:
             out += ["--blocks_to_checkpoint", str(self.checkpointed_blocks)]
+        if self.checkpointing and self.keep_attention:
+            out.append("--selective_checkpointing")
         if self.checkpointing_offload:
             out.append("--use_gradient_checkpointing_offload")
         if self.fp8:
@@ -236,6 +248,8 @@ def training_peak(counts: DiTCounts, s: Setup) -> Breakdown:
     if s.checkpointing:
         kept = checkpointed(counts, s)
         backward["block inputs kept for the backward"] = 0 if s.checkpointing_offload else kept * unit
+        if s.keep_attention:
+            backward["attention outputs kept (selective checkpointing)"] = kept * ATTENTION_KEPT_UNITS * unit
         if kept < counts.num_layers:
             backward["activations of the blocks not checkpointed"] = \
                 (counts.num_layers - kept) * HIDDEN_UNITS_SAVED * unit
@@ -311,12 +325,13 @@ def step_cost(counts: DiTCounts, s: Setup) -> float:
     block = checkpointed_step_seconds(s) / n  # a checkpointed block's forward, recompute and backward
     forward = FORWARD_SHARE[s.compiled] * block
     kept = checkpointed(counts, s)
-    step = block * (kept + (n - kept) * NO_CHECKPOINTING_FACTOR[s.compiled])
+    saved = ATTENTION_FORWARD_SECONDS if s.checkpointing and s.keep_attention else 0.0  # per checkpointed block
+    step = (block - saved) * kept + block * (n - kept) * NO_CHECKPOINTING_FACTOR[s.compiled]
     copy = block_bytes(counts, s) / (PCIE_GBPS * 1e9)
     swapped = min(s.blocks_to_swap, n)
     # Each swapped (so checkpointed) block is copied for the forward and again for the recompute; a copy hides
     # behind the compute of the block before it: its forward, then its recompute and backward.
-    exposed = swapped * (max(0.0, copy - forward) + max(0.0, copy - (block - forward)))
+    exposed = swapped * (max(0.0, copy - forward) + max(0.0, copy - (block - saved - forward)))
     if s.checkpointing_offload:
         exposed += 2 * kept * hidden_unit(counts, s) / (PCIE_GBPS * 1e9)
     return (step + exposed) / STEP_SECONDS[(s.compiled, "bf16")]
@@ -341,25 +356,27 @@ def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
     headroom; -> (Setup, Breakdown, cost) or None. Batch, sizes, rank, precision, --compile and
     --fp8_compute (which fp8 a candidate with fp8 weights uses) are kept as given."""
     best = None
-    for checkpointing in (False, True):
-        for offload in ((False, True) if checkpointing else (False,)):
-            for fp8 in (False, True):
-                for swap in range(0, counts.num_layers + 1) if checkpointing else (0,):
-                    base = replace(s, checkpointing=checkpointing, checkpointing_offload=offload, fp8=fp8,
-                                   blocks_to_swap=swap, encoders_on_gpu=False, checkpointed_blocks=None)
-                    if checkpointing:
-                        fit = fewest_checkpointed(counts, base, budget_bytes)
-                    else:
-                        peak = training_peak(counts, base)
-                        fit = (base, peak) if peak.peak <= budget_bytes - HEADROOM_GIB * GIB else None
-                    if fit is None:
-                        continue
-                    cand, peak = fit
-                    cost = step_cost(counts, cand)
-                    if best is None or (cost, peak.peak) < (best[2], best[1].peak):
-                        best = (cand, peak, cost)
-                    if checkpointed(counts, cand) == max(swap, 1):
-                        break  # nothing left to trade: more swapping only costs more
+    # (checkpointing, its offload, --selective_checkpointing)
+    options = [(False, False, False)] + [(True, offload, keep) for offload in (False, True) for keep in (False, True)]
+    for checkpointing, offload, keep in options:
+        for fp8 in (False, True):
+            for swap in range(0, counts.num_layers + 1) if checkpointing else (0,):
+                base = replace(s, checkpointing=checkpointing, checkpointing_offload=offload, fp8=fp8,
+                               blocks_to_swap=swap, encoders_on_gpu=False, checkpointed_blocks=None,
+                               keep_attention=keep)
+                if checkpointing:
+                    fit = fewest_checkpointed(counts, base, budget_bytes)
+                else:
+                    peak = training_peak(counts, base)
+                    fit = (base, peak) if peak.peak <= budget_bytes - HEADROOM_GIB * GIB else None
+                if fit is None:
+                    continue
+                cand, peak = fit
+                cost = step_cost(counts, cand)
+                if best is None or (cost, peak.peak) < (best[2], best[1].peak):
+                    best = (cand, peak, cost)
+                if checkpointed(counts, cand) == max(swap, 1):
+                    break  # nothing left to trade: more swapping only costs more
     return best
 
 
@@ -403,6 +420,7 @@ def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> 
                  fp8_compute=bool(getattr(args, "fp8_compute", False)), compiled=bool(getattr(args, "compile", False)),
                  checkpointing=args.use_gradient_checkpointing,
                  checkpointing_offload=args.use_gradient_checkpointing_offload,
+                 keep_attention=bool(getattr(args, "selective_checkpointing", False)),
                  checkpointed_blocks=None if getattr(args, "blocks_to_checkpoint", None) == "auto" else
                  getattr(args, "blocks_to_checkpoint", None),  # auto: until resolved, every block
                  blocks_to_swap=args.blocks_to_swap, encoders_on_gpu=args.cache_conditioning is None,
