@@ -365,11 +365,11 @@ def test_keep_attention_skips_attention_in_the_recompute(cls):
             torch.testing.assert_close(grads_s[name], grads[name], rtol=0, atol=0, msg=name)
 
 
-def test_keep_attention_with_compiled_blocks(monkeypatch):
-    """With compiled blocks the checkpoint stays outside the graph; inductor calls attention as an external kernel,
-    through the dispatcher, where the selective-checkpoint cache keeps its output: the policy sees it once per block,
-    from compiled code (no eager op such as gelu reaches it), and the numbers are those of the compiled blocks under
-    full checkpointing."""
+def test_keep_attention_with_the_checkpoint_around_compiled_blocks(monkeypatch):
+    """With the offload (or block swap) the checkpoint stays outside the compiled graph; inductor calls attention as
+    an external kernel, through the dispatcher, where the selective-checkpoint cache keeps its output: the policy sees
+    it once per block, from compiled code (no eager op such as gelu reaches it), and the numbers are those of the
+    compiled blocks under full checkpointing."""
     import diffsynth.models.qwen_image_dit as dit_module
 
     seen = []
@@ -378,9 +378,11 @@ def test_keep_attention_with_compiled_blocks(monkeypatch):
         ctx, op, *a, **k))
     batch = edit_batch(batch=1, pad=False)
     full, selective = lora_dit(QwenImageDiTMergedQKV), lora_dit(QwenImageDiTMergedQKV)
-    selective.enable_gradient_checkpointing(keep_attention=True)
+    full.enable_gradient_checkpointing(offload=True)
+    selective.enable_gradient_checkpointing(offload=True, keep_attention=True)
     for model in (full, selective):
         compile_blocks(model)
+        assert not any(block.checkpoints_in_graph for block in model.transformer_blocks)
     (out, grads), (out_s, grads_s) = step(full, batch), step(selective, batch)
     seen.clear()
     (out, grads), (out_s, grads_s) = step(full, batch), step(selective, batch)  # compiled: the second step
@@ -389,3 +391,55 @@ def test_keep_attention_with_compiled_blocks(monkeypatch):
     torch.testing.assert_close(out_s, out, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads_s[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+def graph_counts(graphs):
+    """-> (matmul FLOPs, attention forward ops) of the recorded FX graphs."""
+    def size(d):
+        return d.node.hint if isinstance(d, torch.SymInt) else d
+
+    flops = attention = 0
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = (x.meta["val"].shape for x in node.args[-2:])
+                flops += 2 * size(a[0]) * size(a[1]) * size(b[1])
+            # (checkpointed, attention runs as a random op: run_and_save_rng_state(op, ...), in the backward
+            # run_with_rng_state(state, op, ...), so that a recompute would draw the same dropout)
+            ops = [node.target] + [a for a in node.args if isinstance(a, torch._ops.OpOverload)]
+            attention += any(op in ATTENTION_OPS for op in ops)
+    return flops, attention
+
+
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_checkpoint_inside_the_compiled_graph(keep_attention):
+    """Without the offload and block swap the checkpoint goes inside the compiled graph: the backward graph holds
+    the recompute, and recomputes neither the MLPs' output projections (a third of the forward's matmul work) nor,
+    with keep_attention, attention's forward; the numbers are eager's within compile's tolerance."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = {}
+
+    def backend(kind):
+        return aot_autograd(fw_compiler=lambda gm, ex: graphs.setdefault(kind + " forward", []).append(gm)
+                            or gm.forward,
+                            bw_compiler=lambda gm, ex: graphs.setdefault(kind + " backward", []).append(gm)
+                            or gm.forward)
+
+    batch = edit_batch(batch=1, pad=False)
+    eager, plain, inside = (lora_dit(QwenImageDiTMergedQKV, checkpointing=c) for c in (True, False, True))
+    inside.enable_gradient_checkpointing(keep_attention=keep_attention)
+    compile_blocks(plain, backend=backend("plain"))
+    compile_blocks(inside, backend=backend("inside"))
+    assert all(block.checkpoints_in_graph for block in inside.transformer_blocks)
+    (out, grads), (out_p, _), (out_i, grads_i) = step(eager, batch), step(plain, batch), step(inside, batch)
+    forward, _ = graph_counts(graphs["plain forward"])
+    backward, _ = graph_counts(graphs["plain backward"])
+    assert graph_counts(graphs["inside forward"])[0] == forward
+    recomputed, attention = graph_counts(graphs["inside backward"])
+    assert 0.6 * forward < recomputed - backward < 0.7 * forward  # the output projections: about 1/3
+    assert attention == (0 if keep_attention else 2)  # 2 blocks
+    assert relative(out_i, out) < 1e-5
+    for name in grads:
+        assert relative(grads_i[name], grads[name]) < 1e-4, name

@@ -415,9 +415,12 @@ class QwenImageDiT(nn.Module):
         rope = self.pos_embed(shapes, text.shape[1], image.device)
         first_checkpointed = len(self.transformer_blocks) - self.checkpointed_blocks
         for i, block in enumerate(self.transformer_blocks):
+            checkpointed = self.gradient_checkpointing and i >= first_checkpointed and torch.is_grad_enabled()
+            if checkpointed and getattr(block, "checkpoints_in_graph", False):
+                checkpointed = False  # its compiled forward holds the checkpoint (utils/compile.py)
             if self.block_swap is not None:
                 block = self.block_swap.bind(i)  # the same call, with the block's weights on the device
-            if self.gradient_checkpointing and i >= first_checkpointed and torch.is_grad_enabled():
+            if checkpointed:
                 image, text = self._checkpointed(block, image, text, temb, rope, attn_mask, modulate_index)
             else:
                 image, text = block(image, text, temb, rope, attn_mask, modulate_index)
@@ -426,10 +429,23 @@ class QwenImageDiT(nn.Module):
             temb = temb.chunk(2, dim=0)[0]
         return self.proj_out(self.norm_out(image, temb))
 
+    def checkpoint_options(self) -> dict:
+        """Keyword arguments of torch.utils.checkpoint.checkpoint for the checkpointed blocks."""
+        if self.checkpoint_keep_attention:
+            return {"use_reentrant": False,
+                    "context_fn": functools.partial(create_selective_checkpoint_contexts, save_attention_outputs)}
+        return {"use_reentrant": False}
+
+    def checkpoint_in_graph(self):
+        """For compile_blocks: the index of the first checkpointed block when the checkpoint may go inside the
+        blocks' compiled graphs, else None: not with the offload (save_on_cpu would also move what the graph saves)
+        or block swap (the graph would keep a swapped block's weights on the device until its backward)."""
+        if not self.gradient_checkpointing or self.gradient_checkpointing_offload or self.block_swap is not None:
+            return None
+        return len(self.transformer_blocks) - self.checkpointed_blocks
+
     def _checkpointed(self, block, *args):
-        selective = {"context_fn": functools.partial(create_selective_checkpoint_contexts, save_attention_outputs)}
-        run = lambda: torch.utils.checkpoint.checkpoint(  # noqa: E731
-            block, *args, use_reentrant=False, **(selective if self.checkpoint_keep_attention else {}))
+        run = lambda: torch.utils.checkpoint.checkpoint(block, *args, **self.checkpoint_options())  # noqa: E731
         if self.gradient_checkpointing_offload:
             with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
                 return run()

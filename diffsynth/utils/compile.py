@@ -6,6 +6,14 @@ gradient checkpointing, offloading and per-block hooks (block swapping, FSDP) wr
 being traced into it. Only `forward` is compiled, never the module's `__call__`: hooks registered on a block
 run outside the graph.
 
+Gradient checkpointing goes inside the graph of a checkpointed block when it can (our DiTs, without the offload or
+block swap: `checkpoint_in_graph`): the compiled forward then calls torch.utils.checkpoint around the block's code,
+and AOTAutograd puts the recompute into the backward graph. There it recomputes only what the backward needs, fused
+with the backward's kernels: not the MLPs' output projections (their outputs feed only the residual sum, whose
+gradient needs none of them), a third of the forward's matmul work, which a checkpoint around the compiled forward
+runs again (tests/test_compile.py counts the FLOPs of both graphs). Selective checkpointing's policy applies
+there too. The block's hooks still run once, around the forward.
+
 How many graphs compile (each once, then shared by all blocks):
 - the first block separately from the others: its inputs come from frozen layers and carry no gradient;
 - with and without a text-padding mask (a batch of prompts of different lengths pads them);
@@ -15,6 +23,7 @@ recompile; a new batch size recompiles once, after which the batch dim is dynami
 at most 2 x 2 x 2 x 2 block graphs, usually 2 to 4; `CompileWatch` says each time it happens and how long it took.
 """
 import contextlib
+import functools
 import inspect
 import time
 import types
@@ -59,6 +68,14 @@ def _dynamic_marker(cls):
     return mark
 
 
+def _checkpointing(forward, checkpoint_options):
+    """`forward` run under torch.utils.checkpoint: compiled, the checkpoint is part of the graph."""
+    def run(self, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(functools.partial(forward, self), *args, **checkpoint_options,
+                                                 **kwargs)
+    return run
+
+
 def compile_blocks(model: torch.nn.Module, **options) -> int:
     """Compile the forward of every block in `model.transformer_blocks` (ours or diffusers'); one compiled function
     per block class, shared by the blocks. Inject LoRA, convert to fp8 and enable checkpointing BEFORE calling this
@@ -66,22 +83,30 @@ def compile_blocks(model: torch.nn.Module, **options) -> int:
     Compilation itself happens on the first call."""
     blocks = model.transformer_blocks
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    first_in_graph = model.checkpoint_in_graph() if hasattr(model, "checkpoint_in_graph") else None
     compiled = {}
-    for block in blocks:
+    for i, block in enumerate(blocks):
         if getattr(block, "_compiled_forward", False):
             continue
+        in_graph = first_in_graph is not None and i >= first_in_graph
         cls = type(block)
-        if cls not in compiled:
-            compiled[cls] = (torch.compile(cls.forward, **options), _dynamic_marker(cls))
-        fn, mark = compiled[cls]
+        if (cls, in_graph) not in compiled:
+            plain = compiled[cls, False][0] if (cls, False) in compiled else torch.compile(cls.forward, **options)
+            checkpointing = (torch.compile(_checkpointing(cls.forward, model.checkpoint_options()), **options)
+                             if in_graph else None)
+            compiled[cls, in_graph] = (plain, checkpointing, _dynamic_marker(cls))
+        fn, checkpointing, mark = compiled[cls, in_graph]
 
-        def forward(self, *args, _fn=fn, _mark=mark, **kwargs):
+        def forward(self, *args, _fn=fn, _checkpointing=checkpointing, _mark=mark, **kwargs):
             if _mark is not None:
                 args, kwargs = _mark(self, args, kwargs)
+            if _checkpointing is not None and torch.is_grad_enabled():
+                return _checkpointing(self, *args, **kwargs)
             return _fn(self, *args, **kwargs)
 
         block.forward = types.MethodType(forward, block)  # an instance attribute: __call__ and its hooks stay eager
         block._compiled_forward = True
+        block.checkpoints_in_graph = in_graph
     model._compile_watch = CompileWatch()
     return len(blocks)
 
