@@ -2,8 +2,7 @@
 
 Why per block and not the whole model: the 60 blocks are identical, so one compiled graph serves all of them
 (compiling the model would unroll 60 copies: minutes more); and what runs between blocks stays eager, so
-gradient checkpointing, offloading and per-block hooks (block swapping, FSDP) wrap compiled code without
-being traced into it. Only `forward` is compiled, never the module's `__call__`: hooks registered on a block
+offloading and per-block hooks (block swapping, FSDP) wrap compiled code without being traced into it. Only `forward` is compiled, never the module's `__call__`: hooks registered on a block
 run outside the graph.
 
 Gradient checkpointing goes inside the graph of a checkpointed block when it can (our DiTs, without the offload or
@@ -17,10 +16,11 @@ there too. The block's hooks still run once, around the forward.
 How many graphs compile (each once, then shared by all blocks):
 - the first block separately from the others: its inputs come from frozen layers and carry no gradient;
 - with and without a text-padding mask (a batch of prompts of different lengths pads them);
-- training (grad) and inference (no grad, e.g. validation images).
+- training (grad) and inference (no grad, e.g. validation images);
+- with --blocks_to_checkpoint, the blocks checkpointed inside their graph and those that are not.
 The token dims (image size, prompt length) are marked dynamic, so a new aspect bucket or prompt length does not
 recompile; a new batch size recompiles once, after which the batch dim is dynamic as well. A run therefore compiles
-at most 2 x 2 x 2 x 2 block graphs, usually 2 to 4; `CompileWatch` says each time it happens and how long it took.
+at most 2 x 2 x 2 x 2 x 2 block graphs, usually 2 to 4; `CompileWatch` says each time it happens and how long it took.
 """
 import contextlib
 import functools
