@@ -2,8 +2,8 @@
 
 Why per block and not the whole model: the 60 blocks are identical, so one compiled graph serves all of them
 (compiling the model would unroll 60 copies: minutes more); and what runs between blocks stays eager, so
-offloading and per-block hooks (block swapping, FSDP) wrap compiled code without being traced into it. Only `forward` is compiled, never the module's `__call__`: hooks registered on a block
-run outside the graph.
+offloading and per-block hooks (block swapping, FSDP) wrap compiled code without being traced into it. Only
+`forward` is compiled, never the module's `__call__`: hooks registered on a block run outside the graph.
 
 Gradient checkpointing goes inside the graph of a checkpointed block when it can (our DiTs, without the offload or
 block swap: `checkpoint_in_graph`): the compiled forward then calls torch.utils.checkpoint around the block's code,
