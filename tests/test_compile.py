@@ -6,6 +6,7 @@ Compiling on the CPU costs tens of seconds per block graph, so the models here a
 test are the ones the next test needs, found in dynamo's cache or inductor's on-disk cache. All tests of this file
 run on one test worker (xdist group), so that those caches are shared.
 """
+import collections
 import os
 import subprocess
 import sys
@@ -440,6 +441,15 @@ def test_checkpoint_inside_the_compiled_graph(keep_attention):
     recomputed, attention = graph_counts(graphs["inside backward"])
     assert 0.6 * forward < recomputed - backward < 0.7 * forward  # the output projections: about 1/3
     assert attention == (0 if keep_attention else 2)  # 2 blocks
+    # What the forward graphs keep for the backward, beyond the weights: the block's image input (beside its output,
+    # the other tensor of this shape), RoPE's cos and sin and, with keep_attention, attention's output and
+    # log-sum-exp; nothing else of the 48 image or 55 joint tokens (the memory the VRAM planner counts)
+    expected = {(1, 48, 64): 2, (55, 32): 2, **({(1, 2, 55, 32): 1, (1, 2, 55): 1} if keep_attention else {})}
+    for gm in graphs["inside forward"]:
+        outputs = [n.meta.get("val") for n in next(n for n in gm.graph.nodes if n.op == "output").args[0]
+                   if isinstance(n, torch.fx.Node)]
+        shapes = [tuple(int(d) for d in v.shape) for v in outputs if isinstance(v, torch.Tensor)]
+        assert collections.Counter(x for x in shapes if {48, 55} & set(x)) == expected
     assert relative(out_i, out) < 1e-5 and relative(out_p, out) < 1e-5
     for name in grads:
         assert relative(grads_i[name], grads[name]) < 1e-4, name
