@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV, merge_qkv_state_dict
 from diffsynth.utils.benchmarking import (
-    COMMON_TARGETS, QKV_TARGETS, VARIANTS, comma_list, command_line, cpu_name, section_markers, write_section,
+    COMMON_TARGETS, QKV_TARGETS, VARIANTS, checkpointing_spec, comma_list, command_line, cpu_name, section_markers,
+    write_section,
 )
 from diffsynth.utils.compile import compile_blocks, compiled_graphs
 from diffsynth.utils.fp8 import enable_fp8_linear, fp8_compute_problem
@@ -54,22 +55,20 @@ def flavor_parts(flavor):
     """'fp8_compiled:27+selective' -> ('fp8_compiled', 27, True): a flavour and, after a colon (--full_flavors
     only), how many of the last blocks are checkpointed (--blocks_to_checkpoint; None: every block) and/or
     "selective" (--selective_checkpointing), joined by +."""
-    name, _, spec = flavor.partition(":")
-    parts = spec.split("+") if spec else []
-    blocks = [int(p) for p in parts if p.isdigit()]
-    return name, blocks[0] if blocks else None, "selective" in parts
+    name, colon, spec = flavor.partition(":")
+    return (name, *checkpointing_spec(spec)) if colon else (name, None, False)
 
 
 def bad_checkpointing_spec(flavor, layers):
     """Why FLAVOR:SPEC is not a checkpointing spec for `layers` blocks, or None."""
-    _, colon, spec = flavor.partition(":")
-    parts = spec.split("+") if colon else []
-    numbers = [p for p in parts if p.isdigit()]
-    if colon and (not parts or any(not (p.isdigit() or p == "selective") for p in parts) or len(numbers) > 1
-                  or len(set(parts)) < len(parts) or any(not 0 < int(n) <= layers for n in numbers)):
-        return (f"after the colon, how many of the last blocks to checkpoint (1 to --full_layers, {layers}), "
-                "selective, or both joined by +")
-    return None
+    try:
+        _, blocks, _ = flavor_parts(flavor)
+        if blocks is None or 0 < blocks <= layers:
+            return None
+    except ValueError:
+        pass
+    return (f"after the colon, how many of the last blocks to checkpoint (1 to --full_layers, {layers}), "
+            "selective, or both joined by +")
 
 
 def flavor_mode(flavor):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffsynth.lora import inject_lora
 from diffsynth.models import QwenImageDiTMergedQKV
 from diffsynth.utils import vram_planner as vp
-from diffsynth.utils.benchmarking import command_line, cpu_name, section_markers, write_section
+from diffsynth.utils.benchmarking import checkpointing_spec, command_line, cpu_name, section_markers, write_section
 from diffsynth.utils.fp8 import enable_fp8_linear
 
 PRESETS = {
@@ -68,13 +68,13 @@ def parse_args(argv=None):
     layers = PRESETS[args.preset]["config"]["num_layers"]
     rows = []
     for item in (x.strip() for x in args.checkpointed.split(",") if x.strip()):
-        parts = item.split("+")
-        numbers = [int(x) for x in parts if x.isdigit()]
-        if any(not (x.isdigit() or x == "selective") for x in parts) or len(numbers) > 1 or len(set(parts)) < len(parts):
+        try:
+            blocks, selective = checkpointing_spec(item)
+        except ValueError:
             p.error(f"--checkpointed {item}: a block count, selective, or both joined by + (e.g. 34+selective)")
-        if any(not 0 < n <= layers for n in numbers):
+        if blocks is not None and not 0 < blocks <= layers:
             p.error(f"--checkpointed: each count between 1 and the preset's {layers} blocks")
-        rows.append((numbers[0] if numbers else None, "selective" in parts))
+        rows.append((blocks, selective))
     args.checkpointed = tuple(rows)
     args.weights = tuple(w.strip() for w in args.weights.split(",") if w.strip())
     if not args.weights or set(args.weights) - {"bf16", "fp8"}:

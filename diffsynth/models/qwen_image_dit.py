@@ -415,9 +415,9 @@ class QwenImageDiT(nn.Module):
         rope = self.pos_embed(shapes, text.shape[1], image.device)
         first_checkpointed = len(self.transformer_blocks) - self.checkpointed_blocks
         for i, block in enumerate(self.transformer_blocks):
-            checkpointed = self.gradient_checkpointing and i >= first_checkpointed and torch.is_grad_enabled()
-            if checkpointed and getattr(block, "checkpoints_in_graph", False):
-                checkpointed = False  # its compiled forward holds the checkpoint (utils/compile.py)
+            # (a block whose compiled forward holds the checkpoint itself, utils/compile.py, is called as it is)
+            checkpointed = (self.gradient_checkpointing and i >= first_checkpointed and torch.is_grad_enabled()
+                            and not getattr(block, "checkpoints_in_graph", False))
             if self.block_swap is not None:
                 block = self.block_swap.bind(i)  # the same call, with the block's weights on the device
             if checkpointed:

@@ -36,6 +36,16 @@ def comma_list(parser, value, what, choices):
     return items
 
 
+def checkpointing_spec(text):
+    """A benchmark row's checkpointing: 'N' (--blocks_to_checkpoint N), 'selective' (--selective_checkpointing) or
+    both joined by + -> (N or None, selective); ValueError for anything else. The caller checks N's range."""
+    parts = text.split("+")
+    numbers = [int(p) for p in parts if p.isdigit()]
+    if any(not (p.isdigit() or p == "selective") for p in parts) or len(numbers) > 1 or len(set(parts)) < len(parts):
+        raise ValueError(text)
+    return (numbers[0] if numbers else None), "selective" in parts
+
+
 def command_line(script, argv, hidden=("--output",)):
     """The command that measured a table, as a reader would retype it: where files were written (the `hidden`
     flags) is no part of what was measured."""
