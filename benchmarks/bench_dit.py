@@ -350,6 +350,9 @@ def inputs(args, dtype):
     return (x, text, t, shapes), target, target_len
 
 
+EAGER_OUTPUTS = {}  # blocks -> the merged DiT's eager forward output, which the fp8 flavours' outputs are held to
+
+
 def group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpointing=False):
     """Build, prepare and time one flavour of one mode for `variants`; -> (results, facts)."""
     batch, target, target_len = inputs(args, dtype)
@@ -381,7 +384,15 @@ def group(args, config, dtype, variants, mode, flavor, warmup, iters, checkpoint
         ref = outputs.get("diffusers", next(iter(outputs.values())))
         facts["agree"] = max(((o - ref).abs().max() / ref.abs().max()).item() for o in outputs.values())
         facts["finite"] = all(bool(torch.isfinite(o).all()) for o in outputs.values())
+        if flavor == "eager" and "merged" in outputs:
+            EAGER_OUTPUTS[config["num_layers"]] = outputs["merged"]
     results = measure(args, fns, warmup, iters)
+    reference = EAGER_OUTPUTS.get(config["num_layers"])
+    if mode == "forward" and flavor_mode(flavor)[1] and "merged" in models and reference is not None:
+        # after the timed rounds, so that a compiled flavour's warm-up time still holds its compilation
+        with torch.no_grad():
+            out = call("merged", models["merged"], batch).float()
+        facts[f"fp8_error:{flavor}"] = ((out - reference).norm() / reference.norm()).item()
     if args.profile == flavor and mode == "train" and not checkpointing and "merged" in fns:
         facts["profile"] = (flavor, profile_step(args, fns["merged"]))
     del models, fns
@@ -563,6 +574,10 @@ def render(args, section, argv, name, title, layers, checkpointing):
         text.append(f"- Outputs of the variants agree to {section['facts']['agree']:.1e} (max abs diff / max abs)"
                     + ("" if section["facts"]["finite"] else "; some outputs are not finite (random weights at this "
                        "depth overflow; the timings still hold)") + ".")
+    for key, error in section["facts"].items():
+        if key.startswith("fp8_error:"):
+            text.append(f"- {flavor_label(key.partition(':')[2])}: the merged forward output is {error:.2%} from the "
+                        f"eager {args.dtype} output of the same weights (relative L2 error).")
     if compiled and args.device == "cuda":
         text.append("- Compiled rows: the token dims are dynamic in our blocks (as the trainer compiles them), "
                     "static in diffusers' (torch's default).")

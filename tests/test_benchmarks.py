@@ -94,6 +94,10 @@ def test_run_gpu_dry_mode(tmp_path):
         for flavor in ("eager", "fp8 compute, compiled"):
             for variant in ("standard", "merged", "diffusers"):
                 assert f"| {mode} | {flavor} | {variant} | " in main, (mode, flavor, variant)
+    # the fp8 forward held to the eager output of the same weights: an error, neither zero nor garbage
+    error = float(re.search(r"^- fp8 compute, compiled: the merged forward output is ([0-9.]+)% from the eager fp32 "
+                            r"output of the same weights \(relative L2 error\)\.$", main, re.M).group(1))
+    assert 0 < error < 10, main
     full = text.split("<!-- bench_dit_gpu_full:start -->")[1].split("<!-- bench_dit_gpu_full:end -->")[0]
     assert "Merged DiT, 2 blocks, gradient checkpointing" in full
     partial = ("fp8 compute, compiled, only the last 1 blocks checkpointed",

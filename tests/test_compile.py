@@ -206,17 +206,31 @@ def test_fp8_compute_error_is_bounded():
 
 def test_fp8_compute_keeps_only_fp8_weights_for_backward():
     layer = torch.nn.Linear(64, 128).requires_grad_(False)
+    torch.nn.init.normal_(layer.bias)
     enable_fp8_linear(layer, compute=True)
     assert isinstance(layer, FP8Linear) and layer.fp8_compute
-    saved = []
+    saved, calls = [], []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["use_fast_accum"], kwargs["bias"] is not None))
+        return real(*args, **kwargs)
+
     x = torch.randn(5, 3, 64, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
+    torch._scaled_mm = spy
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        y.sum().backward()
+    finally:
+        torch._scaled_mm = real
     assert y.shape == (5, 3, 128) and y.dtype == torch.float32
     assert [t.dtype for t in saved] == [torch.float8_e4m3fn, torch.float32]  # the weight and its row scales
-    y.sum().backward()
     dense = layer.weight.float() * layer.weight_scale
+    assert relative(y, x.detach() @ dense.t() + layer.bias) < 0.05  # the bias is added in the matmul's epilogue
     assert relative(x.grad, torch.ones(5, 3, 128) @ dense) < 0.05
+    # forward: fast accumulation, bias in the kernel; input gradient: fp32 accumulation (torchao's defaults)
+    assert calls == [(True, True), (False, False)]
     odd = torch.nn.Linear(24, 40).requires_grad_(False)
     enable_fp8_linear(odd, compute=True)
     assert not odd.fp8_compute  # not a multiple of 16: CUDA's kernels cannot take it, the upcast path runs

@@ -54,10 +54,17 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def _scaled_mm(a8, b8, scale_a, scale_b, dtype):
-    # CUDA's row-wise kernels write bf16 only; another compute dtype is cast afterwards
+def _scaled_mm(a8, b8, scale_a, scale_b, dtype, bias=None, fast_accum=False):
+    """a8 @ b8 with row scales, in `dtype`. `bias` is added in the kernel's epilogue where the kernel writes `dtype`
+    (as F.linear's GEMM does: no extra pass over the output). `fast_accum`: Hopper's fp8 tensor cores accumulate
+    without promoting to fp32 every few K-steps; the CPU ignores it."""
+    # CUDA's row-wise kernels write bf16 only, and take a bias only in the output's dtype; another compute dtype is
+    # cast afterwards, with the bias added in it
     mm_dtype = torch.bfloat16 if a8.device.type == "cuda" else dtype
-    return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype).to(dtype)
+    fused_bias = bias.to(mm_dtype) if bias is not None and mm_dtype == dtype else None
+    y = torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, bias=fused_bias, out_dtype=mm_dtype,
+                         use_fast_accum=fast_accum).to(dtype)
+    return y if bias is None or fused_bias is not None else y + bias.to(dtype)
 
 
 class _FP8MatmulLinear(torch.autograd.Function):
@@ -68,15 +75,17 @@ class _FP8MatmulLinear(torch.autograd.Function):
     scales. _scaled_mm wants its second operand column-major: for the forward that is W8^T as stored, for the
     backward W8 itself, which needs a transposed fp8 copy that lives for this one matmul. Nothing but the stored
     fp8 weight and its scales is saved for backward.
+
+    Accumulation as torchao's float8 training sets it by default: the forward GEMM with fast accumulation (torch's
+    row-wise CUTLASS kernel is markedly slower without it), the input gradient with fp32 promotion (it flows on
+    through every layer below).
     """
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
         dtype = _compute_dtype(x)
         x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-        y = _scaled_mm(x8, weight.t(), x_scale, scale.t(), dtype)
-        if bias is not None:
-            y = y + bias.to(dtype)
+        y = _scaled_mm(x8, weight.t(), x_scale, scale.t(), dtype, bias=bias, fast_accum=True)
         ctx.save_for_backward(weight, scale)
         ctx.input_dtype = x.dtype
         return y.reshape(*x.shape[:-1], -1)
@@ -112,7 +121,9 @@ def fp8_compute_problem(device) -> str | None:
                     "8.9 or newer (Ada, Hopper, Blackwell)")
     try:  # what a layer does, at the smallest size CUDA's fp8 kernels take
         a8, a_scale = quantize_rows(torch.ones(16, 16, device=device))
-        _scaled_mm(a8, a8.t(), a_scale, a_scale.t(), torch.bfloat16)
+        bias = torch.zeros(16, device=device, dtype=torch.bfloat16)
+        _scaled_mm(a8, a8.t(), a_scale, a_scale.t(), torch.bfloat16, bias=bias, fast_accum=True)  # the forward's
+        _scaled_mm(a8, a8.t(), a_scale, a_scale.t(), torch.bfloat16)  # the backward's
     except (RuntimeError, NotImplementedError, AttributeError) as e:
         return f"torch {torch.__version__} cannot run row-wise scaled fp8 matmuls on {device.type} ({e})"
     return None
