@@ -238,7 +238,9 @@ def test_trainer_checkpointing_fewer_blocks_trains_the_same(tiny_models, data, t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), other
     code = main(flags(tiny_models, data, str(tmp_path / "c"), "--use_gradient_checkpointing", "--blocks_to_checkpoint",
                       "3", "--max_steps", "1"))
-    assert code == 2 and "blocks_to_checkpoint 3: the DiT has 2 blocks; checkpoint 1 to 2" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 2 and "--blocks_to_checkpoint 3: the DiT has 2 blocks (its files); give 1 to 2" in printed.err
+    assert "trainable parameters" not in printed.out  # refused before any model loaded
     with pytest.raises(SystemExit) as e:
         main(flags(tiny_models, data, str(tmp_path / "d"), "--selective_checkpointing", "--max_steps", "1"))
     assert e.value.code == 2 and "--selective_checkpointing needs --use_gradient_checkpointing" in \
@@ -248,13 +250,15 @@ def test_trainer_checkpointing_fewer_blocks_trains_the_same(tiny_models, data, t
 def test_trainer_auto_checkpointing_asks_the_planner(tiny_models, data, tmp_path, capsys):
     """--blocks_to_checkpoint auto: with room to spare the fewest blocks (1 of the tiny DiT's 2), with a budget that
     nothing fits every block, without a GPU or a budget every block; the run trains either way."""
-    for name, budget, said in (("roomy", "80GB", "1 of 2 blocks checkpointed"), ("tight", "2049MB", "2 of 2 blocks"),
-                               ("none", None, "no GPU and no --vram_budget to plan for: every block is checkpointed")):
+    for name, budget, said in (("roomy", "80GB", ", --vram_budget 80GB: 1 of 2 blocks checkpointed, the fewest"),
+                               ("tight", "2049MB", ", --vram_budget 2049MB: 2 of 2 blocks checkpointed: even so the VRAM "
+                                                   "planner predicts"),
+                               ("none", None, ": no GPU and no --vram_budget to plan for: every block is checkpointed")):
         out = str(tmp_path / name)
         assert main(flags(tiny_models, data, out, "--max_steps", "1", "--use_gradient_checkpointing",
                           "--blocks_to_checkpoint", "auto", *(["--vram_budget", budget] if budget else []))) == 0
         printed = capsys.readouterr().out
-        assert f"--blocks_to_checkpoint auto: {said}" in printed, printed
+        assert f"--blocks_to_checkpoint auto{said}" in printed, printed
         assert ("gradient checkpointing: the last 1 of 2 blocks" in printed) == (name == "roomy")
         assert len(losses(out)) == 1
 
@@ -265,7 +269,30 @@ def test_trainer_swap_flag_checks(tiny_models, data, tmp_path, capsys):
     assert e.value.code == 2 and "--blocks_to_swap needs --use_gradient_checkpointing" in capsys.readouterr().err
     code = main(flags(tiny_models, data, str(tmp_path / "b"), "--blocks_to_swap", "3", "--use_gradient_checkpointing",
                       "--max_steps", "1"))
-    assert code == 2 and "blocks_to_swap 3: the DiT has 2 blocks; swap 1 to 2" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 2 and "--blocks_to_swap 3: the DiT has 2 blocks (its files); give 1 to 2" in printed.err
+    assert "trainable parameters" not in printed.out
+
+
+def test_block_counts_are_checked_before_anything_loads(tiny_models, data, tmp_path, capsys):
+    """The dry run too: the DiT's block count from its local files' headers, else the downloaded DiT's 60."""
+    from diffsynth.trainers import main
+
+    argv = flags(tiny_models, data, str(tmp_path / "a"), "--use_gradient_checkpointing", "--dry_run")
+    for extra, refused in ((["--blocks_to_checkpoint", "2"], False), (["--blocks_to_checkpoint", "3"], True),
+                           (["--blocks_to_swap", "3"], True)):
+        code = main(argv + extra)
+        err = capsys.readouterr().err
+        assert code == (2 if refused else 0), err
+        if refused:
+            assert f"{extra[0]} 3: the DiT has 2 blocks (its files); give 1 to 2" in err, err
+    # model ids not downloaded yet: the real DiT's 60 blocks bound the flags
+    ids = ["--model_id_with_origin_paths", "Nobody/Nothing:transformer/*.safetensors", "--models_dir", str(tmp_path)]
+    assert main(argv + ids + ["--blocks_to_checkpoint", "60"]) == 0
+    capsys.readouterr()
+    assert main(argv + ids + ["--blocks_to_checkpoint", "61"]) == 2
+    assert ("--blocks_to_checkpoint 61: the DiT has 60 blocks (the Qwen-Image DiT the model ids download); give 1 to "
+            "60") in capsys.readouterr().err
 
 
 def test_trainer_compile_with_swap_equals_compile(tiny_models, data, tmp_path):

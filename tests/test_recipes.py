@@ -207,6 +207,11 @@ def test_recipe_finds_the_project_venv_without_activation(tmp_path):
                         text=True, timeout=180, env={**env, "VENV": str(venv)})
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout)["merged_qkv"] is True
+    # a bad flag through the recipe: the trainer's one line; accelerate (--quiet) adds no traceback of its own
+    bad = subprocess.run(["bash", str(ROOT / MERGED_RECIPE), *data, "--blocks_to_checkpoint", "half", "--dry_run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180, env={**env, "VENV": str(venv)})
+    assert bad.returncode == 1 and "error: --blocks_to_checkpoint 'half': give a number of blocks, or auto" in bad.stderr
+    assert "Traceback" not in bad.stderr and "usage:" not in bad.stderr, bad.stderr
     missing = subprocess.run(["bash", str(ROOT / MERGED_RECIPE), "--dry_run"], cwd=ROOT, capture_output=True,
                              text=True, timeout=30, env={**env, "VENV": str(tmp_path / "no-venv")})
     assert missing.returncode == 1 and "accelerate not found. Activate the project's venv" in missing.stderr

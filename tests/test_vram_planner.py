@@ -275,7 +275,13 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
     assert main(argv + ["--blocks_to_checkpoint", "auto", "--vram_budget", "80GB"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["blocks_to_checkpoint"] == 37
-    assert "--blocks_to_checkpoint auto: 37 of 60 blocks checkpointed for --vram_budget 80GB" in out.err
+    assert "--blocks_to_checkpoint auto, --vram_budget 80GB: 37 of 60 blocks checkpointed, the fewest" in out.err
+    # a budget that nothing fits says so (and checkpoints every block) instead of calling that a fit
+    assert main(argv + ["--blocks_to_checkpoint", "auto", "--vram_budget", "1GB"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["blocks_to_checkpoint"] is None
+    assert "--blocks_to_checkpoint auto, --vram_budget 1GB: 60 of 60 blocks checkpointed: even so the VRAM planner " \
+           "predicts" in out.err and "more than fits" in out.err
     assert main(argv + ["--blocks_to_checkpoint", "auto", "--selective_checkpointing", "--vram_budget", "80GB"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["blocks_to_checkpoint"] == 39  # the kept attention outputs take room too
@@ -295,9 +301,12 @@ def test_dry_run_prints_the_plan_and_loads_nothing(data, tmp_path, monkeypatch, 
 def test_bad_budget_is_a_flag_error(capsys):
     from diffsynth.trainers import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["--dataset_metadata_path", "m.csv", "--model_paths", "[]", "--vram_budget", "lots", "--dry_run"])
-    assert e.value.code == 2 and "--vram_budget 'lots': write the GPU's memory, e.g. 24GB" in capsys.readouterr().err
+    for budget in ("lots", "0GB", "0"):  # a budget of nothing is no budget either
+        with pytest.raises(SystemExit) as e:
+            main(["--dataset_metadata_path", "m.csv", "--model_paths", "[]", "--vram_budget", budget, "--dry_run"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--vram_budget {budget!r}: write the GPU's memory, e.g. 24GB" in err
+        assert len(err.strip().splitlines()) == 1 and "usage:" not in err  # one line, not argparse's usage
 
 
 def test_the_quickstart_tables_are_the_planners():

@@ -22,10 +22,9 @@ def main(argv=None, merged_qkv=True) -> int:
         if args.blocks_to_checkpoint == "auto" and args.vram_budget:
             from ..utils.vram_planner import auto_checkpointed_blocks, parse_vram
 
-            kept, layers = auto_checkpointed_blocks(args, parse_vram(args.vram_budget))
+            kept, _, said = auto_checkpointed_blocks(args, parse_vram(args.vram_budget))
             args.blocks_to_checkpoint = kept
-            print(f"--blocks_to_checkpoint auto: {kept or layers} of {layers} blocks checkpointed for --vram_budget "
-                  f"{args.vram_budget}", file=sys.stderr)
+            print(f"--blocks_to_checkpoint auto, --vram_budget {args.vram_budget}: {said}", file=sys.stderr)
         print(json.dumps(dict(sorted(vars(args).items())), indent=1))
         print(f"dry run: the flags, {len(samples)} training samples and the output path check out; no model was "
               "loaded", file=sys.stderr)

@@ -2,6 +2,7 @@
 import argparse
 import math
 
+from ..utils.cli import ArgumentParser
 from .options import add_training_options, check_training_options
 
 
@@ -11,7 +12,7 @@ class ArgumentError(ValueError):
 
 def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     arch = "merged-QKV" if merged_qkv else "standard"
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=f"Train a LoRA (or fully fine-tune) Qwen-Image-Edit on the {arch} DiT. Launch with "
                     "`accelerate launch` for one or many processes.",
         allow_abbrev=False,  # an abbreviated or misspelt flag is an error, never a silent match
@@ -107,8 +108,9 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                           "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); elsewhere "
                           "it says so and falls back to fp8 storage")
     mem.add_argument("--compile", action="store_true",
-                     help="torch.compile each DiT block (one graph shared by the identical blocks): faster steps "
-                          "after a first step that compiles (about a minute)")
+                     help="torch.compile each DiT block (the identical blocks share their graphs: 2 in training, as the "
+                          "first block's inputs carry no gradient): faster steps after a first step that compiles "
+                          "(about a minute)")
     mem.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
                      help="keep the frozen weights of the DiT's last N blocks (of 60) in pinned host memory and copy "
                           "each to the GPU just ahead of its use (LoRA weights stay on the GPU); needs "

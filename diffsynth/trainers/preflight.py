@@ -1,15 +1,61 @@
 """Checks of a training run's inputs that need no model: run before anything loads (and by --dry_run)."""
 import os
+import re
 
 from ..lora import LoraError, read_lora
 from ..utils.image import open_image
 from .output_dir import check_output_path
+
+QWEN_IMAGE_BLOCKS = 60  # the DiT the model ids download, when its files are not here yet
+_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def dit_blocks(args):
+    """The DiT's block count from the tensor names in its local files' headers (nothing loads), or None when no
+    DiT file is here yet (a download brings it). A file that cannot be read is left to the loader to report."""
+    from ..utils.io import WeightFileError, read_keys_and_shapes, resolve_safetensors_files
+    from ..utils.model_files import parse_model_paths, resolve_model_files
+
+    if args.model_paths:
+        sets = parse_model_paths(args.model_paths)
+    else:
+        sets = []
+        for entry in (args.model_id_with_origin_paths or "").split(","):
+            if entry.strip():
+                try:
+                    sets += resolve_model_files(entry, args.models_dir, download=False)
+                except (WeightFileError, ValueError):
+                    pass  # not downloaded yet
+    for files in sets:
+        try:
+            keys = read_keys_and_shapes(resolve_safetensors_files(files))
+        except (WeightFileError, ValueError, OSError):
+            continue
+        blocks = [int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m]
+        if blocks:
+            return max(blocks) + 1
+    return None
+
+
+def check_block_counts(args):
+    """--blocks_to_checkpoint N and --blocks_to_swap N against the DiT's blocks, before anything loads."""
+    asked = [(flag, getattr(args, flag)) for flag in ("blocks_to_checkpoint", "blocks_to_swap")
+             if isinstance(getattr(args, flag, None), int) and getattr(args, flag) > 0]
+    if not asked:
+        return
+    n = dit_blocks(args)
+    where = "its files" if n else "the Qwen-Image DiT the model ids download"
+    n = n or QWEN_IMAGE_BLOCKS
+    for flag, value in asked:
+        if value > n:
+            raise ValueError(f"--{flag} {value}: the DiT has {n} blocks ({where}); give 1 to {n}")
 
 
 def preflight(args, dataset=True):
     """Raise the first user-fixable problem (a ValueError naming the flag and file): output path, LoRA files,
     validation images and, with `dataset`, every row and file of the training data."""
     check_output_path(args.output_path)
+    check_block_counts(args)
     for flag in ("lora_checkpoint", "lora_fused"):
         path = getattr(args, flag)
         if path:

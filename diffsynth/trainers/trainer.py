@@ -156,9 +156,8 @@ class Trainer:
         else:
             self.log("--blocks_to_checkpoint auto: no GPU and no --vram_budget to plan for: every block is checkpointed")
             return None
-        kept, layers = vp.auto_checkpointed_blocks(args, budget, dit.config, acc.num_processes, is_fsdp(acc))
-        self.log(f"--blocks_to_checkpoint auto: {kept or layers} of {layers} blocks checkpointed, the fewest with which "
-                 f"the VRAM planner fits this run into {where}, {vp.HEADROOM_GIB:.0f} GiB kept free")
+        kept, _, said = vp.auto_checkpointed_blocks(args, budget, dit.config, acc.num_processes, is_fsdp(acc))
+        self.log(f"--blocks_to_checkpoint auto, {where}: {said}")
         return kept
 
     def release(self):
@@ -303,8 +302,8 @@ class Trainer:
         if args.compile:
             from ..utils.compile import compile_blocks
 
-            self.log(f"--compile: {compile_blocks(dit)} DiT blocks compile on the first step (torch.compile, one graph "
-                     "shared by the identical blocks)")
+            self.log(f"--compile: {compile_blocks(dit)} DiT blocks compile on the first step (torch.compile; the "
+                     "blocks share their graphs, the first block has its own: its inputs carry no gradient)")
         dit.train()
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from diffsynth.utils.cli import ArgumentParser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "examples/qwen_image/model_training/train_merged_qkv.py")
 CONVERT = os.path.join(ROOT, "examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py")
@@ -34,7 +36,7 @@ def run(title, cmd):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output")
     parser.add_argument("--steps", type=int, default=120, help="training steps")
     args = parser.parse_args(argv)

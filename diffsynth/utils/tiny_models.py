@@ -15,7 +15,6 @@ The models load through the same code as the real ones. The whole set is built i
 into place at the end, so an interrupted run never leaves a partial set behind. `reference_pipeline` builds
 diffusers' own Qwen-Image pipelines over a set: the numerical oracle the tests compare against.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -50,6 +49,7 @@ from diffsynth.models.qwen_image_text_encoder import (
     T2I_TEMPLATE,
     to_official_layout,
 )
+from diffsynth.utils.cli import ArgumentParser
 from diffsynth.utils.io import save_safetensors, write_json_atomic
 
 TINY_DIT_CONFIG = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
@@ -292,7 +292,7 @@ def reference_pipeline(paths: dict, kind: str = "edit"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write a tiny random Qwen-Image-Edit model set (official layout).")
+    parser = ArgumentParser(description="Write a tiny random Qwen-Image-Edit model set (official layout).")
     parser.add_argument("--output", required=True, help="folder that receives tiny-random/Qwen-Image{,-Edit}/...")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

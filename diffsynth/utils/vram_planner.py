@@ -382,18 +382,27 @@ def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
 
 def auto_checkpointed_blocks(args, budget_bytes, config=None, processes=1, fsdp=False):
     """--blocks_to_checkpoint auto for the trainer's flags and the DiT of `config` (default: the real one): the
-    fewest checkpointed blocks that fit `budget_bytes` -> (blocks, or None for every block (also when nothing
-    fits), the number of blocks)."""
+    fewest checkpointed blocks that fit `budget_bytes` -> (blocks, or None for every block, the number of blocks,
+    the sentence that says so: how many, or that nothing fits and every block is checkpointed)."""
     counts = dit_counts(config, merged_qkv=args.merged_qkv, lora_targets=args.lora_target_modules, rank=args.lora_rank)
-    fit = fewest_checkpointed(counts, setup_from_args(args, counts, processes, fsdp), budget_bytes)
-    return (fit[0].checkpointed_blocks if fit else None), counts.num_layers
+    s = setup_from_args(args, counts, processes, fsdp)
+    fit = fewest_checkpointed(counts, s, budget_bytes)
+    n = counts.num_layers
+    if fit is None:
+        everything = training_peak(counts, replace(s, checkpointing=True, checkpointed_blocks=None)).peak
+        return None, n, (f"{n} of {n} blocks checkpointed: even so the VRAM planner predicts {everything / GIB:.1f} "
+                         f"GiB, more than fits ({HEADROOM_GIB:.0f} GiB kept free); lower --batch_size or --max_pixels, "
+                         "or add --blocks_to_swap / --enable_fp8_training (--dry_run --vram_budget lists what fits)")
+    kept = fit[0].checkpointed_blocks
+    return kept, n, (f"{kept or n} of {n} blocks checkpointed, the fewest with which the VRAM planner fits this run "
+                     f"({HEADROOM_GIB:.0f} GiB kept free)")
 
 
 def parse_vram(text) -> int:
     """'24GB', '24GiB', '24G', '24' or '16384MB' -> bytes. GB means GiB here: GPU memory is sold in binary units
     (a "24 GB" card has 24 GiB)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(G|GB|GIB|M|MB|MIB)?\s*", str(text).upper())
-    if not m:
+    if not m or float(m.group(1)) <= 0:
         raise ValueError(f"--vram_budget {text!r}: write the GPU's memory, e.g. 24GB, 16GB or 80GB")
     return int(float(m.group(1)) * (2**20 if (m.group(2) or "G").startswith("M") else GIB))
 

@@ -20,9 +20,11 @@ import sys
 
 from PIL import Image
 
+from diffsynth.utils.cli import ArgumentParser
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edit_image", action="append", default=[], metavar="PATH",
                         help="image to edit; repeat for several (Edit-2509/2511)")
     parser.add_argument("--input_image", default=None, metavar="PATH",

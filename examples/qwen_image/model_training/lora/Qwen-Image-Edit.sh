@@ -16,10 +16,12 @@ if [[ ! -f "$SCRIPT" ]]; then
 fi
 # accelerate from the active environment, else from the project's venv (`make demo` / `make install` create .venv;
 # VENV=<dir> names another), so the recipe runs without activating anything.
+# --quiet: a run that stops (a bad flag, a missing file) ends with the trainer's message, not with accelerate's
+# traceback of the subprocess call below it.
 if command -v accelerate >/dev/null 2>&1; then
-  LAUNCH=(accelerate launch)
+  LAUNCH=(accelerate launch --quiet)
 elif [[ -x "${VENV:-.venv}/bin/accelerate" ]]; then
-  LAUNCH=("${VENV:-.venv}/bin/accelerate" launch)
+  LAUNCH=("${VENV:-.venv}/bin/accelerate" launch --quiet)
 else
   echo "error: accelerate not found. Activate the project's venv (source .venv/bin/activate, created by make demo" \
        "or make install), set VENV=<venv dir>, or pip install -e . into your environment" >&2

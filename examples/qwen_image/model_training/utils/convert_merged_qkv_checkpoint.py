@@ -13,10 +13,11 @@ import sys
 
 from diffsynth.lora import convert_lora_file, is_lora_file
 from diffsynth.models.dit_loader import convert_dit_checkpoint
+from diffsynth.utils.cli import ArgumentParser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="file, directory or index json")
     parser.add_argument("--output", required=True,
                         help="a .safetensors file, or a directory for diffusers-style shards + index json")
