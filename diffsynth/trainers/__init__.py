@@ -22,7 +22,7 @@ def main(argv=None, merged_qkv=True) -> int:
         if args.blocks_to_checkpoint == "auto" and args.vram_budget:
             from ..utils.vram_planner import auto_checkpointed_blocks, parse_vram
 
-            kept, _, said = auto_checkpointed_blocks(args, parse_vram(args.vram_budget))
+            kept, said = auto_checkpointed_blocks(args, parse_vram(args.vram_budget))
             args.blocks_to_checkpoint = kept
             print(f"--blocks_to_checkpoint auto, --vram_budget {args.vram_budget}: {said}", file=sys.stderr)
         print(json.dumps(dict(sorted(vars(args).items())), indent=1))

@@ -156,7 +156,7 @@ class Trainer:
         else:
             self.log("--blocks_to_checkpoint auto: no GPU and no --vram_budget to plan for: every block is checkpointed")
             return None
-        kept, _, said = vp.auto_checkpointed_blocks(args, budget, dit.config, acc.num_processes, is_fsdp(acc))
+        kept, said = vp.auto_checkpointed_blocks(args, budget, dit.config, acc.num_processes, is_fsdp(acc))
         self.log(f"--blocks_to_checkpoint auto, {where}: {said}")
         return kept
 

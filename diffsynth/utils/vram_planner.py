@@ -382,19 +382,19 @@ def cheapest_fit(counts: DiTCounts, s: Setup, budget_bytes: int):
 
 def auto_checkpointed_blocks(args, budget_bytes, config=None, processes=1, fsdp=False):
     """--blocks_to_checkpoint auto for the trainer's flags and the DiT of `config` (default: the real one): the
-    fewest checkpointed blocks that fit `budget_bytes` -> (blocks, or None for every block, the number of blocks,
-    the sentence that says so: how many, or that nothing fits and every block is checkpointed)."""
+    fewest checkpointed blocks that fit `budget_bytes` -> (blocks, or None for every block; the sentence that says
+    so: how many, or that nothing fits and every block is checkpointed)."""
     counts = dit_counts(config, merged_qkv=args.merged_qkv, lora_targets=args.lora_target_modules, rank=args.lora_rank)
     s = setup_from_args(args, counts, processes, fsdp)
     fit = fewest_checkpointed(counts, s, budget_bytes)
     n = counts.num_layers
     if fit is None:
         everything = training_peak(counts, replace(s, checkpointing=True, checkpointed_blocks=None)).peak
-        return None, n, (f"{n} of {n} blocks checkpointed: even so the VRAM planner predicts {everything / GIB:.1f} "
+        return None, (f"{n} of {n} blocks checkpointed: even so the VRAM planner predicts {everything / GIB:.1f} "
                          f"GiB, more than fits ({HEADROOM_GIB:.0f} GiB kept free); lower --batch_size or --max_pixels, "
                          "or add --blocks_to_swap / --enable_fp8_training (--dry_run --vram_budget lists what fits)")
     kept = fit[0].checkpointed_blocks
-    return kept, n, (f"{kept or n} of {n} blocks checkpointed, the fewest with which the VRAM planner fits this run "
+    return kept, (f"{kept or n} of {n} blocks checkpointed, the fewest with which the VRAM planner fits this run "
                      f"({HEADROOM_GIB:.0f} GiB kept free)")
 
 
