@@ -4,9 +4,9 @@ import re
 
 from ..lora import LoraError, read_lora
 from ..utils.image import open_image
+from ..utils.vram_planner import QWEN_IMAGE_DIT
 from .output_dir import check_output_path
 
-QWEN_IMAGE_BLOCKS = 60  # the DiT the model ids download, when its files are not here yet
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
@@ -45,7 +45,7 @@ def check_block_counts(args):
         return
     n = dit_blocks(args)
     where = "its files" if n else "the Qwen-Image DiT the model ids download"
-    n = n or QWEN_IMAGE_BLOCKS
+    n = n or QWEN_IMAGE_DIT["num_layers"]  # the DiT the model ids download, when its files are not here yet
     for flag, value in asked:
         if value > n:
             raise ValueError(f"--{flag} {value}: the DiT has {n} blocks ({where}); give 1 to {n}")
