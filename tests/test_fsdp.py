@@ -80,8 +80,8 @@ class _Args:
 
 
 def test_configs_that_would_silently_run_as_ddp_are_refused(monkeypatch):
-    """On the CPU accelerate would run an FSDP1 or DeepSpeed config as DDP: refused with the fix; FSDP2 with
-    block swap too (both decide where the weights live)."""
+    """On the CPU accelerate would run a DeepSpeed config as DDP: refused with the fix; FSDP2 with block swap too
+    (both decide where the weights live). FSDP1 is refused before accelerate starts (test_robustness.py)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -103,8 +103,6 @@ def test_configs_that_would_silently_run_as_ddp_are_refused(monkeypatch):
     with pytest.raises(DistributedSetupError, match="asks for DeepSpeed, but accelerate runs DeepSpeed only on GPUs"):
         setup_distributed(acc, _Args)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    with pytest.raises(DistributedSetupError, match="FSDP version 1.*set fsdp_version: 2"):
-        setup_distributed(fresh(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1"), _Args)
     acc = fresh(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     swap = type("Swap", (_Args,), {"blocks_to_swap": 4})
     with pytest.raises(DistributedSetupError, match="--blocks_to_swap and FSDP"):

@@ -166,6 +166,8 @@ def test_recipes_run_through_bash_and_accelerate(tmp_path, monkeypatch, capsys):
         "standard": ({**env, "ACCELERATE_CONFIG": f"{TRAINING}/accelerate_config_1gpu.yaml"},
                      [STANDARD_RECIPE, "--num_epochs", "1", *data, "--dry_run"]),
         "bad_config": ({**env, "ACCELERATE_CONFIG": str(tmp_path / "missing.yaml")}, [MERGED_RECIPE, "--dry_run"]),
+        "deepspeed": ({**env, "ACCELERATE_CONFIG": f"{TRAINING}/accelerate_config_deepspeed_zero2.yaml"},
+                      [MERGED_RECIPE, *data, "--dry_run"]),
     }
     procs = {name: subprocess.Popen(["bash", *argv], cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, (run_env, argv) in runs.items()}
@@ -193,8 +195,13 @@ def test_recipes_run_through_bash_and_accelerate(tmp_path, monkeypatch, capsys):
     same = {k: v for k, v in merged.items() if k not in ("merged_qkv", "lora_target_modules", "output_path", "num_epochs")}
     assert {k: standard[k] for k in same} == same
 
-    rc, _, err = results["bad_config"]  # proves ACCELERATE_CONFIG reaches accelerate launch
-    assert rc != 0 and "missing.yaml" in err
+    rc, _, err = results["bad_config"]  # one line from the recipe, before accelerate starts
+    assert rc == 2 and err.strip() == f"error: ACCELERATE_CONFIG={tmp_path / 'missing.yaml'}: no such file"
+
+    rc, _, err = results["deepspeed"]
+    if importlib.util.find_spec("deepspeed") is None:  # accelerate would stop with its ImportError traceback
+        assert rc == 2 and "uses DeepSpeed, which is not installed: pip install deepspeed" in err, err
+        assert "Traceback" not in err
 
 
 def test_recipe_finds_the_project_venv_without_activation(tmp_path):

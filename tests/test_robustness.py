@@ -144,12 +144,18 @@ def test_a_non_finite_gradient_stops_before_the_update(tiny_models, data, tmp_pa
     param = trainer.params[0]
     calls = []
     param.register_hook(lambda g: (calls.append(1), g * float("inf") if len(calls) == 3 else g)[1])
-    with pytest.raises(NonFiniteError, match="the gradient norm is inf at step 3 .*last good checkpoint"):
+    # the weights saved after step 2 gave it: their files are set aside, so 'latest' cannot pick them up again
+    with pytest.raises(NonFiniteError, match="the gradient norm is inf at step 3 .*The weights saved after step 2 gave "
+                                             "it: step-2.safetensors, step-2-standard.safetensors, checkpoints/step-2 "
+                                             "renamed to \\*.nonfinite"):
         trainer.train()
     trainer.release()
     assert all(torch.isfinite(p).all() for p in trainer.params)  # the update was not applied
     assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
-    assert all(torch.isfinite(v).all() for v in load_file(os.path.join(out, "step-2.safetensors")).values())
+    assert not os.path.exists(os.path.join(out, "step-2.safetensors"))
+    kept = load_file(os.path.join(out, "step-2.safetensors.nonfinite"))  # renamed, not lost
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step-2.nonfinite"))
     assert steps_logged(out) == [1, 2]
 
 
@@ -173,3 +179,140 @@ def test_a_non_finite_update_stops_without_saving_it(tiny_models, data, tmp_path
     assert os.path.exists(os.path.join(out, "step-2.safetensors"))
     assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
     assert len(losses(out)) == 2
+
+
+# ---- audit of 2026-11-28: nothing of an earlier run is lost, resume fits or is refused before loading -------------
+
+def test_overwrite_deletes_the_earlier_run_only_once_the_models_have_loaded(tiny_models, data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "1", "--cache_conditioning")) == 0
+    before = sorted(os.listdir(out))
+    # the models cannot load: the earlier run's files are all still there
+    code = main(flags(tiny_models, data, out, "--max_steps", "1", "--overwrite", "--models_dir",
+                      str(tmp_path / "no-models")))
+    assert code == 2 and sorted(os.listdir(out)) == before, capsys.readouterr().err
+    # continuing the earlier LoRA in its own folder with --overwrite would delete that LoRA: refused
+    lora = os.path.join(out, "checkpoint-final.safetensors")
+    assert main(flags(tiny_models, data, out, "--max_steps", "1", "--overwrite", "--lora_checkpoint", lora)) == 2
+    assert f"--overwrite would delete --lora_checkpoint {lora}" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_resume_latest_without_a_state_does_not_overwrite_the_run(tiny_models, data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "1", "--cache_conditioning")) == 0
+    final = load_file(os.path.join(out, "checkpoint-final.safetensors"))
+    assert main(flags(tiny_models, data, out, "--max_steps", "1", "--resume_from_checkpoint", "latest",
+                      "--seed", "2")) == 2
+    err = capsys.readouterr().err
+    assert "holds another run's files" in err and "no training state to continue from" in err
+    for k, v in load_file(os.path.join(out, "checkpoint-final.safetensors")).items():
+        assert torch.equal(v, final[k])
+
+
+def test_a_state_from_elsewhere_needs_a_free_folder(tiny_models, data, tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--cache_conditioning", "--dataset_repeat", "2"]
+    assert main(flags(tiny_models, data, a, *common, "--max_steps", "2", "--save_steps", "1")) == 0
+    assert main(flags(tiny_models, data, b, *common, "--max_steps", "1")) == 0
+    state = os.path.join(a, "checkpoints", "step-1")
+    assert main(flags(tiny_models, data, b, *common, "--max_steps", "2", "--resume_from_checkpoint", state)) == 2
+    assert "holds another run's files" in capsys.readouterr().err
+    assert steps_logged(b) == [1]
+    c = str(tmp_path / "c")  # a free folder: the run continues there, step 2 on
+    assert main(flags(tiny_models, data, c, *common, "--max_steps", "2", "--resume_from_checkpoint", state)) == 0
+    assert steps_logged(c) == [2]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lora_alpha", "16"], "--lora_alpha: state 4, this run 16"),
+    (["--batch_size", "2"], "--batch_size: state 1, this run 2"),
+    (["--dataset_repeat", "3"], "training samples (rows x --dataset_repeat): state 4, this run 6"),
+    (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps: state 1, this run 2"),
+])
+def test_resume_with_other_settings_is_refused_before_loading(tiny_models, data, tmp_path, capsys, change, message):
+    out = str(tmp_path / "out")
+    common = ["--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1"]
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "1")) == 0
+    code = main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                      *change, "--models_dir", str(tmp_path / "no-models")))  # refused before any model loads
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_resume_refuses_another_process_count_and_a_damaged_state(tiny_models, data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1", "--models_dir",
+              str(tmp_path / "no-models")]
+    assert main(flags(tiny_models, data, out, "--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1",
+                      "--max_steps", "1")) == 0
+    state = os.path.join(out, "checkpoints", "step-1")
+    manifest = json.load(open(os.path.join(state, "state.json")))
+    json.dump(dict(manifest, num_processes=2), open(os.path.join(state, "state.json"), "w"))
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest")) == 2
+    assert "was written by 2 process(es) and this run has 1" in capsys.readouterr().err
+    json.dump(manifest, open(os.path.join(state, "state.json"), "w"))
+    model = os.path.join(state, "model.safetensors")
+    open(model, "r+b").truncate(os.path.getsize(model) // 2)
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest")) == 2
+    assert "model.safetensors is missing or damaged" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_steps_at_each_epochs_end(tiny_models, data, tmp_path, capsys):
+    """4 batches per epoch, accumulating 3: a window of 3 and one of 1 per epoch, never one across epochs; the run
+    makes the steps its progress bar announced and the lr schedule reaches its end."""
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--cache_conditioning", "--dataset_repeat", "2", "--num_epochs", "2",
+                      "--gradient_accumulation_steps", "3", "--lr_scheduler", "linear")) == 0
+    with open(os.path.join(out, "train_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), int(r["epoch"])) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert float(rows[-1]["lr"]) == pytest.approx(2e-3 * 1 / 4)  # linear: the last of 4 steps uses 1/4 of the peak
+
+
+def test_interrupt_says_how_to_go_on(tiny_models, data, tmp_path, monkeypatch, capsys):
+    import diffsynth.trainers.trainer as trainer_module
+
+    real, calls = trainer_module.flow_matching_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "flow_matching_loss", interrupted)
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1",
+                      "--max_steps", "4")) == 130
+    state = os.path.join(out, "checkpoints", "step-2")
+    assert f"interrupted; the newest training state is {state}: continue with --resume_from_checkpoint latest" \
+        in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, ".lock"))  # the folder is free for the resume
+
+
+def test_launcher_settings_accelerate_cannot_run_a_lora_with(tiny_models, data, tmp_path, monkeypatch, capsys):
+    argv = flags(tiny_models, data, str(tmp_path / "out"), "--max_steps", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    assert main(argv) == 2
+    assert "fsdp_activation_checkpointing: true" in capsys.readouterr().err
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # on the CPU accelerate itself would stop with a traceback
+    assert main(argv) == 2
+    assert "asks for FSDP version 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_dry_run_under_a_launcher_plans_for_its_processes_and_prints_once(tiny_models, data, tmp_path, monkeypatch,
+                                                                           capsys):
+    argv = flags(tiny_models, data, str(tmp_path / "out"), "--dry_run", "--use_gradient_checkpointing")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(argv) == 0
+    assert capsys.readouterr() == ("", "")  # the local main process prints
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(argv) == 0
+    assert ", 2 processes (FSDP)" in capsys.readouterr().err

@@ -103,17 +103,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, data, tm
 
     monkeypatch.setattr(trainer_module, "flow_matching_loss", poisoned)
     out = str(tmp_path / "out")
-    code = main(flags(tiny_models, data, out, "--max_steps", "6", "--save_steps", "2", "--dataset_repeat", "3",
+    code = main(flags(tiny_models, data, out, "--max_steps", "6", "--save_steps", "1", "--dataset_repeat", "3",
                       "--cache_conditioning"))
     assert code == 1
-    assert "loss is nan at step 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss is nan at step 3" in err
+    # the weights saved after step 2 gave the NaN: set aside; the one before is named as the last good checkpoint
+    assert "step-2.safetensors, step-2-standard.safetensors, checkpoints/step-2 renamed to *.nonfinite" in err
+    assert f"The last good checkpoint is {os.path.join(out, 'step-1.safetensors')}." in err
     assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
-    good = load_file(os.path.join(out, "step-2.safetensors"))
+    assert not os.path.exists(os.path.join(out, "step-2.safetensors"))
+    from diffsynth.trainers.checkpoint import list_states
+
+    assert list_states(os.path.join(out, "checkpoints")) == [os.path.join(out, "checkpoints", "step-1")]
+    good = load_file(os.path.join(out, "step-1.safetensors"))
     assert good and all(torch.isfinite(v).all() for v in good.values())
     from diffsynth.pipelines.qwen_image import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=tiny_models, need=("dit",))
-    pipe.load_lora(os.path.join(out, "step-2.safetensors"))
+    pipe.load_lora(os.path.join(out, "step-1.safetensors"))
 
 
 def assert_same_training(reference, run):
@@ -126,11 +134,12 @@ def assert_same_training(reference, run):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
 
 
-def launch_two_processes(tiny_models, data, out, port, *extra):
+def launch_two_processes(tiny_models, data, out, port, *extra, config=None):
     # `--cpu` makes accelerate 1.x start ONE process; `--multi_gpu` starts two through torchrun, which then
-    # train with gloo on the CPU when no GPU is present.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    # train with gloo on the CPU when no GPU is present. `config`: an accelerate config file instead (e.g. FSDP).
+    launch = ["--config_file", config] if config else ["--multi_gpu", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(port),
            os.path.join(ROOT, "examples/qwen_image/model_training/train_merged_qkv.py"),
            *flags(tiny_models, data, out, "--dataset_repeat", "4", "--cache_conditioning", *extra)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -160,15 +169,28 @@ def test_ddp_two_processes_on_cpu_and_exact_resume(tiny_models, data, tmp_path):
                       "--batch_size", "2")) == 0
     assert_same_training(one, out)
 
-    # stopped after step 1 and resumed: the same LoRA as the uninterrupted run, on both processes' data and noise
+    # stopped after step 1 and resumed, under FSDP2 (a DDP state holds its optimizer state by parameter index, FSDP's
+    # loader reads it by name): the same LoRA as the uninterrupted run, on both processes' data and noise
     part = str(tmp_path / "part")
     launch_two_processes(tiny_models, data, part, 29527, "--max_steps", "1", "--save_steps", "1")
     launch_two_processes(tiny_models, data, part, 29537, "--max_steps", "3", "--save_steps", "1",
-                         "--resume_from_checkpoint", "latest")
+                         "--resume_from_checkpoint", "latest",
+                         config=os.path.join(ROOT, "examples/qwen_image/model_training/accelerate_config_fsdp.yaml"))
     a = load_file(os.path.join(out, "checkpoint-final.safetensors"))
     b = load_file(os.path.join(part, "checkpoint-final.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_fp8_weights_under_ddp(tiny_models, data, tmp_path):
+    """gloo cannot send fp8 tensors: DDP leaves the frozen weights out of its start-up broadcast (they are loaded
+    alike everywhere), so fp8 storage trains with two processes as with one at the same global batch."""
+    out, one = str(tmp_path / "ddp"), str(tmp_path / "one")
+    launch_two_processes(tiny_models, data, out, 29567, "--max_steps", "2", "--enable_fp8_training")
+    assert main(flags(tiny_models, data, one, "--dataset_repeat", "4", "--cache_conditioning", "--max_steps", "2",
+                      "--batch_size", "2", "--enable_fp8_training")) == 0
+    assert_same_training(one, out)
 
 
 def test_validation_images_and_grid(tiny_models, data, tmp_path):

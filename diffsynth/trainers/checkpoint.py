@@ -24,6 +24,7 @@ import random
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..utils.io import atomic_path, write_json_atomic
@@ -192,16 +193,30 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
 _WRAPPER_NAMES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
+def _clean_name(name) -> str:
+    """A parameter's name as get_model_state_dict names it: no wrapper prefixes of DDP, torch.compile, checkpoint or
+    FSDP1 wrappers."""
+    for wrapper in _WRAPPER_NAMES:
+        name = name.replace(wrapper, "") if wrapper != "module." else name.removeprefix("module.")
+    return name
+
+
 def _trainable_shapes(model) -> dict[str, tuple]:
-    """{name: full shape} of the trainable parameters, named as get_model_state_dict names them (no wrapper
-    prefixes of DDP, torch.compile, checkpoint or FSDP1 wrappers; FSDP2 parameters report their full shape)."""
-    shapes = {}
+    """{name: full shape} of the trainable parameters, named as get_model_state_dict names them (FSDP2 parameters
+    report their full shape)."""
+    return {_clean_name(name): tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_weights(model, adapter="default") -> dict[str, torch.Tensor]:
+    """Every weight of the peft adapter `adapter` (LoRA, LoHa, LoKr, DoRA) in `model`, full (gathered) and on the
+    CPU, without gathering the frozen DiT: the trainable ones, and the frozen adapter weights of modules whose output
+    is unused (their initial values, part of the file all the same). A collective under FSDP: every process calls
+    it."""
+    state = trainable_state_dict(model)
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            for wrapper in _WRAPPER_NAMES:
-                name = name.replace(wrapper, "") if wrapper != "module." else name.removeprefix("module.")
-            shapes[name] = tuple(p.shape)
-    return shapes
+        if not p.requires_grad and f".{adapter}." in f"{name}.":  # peft names adapter weights <part>.<adapter>[.*]
+            state[_clean_name(name)] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+    return state
 
 
 # ---- the folder ------------------------------------------------------------------------------------------------
@@ -255,13 +270,32 @@ def read_manifest(folder) -> dict:
     return manifest
 
 
-def check_setup(folder, setup: dict):
-    """Refuse, before any model loads, a state written with other flags (another rank, targets, layout, ...)."""
-    saved = read_manifest(folder).get("setup", {})
-    differ = [f"--{k}: state {saved[k]!r}, this run {v!r}" for k, v in setup.items() if k in saved and saved[k] != v]
+def check_setup(folder, setup: dict, num_processes: int = 1):
+    """Refuse, before any model loads, a state written with other flags (another rank, targets, layout, ...) or by
+    another number of processes."""
+    manifest = read_manifest(folder)
+    saved = manifest.get("setup", {})
+    label = {"samples": "training samples (rows x --dataset_repeat)"}
+    differ = [f"{label.get(k, '--' + k)}: state {saved[k]!r}, this run {v!r}" for k, v in setup.items()
+              if k in saved and saved[k] != v]
     if differ:
         raise StateError(f"{folder} was written by a run with other settings ({'; '.join(differ)}); resume with "
                          "the flags it was written with, or start anew without --resume_from_checkpoint")
+    for name in [MODEL_FILE] + [f"{o}.safetensors" for o in manifest.get("objects", [])]:
+        try:
+            with safe_open(os.path.join(folder, name), "pt"):
+                pass
+        except Exception as e:  # missing or cut short: the state cannot be resumed, say so before models load
+            raise StateError(f"{folder}: {name} is missing or damaged ({type(e).__name__}: {e}); resume from an "
+                             "earlier state in its checkpoints folder, or start anew") from None
+    # The data position (batches per process), the steps per epoch and so the lr schedule's length all depend on
+    # the process count: resumed with another, the run would neither continue nor end as it was planned.
+    written = manifest.get("num_processes", 1)
+    if written != num_processes:
+        raise StateError(f"{folder} was written by {written} process(es) and this run has {num_processes}: its data "
+                         "position and lr schedule are per process count. Resume with --num_processes "
+                         f"{written}, or start a new run from its LoRA with --lora_checkpoint (the optimizer state "
+                         "starts anew)")
 
 
 def load_training_state(folder, model, objects: dict, process_index=0) -> dict:
@@ -299,13 +333,25 @@ def load_training_state(folder, model, objects: dict, process_index=0) -> dict:
     # Optimizers first: torch's loader may run one zero-lr step to create empty states; the weights come after.
     for name, obj in objects.items():
         if _is_optimizer(obj) and _sharded(model):
-            set_optimizer_state_dict(model, _raw_optimizer(obj), states[name], options=_options())
+            optimizer = _raw_optimizer(obj)
+            set_optimizer_state_dict(model, optimizer, _by_name(states[name], model, optimizer), options=_options())
         else:
             obj.load_state_dict(states[name])
     set_model_state_dict(model, weights, options=_options(strict=False))
     if rng is not None:
         RandomState().load_state_dict(rng)
     return manifest
+
+
+def _by_name(state, model, optimizer) -> dict:
+    """An optimizer state saved by one process or under DDP (keyed by parameter index, torch's own form) -> keyed by
+    parameter name, the form torch's FSDP loader reads; a state saved under FSDP already is."""
+    if all(isinstance(k, str) for k in state["state"]):
+        return state
+    names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in state["param_groups"]]}
 
 
 def list_states(root) -> list[str]:

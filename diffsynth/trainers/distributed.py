@@ -20,6 +20,45 @@ def _env_flag(name):
     return os.environ.get(name, "false").lower() == "true"
 
 
+def launch_environment() -> tuple[int, bool]:
+    """(processes, FSDP) as the launcher (accelerate launch / torchrun) set them, readable before accelerate starts:
+    what the dry run plans for."""
+    return int(os.environ.get("WORLD_SIZE", "1")), _env_flag("ACCELERATE_USE_FSDP")
+
+
+def reports_errors() -> bool:
+    """Whether this process prints a stopping error: one process per machine (the local main), not all of them
+    (each would print the same line). A single process always does."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def check_launch_environment():
+    """Refuse, before accelerate starts, the accelerate configs that cannot run a LoRA run (accelerate itself would
+    stop some of them with a traceback on the CPU)."""
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise DistributedSetupError(
+                "the accelerate config asks for FSDP version 1, which cannot shard a LoRA run (it flattens frozen "
+                "bf16 and trainable fp32 weights into one tensor): set fsdp_version: 2 (accelerate_config_fsdp.yaml)")
+        if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+            raise DistributedSetupError(
+                "the accelerate config sets fsdp_activation_checkpointing: true, whose wrappers rename the DiT's "
+                "modules, so no LoRA could be saved: set it to false and pass --use_gradient_checkpointing (the "
+                "trainer checkpoints the DiT's blocks itself)")
+
+
+def ignore_frozen_in_ddp(model) -> int:
+    """DDP broadcasts every parameter and buffer from process 0 when it wraps the model, and the buffers again
+    before each forward. The frozen weights and the buffers are loaded or computed alike on every process, so they
+    are left out: the broadcast shrinks from the whole DiT (~40 GB in bf16) to the trainable weights, and fp8
+    weights, which gloo cannot send, need no sending. Returns how many tensors are left out."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return len(names)
+
+
 def setup_distributed(accelerator, args):
     """Check (and on the CPU, complete) the distributed setup before the model is prepared."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -32,11 +71,6 @@ def setup_distributed(accelerator, args):
             "the CPU too)")
     if _env_flag("ACCELERATE_USE_FSDP") and accelerator.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch exports
-        if plugin.fsdp_version != 2:
-            raise DistributedSetupError(
-                "the accelerate config asks for FSDP version 1, which cannot shard a LoRA run (it flattens frozen "
-                "and trainable weights of different dtypes into one tensor) and runs only on GPUs: set "
-                "fsdp_version: 2 (accelerate_config_fsdp.yaml)")
         # As accelerate's own FSDP setup does on GPUs: both shared states say FSDP (a later AcceleratorState()
         # copies PartialState's).
         from accelerate.state import PartialState
@@ -44,10 +78,6 @@ def setup_distributed(accelerator, args):
         state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         state.fsdp_plugin = plugin
     if accelerator.distributed_type == DistributedType.FSDP:
-        if not accelerator.is_fsdp2:
-            raise DistributedSetupError(
-                "FSDP version 1 cannot shard a LoRA run (frozen bf16 and trainable fp32 weights in one flat "
-                "tensor): set fsdp_version: 2 in the accelerate config (accelerate_config_fsdp.yaml)")
         if args.blocks_to_swap:
             raise DistributedSetupError(
                 "--blocks_to_swap and FSDP both manage where the DiT's weights live: use one of them (FSDP "

@@ -10,7 +10,7 @@ import time
 
 LOCK = ".lock"
 # What a run writes into its folder (the conditioning cache is content-keyed and shared on purpose: kept).
-RUN_FILES = ("*.safetensors", "train_log.csv", "loss.png")
+RUN_FILES = ("*.safetensors", "*.nonfinite", "train_log.csv", "loss.png")
 RUN_FOLDERS = ("checkpoints", "validation", "tensorboard", "wandb", "swanlog")
 
 
@@ -59,12 +59,15 @@ def check_output_path(path):
 
 class OutputDir:
     """Claim `path` for this run (main process only): take the lock, refuse another run's leftovers unless
-    resuming or overwriting, clean temp files of killed runs. `release()` gives the lock back."""
+    resuming or overwriting, clean temp files of killed runs. With --overwrite the leftovers go only when
+    `remove_previous_run()` is called (once the run's models have loaded), and never when one of them is an input of
+    this run (`inputs`: {flag: path}). `release()` gives the lock back."""
 
-    def __init__(self, path, resume: bool, overwrite: bool):
+    def __init__(self, path, resume: bool, overwrite: bool, inputs: dict | None = None):
         self.path = os.path.abspath(path)
         self.lock = os.path.join(self.path, LOCK)
         self.held = False
+        self.previous = []
         check_output_path(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -80,7 +83,16 @@ class OutputDir:
                         f"--output_path {self.path} holds another run's files ({shown}). Continue that run with "
                         "--resume_from_checkpoint latest, pass --overwrite to delete them and start anew, or choose "
                         "another --output_path")
-                self._remove(leftovers)
+                for flag, given in (inputs or {}).items():
+                    given = os.path.abspath(given) if given else None
+                    if given and any(given == os.path.join(self.path, n.rstrip("/"))
+                                     or n.endswith("/") and given.startswith(os.path.join(self.path, n))
+                                     for n in leftovers):
+                        raise OutputDirError(
+                            f"--overwrite would delete {flag} {given}: it is one of the earlier run's files in "
+                            f"--output_path {self.path}. Copy it elsewhere and pass that copy, or choose another "
+                            "--output_path")
+                self.previous = leftovers
             self.removed_temp = self._remove_temp_files()
         except BaseException:
             self.release()
@@ -109,10 +121,13 @@ class OutputDir:
             self.held = True
             return
 
-    def _remove(self, names):
-        for name in names:
+    def remove_previous_run(self) -> list[str]:
+        """--overwrite: delete the earlier run's files (names relative to the folder; none without --overwrite)."""
+        removed, self.previous = self.previous, []
+        for name in removed:
             path = os.path.join(self.path, name.rstrip("/"))
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return removed
 
     def _remove_temp_files(self) -> list[str]:
         """Temporary files of writes that a killed run never finished (atomic_path's `.tmp-*`, state `*.tmp`)."""
@@ -129,29 +144,33 @@ class OutputDir:
         self.held = False
 
 
-def trim_log(log_path, last_step: int):
-    """Keep the log's rows up to `last_step` (the resumed state's step): the steps after it run again."""
+def trim_log(log_path, last_step: int) -> float:
+    """Keep the log's rows up to `last_step` (the resumed state's step): the steps after it run again. Returns the
+    last kept row's seconds, from which the resumed run counts on (0 without one)."""
     if not os.path.isfile(log_path):
-        return
+        return 0.0
     with open(log_path, newline="") as f:
         rows = list(csv.reader(f))
     kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
-    if len(kept) == len(rows):
-        return
-    from ..utils.io import atomic_path
+    if len(kept) < len(rows):
+        from ..utils.io import atomic_path
 
-    with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
+        with atomic_path(log_path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+    try:
+        return float(kept[-1][-1]) if len(kept) > 1 else 0.0
+    except ValueError:
+        return 0.0
 
 
-def claim(path, resume: bool, overwrite: bool, accelerator) -> OutputDir | None:
+def claim(path, resume: bool, overwrite: bool, accelerator, inputs: dict | None = None) -> OutputDir | None:
     """OutputDir on the main process; every process learns whether that worked (so none waits forever)."""
     import torch
 
     error, owner = None, None
     if accelerator.is_main_process:
         try:
-            owner = OutputDir(path, resume, overwrite)
+            owner = OutputDir(path, resume, overwrite, inputs)
         except OutputDirError as e:
             error = e
     failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), reduction="sum")

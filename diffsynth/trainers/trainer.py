@@ -1,5 +1,6 @@
 """The training loop: accelerate for processes, mixed precision and accumulation; flow-matching loss on the
 target tokens of Qwen-Image-Edit; LoRA or full fine-tuning of the standard or merged-QKV DiT."""
+import contextlib
 import csv
 import gc
 import glob
@@ -19,12 +20,14 @@ from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample
-from .checkpoint import check_setup, list_states, load_training_state, save_training_state
+from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
-from .distributed import describe_sharding, is_fsdp, setup_distributed
+from .distributed import (
+    check_launch_environment, describe_sharding, ignore_frozen_in_ddp, is_fsdp, reports_errors, setup_distributed,
+)
 from .ema import create_ema, ema_weights
 from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, resolve_optimizer
-from .output_dir import claim, trim_log
+from .output_dir import OutputDirError, claim, previous_run_files, trim_log
 from .preflight import preflight
 from .timesteps import TimestepSampling
 
@@ -32,7 +35,12 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "seconds"]
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN or inf in the loss, the gradients or the trained weights: the run stops, its last good checkpoint kept."""
+    """A NaN or inf in the loss, the gradients or the trained weights: the run stops, its last good checkpoint kept.
+    `weights_of_step`: the step after which the weights that gave it were made (None: they were never saved)."""
+
+    def __init__(self, message, weights_of_step=None):
+        super().__init__(message)
+        self.weights_of_step = weights_of_step
 
 
 
@@ -120,6 +128,7 @@ class Trainer:
         from .options import trackers
 
         self.args = args
+        check_launch_environment()  # configs accelerate cannot run a LoRA with, before it starts
         mixed = args.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
@@ -138,6 +147,7 @@ class Trainer:
         # object with state_dict()/load_state_dict() whose state is tensors and json-able values. Register more
         # (EMA, ...) here by name; optimizers are saved unsharded by parameter name.
         self.checkpointed = {"train_state": self.state}
+        self.saves = []  # (step, path) of every checkpoint file and state folder this run wrote (main process)
         self.log = self.accelerator.print
 
     def _auto_checkpointed_blocks(self, dit):
@@ -171,16 +181,9 @@ class Trainer:
         from ..pipelines.qwen_image import QwenImagePipeline
 
         args, acc = self.args, self.accelerator
-        # 0. The output folder belongs to this run, a state to resume must fit its flags, and the LoRA and validation
-        # files must be usable: checked first.
+        # 0. The LoRA and validation files must be usable, the state to resume must exist: checked first.
         preflight(args, dataset=False)
-        self.output_dir = claim(args.output_path, bool(args.resume_from_checkpoint), args.overwrite, acc)
-        if self.output_dir is not None and self.output_dir.removed_temp:
-            self.log(f"removed {len(self.output_dir.removed_temp)} temporary file(s) of an interrupted run: "
-                     f"{', '.join(self.output_dir.removed_temp[:5])}")
         self.resume_from = self._resume_path() if args.resume_from_checkpoint else None
-        if self.resume_from:
-            check_setup(self.resume_from, self.setup_info())
         setup_distributed(acc, args)  # before anything is prepared: FSDP2 on the CPU, refusals
         if args.vram_budget:
             from ..utils.vram_planner import plan_report
@@ -198,6 +201,17 @@ class Trainer:
         self.sampler = BucketBatchSampler(self.dataset, args.batch_size, shuffle=True, seed=args.seed,
                                           num_replicas=acc.num_processes, rank=acc.process_index)
         self.log(self.sampler.bucket_summary())
+        # A state to resume must fit these flags, data and processes. Then the output folder is claimed: it belongs
+        # to this run, unless it holds another run's files (kept unless this run resumes from its own state there;
+        # with --overwrite they are deleted once the models have loaded, so a run that stops before that loses none).
+        if self.resume_from:
+            check_setup(self.resume_from, self.setup_info(), acc.num_processes)
+        inputs = {"--lora_checkpoint": args.lora_checkpoint, "--lora_fused": args.lora_fused,
+                  **{"--validation_edit_image": p for p in args.validation_edit_image or []}}
+        self.output_dir = claim(args.output_path, self._resumes_own_state(), args.overwrite, acc, inputs)
+        if self.output_dir is not None and self.output_dir.removed_temp:
+            self.log(f"removed {len(self.output_dir.removed_temp)} temporary file(s) of an interrupted run: "
+                     f"{', '.join(self.output_dir.removed_temp[:5])}")
 
         # 2. Models. With a conditioning cache the text encoder and VAE load only if the cache is incomplete.
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
@@ -304,6 +318,11 @@ class Trainer:
 
             self.log(f"--compile: {compile_blocks(dit)} DiT blocks compile on the first step (torch.compile; the "
                      "blocks share their graphs, the first block has its own: its inputs carry no gradient)")
+        if self.output_dir is not None:
+            removed = self.output_dir.remove_previous_run()  # --overwrite: now that everything has loaded
+            if removed:
+                self.log(f"--overwrite: removed the earlier run's {', '.join(removed[:6])}"
+                         + (f" and {len(removed) - 6} more" if len(removed) > 6 else ""))
         dit.train()
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
@@ -319,6 +338,8 @@ class Trainer:
         # The data loader is ours (the bucket sampler already shards by rank): accelerate must not re-shard it.
         # The lr schedule counts optimizer steps: it is stepped by hand after each real step, because accelerate's
         # wrapper would step it once per process (warm-up N times too short on N GPUs).
+        if acc.num_processes > 1 and not is_fsdp(acc):
+            ignore_frozen_in_ddp(dit)
         self.dit, self.optimizer = acc.prepare(dit, optimizer)
         self.lr_scheduler = scheduler
         self.checkpointed.update(optimizer=self.optimizer, lr_scheduler=scheduler)
@@ -339,15 +360,17 @@ class Trainer:
         if bad.item() > 0:
             raise NonFiniteError(
                 f"the update of step {self.state.step + 1} (learning rate {lr:.3g}) made {int(bad.item())} trainable "
-                f"weight tensor(s) NaN/inf; stopped without saving them, and the last good checkpoint in "
-                f"{self.args.output_path} is kept. Lower --learning_rate (or raise --lr_warmup_steps).")
+                f"weight tensor(s) NaN/inf; stopped without saving them. Lower --learning_rate (or raise "
+                "--lr_warmup_steps).")
 
     def fill_cache(self, todo):
         """Compute the conditioning of the samples in `todo`, shared out between the processes."""
         acc = self.accelerator
         mine = todo[acc.process_index::acc.num_processes]
         index_of = {s.cache_key: i for i, s in enumerate(self.dataset.samples)}
-        for sample in tqdm(mine, desc="caching conditioning", disable=not acc.is_local_main_process):
+        desc = "caching conditioning" + (f" ({len(mine)} of {len(todo)} samples in this process)"
+                                          if acc.num_processes > 1 else "")
+        for sample in tqdm(mine, desc=desc, disable=not acc.is_local_main_process):
             item = self.dataset[index_of[sample.cache_key]]
             self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images,
                                                               bool(self.args.caption_dropout_rate)))
@@ -390,8 +413,9 @@ class Trainer:
 
     def _save_weights(self, name):
         args, acc = self.args, self.accelerator
-        # Every process takes part: under FSDP gathering the sharded weights is a collective operation.
-        state = acc.get_state_dict(self.dit)
+        # Every process takes part: under FSDP gathering the sharded weights is a collective operation. A LoRA run
+        # gathers its trainable weights only, not the frozen DiT.
+        state = lora_weights(self.dit) if args.lora_base_model else acc.get_state_dict(self.dit)
         if not acc.is_main_process:
             return None
         dit = acc.unwrap_model(self.dit)
@@ -410,14 +434,17 @@ class Trainer:
 
                 save_adapter(sd, path, args.lora_type, args.lora_rank, alpha, args.lora_target_modules, arch, meta)
                 base_weights = base_weight_getter(dit)  # a DoRA for ComfyUI is computed from the base weights
+            self.saves.append((self.state.step, path))
             copy = export_copy_name(name, args.export_format, args.merged_qkv) if self.export_copy else None
             if copy:
                 convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",
                                   format=args.export_format or "native", extra_metadata=meta,
                                   base_weights=base_weights)
+                self.saves.append((self.state.step, os.path.join(args.output_path, copy)))
         else:
             save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
                              {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
+            self.saves.append((self.state.step, path))
         return path
 
     def save_state(self):
@@ -437,6 +464,7 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a state folder exists only once complete
+            self.saves.append((self.state.step, final))
             if args.checkpoints_total_limit:
                 for old in list_states(root)[: -args.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -448,6 +476,9 @@ class Trainer:
         lora = args.lora_base_model is not None
         return {"merged_qkv": args.merged_qkv, "lora_base_model": args.lora_base_model,
                 "lora_rank": args.lora_rank if lora else None,
+                "lora_alpha": (args.lora_alpha or args.lora_rank) if lora else None,
+                "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "samples": len(self.dataset),
                 "lora_target_modules": args.lora_target_modules if lora else None,
                 "lora_type": args.lora_type if lora else None, "optimizer": args.optimizer,
                 "ema": args.ema_decay is not None}
@@ -458,6 +489,13 @@ class Trainer:
         if path == "latest":
             states = list_states(os.path.join(args.output_path, "checkpoints"))
             if not states:
+                earlier = previous_run_files(args.output_path) if os.path.isdir(args.output_path) else []
+                if earlier and not args.overwrite:
+                    raise OutputDirError(
+                        f"--resume_from_checkpoint latest: {args.output_path} holds another run's files "
+                        f"({', '.join(earlier[:4])}) but no training state to continue from (states are written every "
+                        "--save_steps). Start anew there with --overwrite, or continue from its LoRA with "
+                        "--lora_checkpoint <its .safetensors> and another --output_path")
                 self.log(f"--resume_from_checkpoint latest: no state in {args.output_path}/checkpoints, starting fresh")
                 return None
             return states[-1]
@@ -465,34 +503,65 @@ class Trainer:
             raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such training state folder")
         return path
 
+    def _resumes_own_state(self) -> bool:
+        """Resuming from a state inside --output_path: the folder's files are this run's own. A state from elsewhere
+        continues in a folder that must be free like a new run's."""
+        if not self.resume_from:
+            return False
+        own = os.path.join(os.path.abspath(self.args.output_path), "checkpoints") + os.sep
+        return os.path.abspath(self.resume_from).startswith(own)
+
     def resume(self):
         path = self.resume_from
         if not path:
             return
-        manifest = load_training_state(path, self.dit, self.checkpointed, self.accelerator.process_index)
-        if manifest["num_processes"] != self.accelerator.num_processes:
-            self.log(f"note: {path} was written by {manifest['num_processes']} process(es), this run has "
-                     f"{self.accelerator.num_processes}: the data order from here differs from the uninterrupted run")
+        load_training_state(path, self.dit, self.checkpointed, self.accelerator.process_index)
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                  f"batch {self.state.batch_in_epoch})")
 
     # ---- loop ----------------------------------------------------------------------------------------------
 
     def train(self):
+        try:
+            return self._train()
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} {self._set_aside_saves(e.weights_of_step)}") from None
+
+    def _set_aside_saves(self, weights_of_step) -> str:
+        """After a NaN/inf: the files saved with the weights that gave it (if they were saved) are renamed
+        `<name>.nonfinite`, so neither a resume from 'latest' nor a user picks them up. -> what became of the
+        checkpoints, naming the last good one."""
+        bad = [path for step, path in self.saves if step == weights_of_step and os.path.exists(path)]
+        good = [(step, path) for step, path in self.saves if step != weights_of_step and path.endswith(".safetensors")]
+        good = [path for step, path in good if step == good[-1][0]][:1]  # the main file of the newest good save
+        text = ""
+        if bad:
+            if self.accelerator.is_main_process:
+                for path in bad:
+                    os.replace(path, path + ".nonfinite")
+            names = ", ".join(os.path.relpath(p, self.args.output_path) for p in bad)
+            text = (f"The weights saved after step {weights_of_step} gave it: {names} renamed to *.nonfinite (a resume "
+                    "from 'latest' skips them). ")
+        if good:
+            return text + f"The last good checkpoint is {good[-1]}."
+        return text + f"Checkpoints written before in {self.args.output_path} are kept."
+
+    def _train(self):
         args, acc = self.args, self.accelerator
         os.makedirs(args.output_path, exist_ok=True)
         if args.resume_from_checkpoint:
             self.resume()
         log_path = os.path.join(args.output_path, "train_log.csv")
+        earlier = 0.0  # seconds the log counted before the resumed state
         if acc.is_main_process and (not os.path.exists(log_path) or not self.resume_from):
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(LOG_COLUMNS)
         elif acc.is_main_process:
-            trim_log(log_path, self.state.step)  # the steps after the resumed state run (and are logged) again
+            earlier = trim_log(log_path, self.state.step)  # the steps after the resumed state run (and log) again
         self._init_trackers()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        start = time.time()
+        start = time.time() - earlier
         done = self.state.step >= self.total_steps
         while not done and self.state.epoch < args.num_epochs:
             self.sampler.set_epoch(self.state.epoch)
@@ -502,7 +571,16 @@ class Trainer:
             for batch in loader:
                 # Conditioning outside autocast, exactly as the cache computes it: cached == uncached.
                 cond = self.conditions(batch)
-                with acc.accumulate(self.dit), watch_compile(self.dit, self._write):
+                # The optimizer steps after every --gradient_accumulation_steps batches and after an epoch's last
+                # batch (a shorter window, whose loss is scaled to its mean): each epoch makes steps_per_epoch steps
+                # and no window spans two epochs. accelerate's accumulate() knows an epoch's end only from a data
+                # loader it prepared, and this one is the trainer's own (the bucket sampler shards by process).
+                ga, start_of_window = args.gradient_accumulation_steps, self.state.batch_in_epoch
+                start_of_window -= start_of_window % ga
+                window = min(ga, self.sampler.num_batches_per_rank() - start_of_window)
+                acc.sync_gradients = self.state.batch_in_epoch + 1 == start_of_window + window
+                no_sync = contextlib.nullcontext() if acc.sync_gradients else acc.no_sync(self.dit)
+                with no_sync, watch_compile(self.dit, self._write):
                     with acc.autocast():
                         loss = flow_matching_loss(self.dit, self.pipe.scheduler, cond,
                                                   self.state.sample_generators(batch["position"]), self.timesteps)
@@ -511,9 +589,9 @@ class Trainer:
                     if finite.item() < acc.num_processes:
                         raise NonFiniteError(
                             f"loss is {loss.item()} at step {self.state.step + 1} (epoch {self.state.epoch}); "
-                            f"stopped. The last good checkpoint in {args.output_path} is kept. Lower "
-                            "--learning_rate, check the data, or use --mixed_precision bf16 instead of fp16.")
-                    acc.backward(loss)
+                            "stopped. Lower --learning_rate, check the data, or use --mixed_precision bf16 instead "
+                            "of fp16.", weights_of_step=self.state.step)
+                    acc.backward(loss * (ga / window) if window < ga else loss)  # accelerate divides by ga
                     if acc.sync_gradients:
                         # The norm is measured even with clipping off (inf scales by exactly 1): a NaN/inf gradient
                         # stops the run before the update touches the weights.
@@ -521,9 +599,9 @@ class Trainer:
                         if norm is not None and not torch.isfinite(norm):
                             raise NonFiniteError(
                                 f"the gradient norm is {norm.item()} at step {self.state.step + 1} (the loss was "
-                                f"finite: {loss.item():.6g}); stopped before the update, and the last good checkpoint "
-                                f"in {args.output_path} is kept. The weights overflow in the backward pass: lower "
-                                "--learning_rate, or use --mixed_precision bf16 instead of fp16.")
+                                f"finite: {loss.item():.6g}); stopped before the update. The weights overflow in the "
+                                "backward pass: lower --learning_rate, or use --mixed_precision bf16 instead of fp16.",
+                                weights_of_step=self.state.step)
                     self.optimizer.step()
                     lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
                     if acc.sync_gradients:
@@ -655,21 +733,33 @@ def export_copy_name(name, export_format, merged_qkv) -> str | None:
 
 
 def run(args) -> int:
-    """Train with parsed flags; errors the user can fix become a message and an exit code."""
+    """Train with parsed flags; errors the user can fix become a message and an exit code. With several processes
+    one per machine prints it (the others stop with the same code)."""
     trainer = None
+    say = reports_errors()
     try:
         trainer = Trainer(args)  # accelerate reads the launcher's config here (e.g. DeepSpeed, not installed)
         trainer.setup()
         trainer.train()
     except DatasetError as e:
-        print(f"error: dataset {args.dataset_metadata_path}:\n{e}", file=sys.stderr)
+        if say:
+            print(f"error: dataset {args.dataset_metadata_path}:\n{e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # the run went wrong; its last good checkpoint is kept
-        print(f"error: {e}", file=sys.stderr)
+        if say:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, ImportError) as e:  # inputs, flags, files, folders, packages: fixable
-        print(f"error: {e}", file=sys.stderr)
+        if say:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every file on disk is whole (atomic writes); say how to go on
+        if say:
+            states = list_states(os.path.join(args.output_path, "checkpoints"))
+            where = (f"the newest training state is {states[-1]}: continue with --resume_from_checkpoint latest"
+                     if states else "no training state was written yet (--save_steps writes them)")
+            print(f"\ninterrupted; {where}", file=sys.stderr)
+        return 130
     finally:
         if trainer is not None:
             trainer.release()

@@ -232,6 +232,11 @@ def atomic_path(path):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the file the usual mode
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # the data reaches the disk before the new name does: after a power loss, the old file or the new one
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -28,6 +28,18 @@ else
   exit 1
 fi
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
+  if [[ ! -f "$ACCELERATE_CONFIG" ]]; then
+    echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG: no such file" >&2
+    exit 2
+  fi
+  # accelerate imports deepspeed before the trainer starts: without it, a traceback instead of this line
+  PY="$(dirname "$(command -v "${LAUNCH[0]}")")/python"
+  if grep -qE '^distributed_type: *DEEPSPEED' "$ACCELERATE_CONFIG" && [[ -x "$PY" ]] \
+     && ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"; then
+    echo "error: $ACCELERATE_CONFIG uses DeepSpeed, which is not installed: pip install deepspeed, or use" \
+         "accelerate_config_ddp.yaml or accelerate_config_fsdp.yaml" >&2
+    exit 2
+  fi
   LAUNCH+=(--config_file "$ACCELERATE_CONFIG")
 fi
 # Several machines: run the same command on each, with MACHINE_RANK 0 (the main machine) to NUM_MACHINES-1 and
