@@ -316,3 +316,11 @@ def test_dry_run_under_a_launcher_plans_for_its_processes_and_prints_once(tiny_m
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(argv) == 0
     assert ", 2 processes (FSDP)" in capsys.readouterr().err
+
+
+def test_a_warmup_longer_than_the_run_is_noted(tiny_models, data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--lr_warmup_steps",
+                      "8")) == 0
+    assert "--lr_warmup_steps 8 is longer than this run's 2 steps: the rate ends at 25% of --learning_rate" \
+        in capsys.readouterr().out

@@ -331,6 +331,9 @@ class Trainer:
         self.total_steps = args.num_epochs * self.steps_per_epoch
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
+        if args.lr_warmup_steps > self.total_steps:
+            self.log(f"note: --lr_warmup_steps {args.lr_warmup_steps} is longer than this run's {self.total_steps} "
+                     f"steps: the rate ends at {self.total_steps / args.lr_warmup_steps:.0%} of --learning_rate")
         optimizer = create_optimizer(args.optimizer, params, args.learning_rate, args.weight_decay,
                                      args.optimizer_args)
         scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, self.total_steps,
