@@ -318,9 +318,10 @@ def test_dry_run_under_a_launcher_plans_for_its_processes_and_prints_once(tiny_m
     assert ", 2 processes (FSDP)" in capsys.readouterr().err
 
 
-def test_a_warmup_longer_than_the_run_is_noted(tiny_models, data, tmp_path, capsys):
+def test_settings_that_likely_are_not_meant_are_noted(tiny_models, data, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--lr_warmup_steps",
-                      "8")) == 0
-    assert "--lr_warmup_steps 8 is longer than this run's 2 steps: the rate ends at 25% of --learning_rate" \
-        in capsys.readouterr().out
+                      "8", "--validation_prompt", "blue", "--validation_inference_steps", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "--lr_warmup_steps 8 is longer than this run's 2 steps: the rate ends at 25% of --learning_rate" in printed
+    assert "--validation_prompt without --validation_edit_image: the validation images are generated" in printed

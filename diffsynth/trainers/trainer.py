@@ -244,6 +244,10 @@ class Trainer:
         if args.validation_prompt:
             from .validation import ValidationInputs
 
+            if not args.validation_edit_image and any(s.edit_images for s in self.dataset.samples):
+                self.log("note: --validation_prompt without --validation_edit_image: the validation images are "
+                         "generated from the prompt alone, not edits like the training samples")
+
             self.validation_inputs = ValidationInputs(self.pipe, args.validation_prompt, args.validation_edit_image,
                                                       args.edit_image_area)
         if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
