@@ -154,6 +154,36 @@ def test_every_bad_row_in_one_error(data, tmp_path):
     assert "--dataset_base_path" in msg
 
 
+@pytest.mark.parametrize("fmt,damage", [("GIF", "cut"), ("TIFF", "cut"), ("BMP", "cut"), ("WEBP", "cut"),
+                                         ("GIF", "xor")])
+def test_damaged_gif_tiff_bmp_webp_are_reported_up_front(data, fmt, damage):
+    # verify() passes all of these; training's decode does not: validation must decode them too.
+    root, rows = data
+    good = (noise_image(root / f"edits/full.{fmt.lower()}", 64, 64, fmt=fmt)).read_bytes()
+    if damage == "cut":
+        bad = good[: len(good) * 2 // 3]
+    else:
+        middle = len(good) // 2
+        bad = good[:middle] + bytes(b ^ 0xFF for b in good[middle:middle + 40]) + good[middle + 40:]
+    (root / f"edits/bad.{fmt.lower()}").write_bytes(bad)
+    rows[1] = dict(rows[1], edit_image=f"edits/bad.{fmt.lower()}")
+    write_csv(root / "m.csv", rows)
+    with pytest.raises(DatasetError, match=rf"1 problem\(s\)(?s:.*)row 2 \(line 3\): edit_image edits/bad.{fmt.lower()} "
+                                           r"(is truncated|is not a readable image)"):
+        validate_metadata(root / "m.csv", str(root), edit_area=EDIT_AREA)
+
+
+def test_a_file_damaged_after_validation_names_its_row(data):
+    root, rows = data
+    write_csv(root / "m.csv", rows)
+    ds = EditDataset(root / "m.csv", str(root), edit_area=EDIT_AREA)
+    png = (root / "edits/2.png").read_bytes()
+    (root / "edits/2.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(DatasetError, match=r"^  row 3 \(line 4\): .*edits/2.png: is truncated or damaged .*remove the row"):
+        ds[2]
+    assert ds[1]["image"].shape[0] == 3  # the other rows still load
+
+
 def test_missing_column_and_bad_json_lines(data):
     root, rows = data
     write_csv(root / "m.csv", [{k: v for k, v in r.items() if k != "prompt"} for r in rows])

@@ -148,12 +148,14 @@ def _inspect_file(path):
             img.verify()  # checks structure and checksums without decoding pixels; must come first
         with Image.open(io.BytesIO(data)) as img:
             size = displayed_size(img)
-            if img.format == "JPEG":  # verify() barely checks JPEGs; a 1/8-scale decode catches truncation cheaply
+            # verify() checks a PNG's every chunk checksum, but barely looks at other formats: a cut or damaged
+            # GIF, TIFF, BMP, WebP or JPEG passes it and fails only when training decodes it. Decode those now (a
+            # JPEG at 1/8 scale, cheap; draft() does nothing for formats without reduced decoding).
+            if img.format != "PNG" or img.mode in ("I", "F"):  # I/F: the pixel range decides whether they convert
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
-            elif img.mode in ("I", "F"):  # rare; their pixel range decides whether they convert: decode now
-                img.load()
-                to_rgb(img)
+                if img.mode in ("I", "F"):
+                    to_rgb(img)
     except ImageError as e:
         return str(e)
     except Exception as e:  # PIL raises many types for damaged files
@@ -314,12 +316,15 @@ class EditDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         s = self.sample(index)
-        image = resize_and_center_crop(open_image(s.image), *s.target_size)
-        edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
-        mask = None
-        if s.mask is not None:  # white = 1 (train), black = 0, grey in between
-            mask = resize_and_center_crop(open_image(s.mask).convert("L"), *s.target_size)
-            mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        try:  # a file that broke after validation (or that only a full decode shows): name the row, as validation does
+            image = resize_and_center_crop(open_image(s.image), *s.target_size)
+            edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
+            mask = None
+            if s.mask is not None:  # white = 1 (train), black = 0, grey in between
+                mask = resize_and_center_crop(open_image(s.mask).convert("L"), *s.target_size)
+                mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        except ImageError as e:
+            raise DatasetError(f"  {s.where}: {e} (or remove the row)") from None
         return {
             "image": pil_to_tensor(image),
             "mask": mask,
