@@ -182,6 +182,11 @@ def test_a_file_damaged_after_validation_names_its_row(data):
     with pytest.raises(DatasetError, match=r"^  row 3 \(line 4\): .*edits/2.png: is truncated or damaged .*remove the row"):
         ds[2]
     assert ds[1]["image"].shape[0] == 3  # the other rows still load
+    # from a DataLoader worker (--dataset_num_workers) the same one message comes back, not the worker's traceback
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [2]), collate_fn=collate_fn, num_workers=1)
+    with pytest.raises(DatasetError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith("  row 3 (line 4): ") and "Traceback" not in str(err.value)
 
 
 @pytest.mark.parametrize("line,count,cause", [

@@ -34,6 +34,13 @@ SAMPLE_FORMAT_VERSION = 1
 class DatasetError(ValueError):
     """The metadata or the files it names cannot be trained on; the message lists every problem."""
 
+    def __init__(self, message):
+        # A DataLoader worker's error comes back as DatasetError("Caught ... Original Traceback ... DatasetError:
+        # <message>"): keep the message, the user has a row to fix, not code to debug.
+        if "Original Traceback" in message:
+            message = message.rpartition(f"{__name__}.DatasetError: ")[2].rstrip("\n")
+        super().__init__(message)
+
 
 @dataclass(frozen=True)
 class Sample:
