@@ -13,8 +13,6 @@ import warnings
 
 import torch
 
-from ..models.dit_loader import infer_dit_config
-from ..pipelines.qwen_image import locate_model_files
 from ..utils.image import SIZE_MULTIPLE, open_image
 from ..utils.io import (
     WeightFileError, check_safetensors_file, load_safetensors, read_metadata, resolve_safetensors_files, save_safetensors,
@@ -109,6 +107,9 @@ def conditioning_model_files(models: dict) -> list:
     `_content_id`), the tokenizer's and processor's files (hashed whole, they are small) and whether the DiT is an
     Edit-2511 one (its prompt template). `models` holds the trainer's model flags. Raises (WeightFileError,
     ValueError) while the files are not on disk."""
+    from ..models.dit_loader import infer_dit_config  # the model code loads when used: preflight imports this module
+    from ..pipelines.qwen_image import locate_model_files
+
     found = locate_model_files(models.get("model_id_with_origin_paths"), models.get("model_paths"),
                                models.get("models_dir"), models.get("tokenizer_path"), models.get("processor_path"),
                                download=False, need=("text_encoder", "vae"))
