@@ -154,6 +154,74 @@ def test_every_bad_row_in_one_error(data, tmp_path):
     assert "--dataset_base_path" in msg
 
 
+@pytest.mark.parametrize("fmt,damage", [("GIF", "cut"), ("TIFF", "cut"), ("BMP", "cut"), ("WEBP", "cut"),
+                                         ("GIF", "xor")])
+def test_damaged_gif_tiff_bmp_webp_are_reported_up_front(data, fmt, damage):
+    # verify() passes all of these; training's decode does not: validation must decode them too.
+    root, rows = data
+    good = (noise_image(root / f"edits/full.{fmt.lower()}", 64, 64, fmt=fmt)).read_bytes()
+    if damage == "cut":
+        bad = good[: len(good) * 2 // 3]
+    else:
+        middle = len(good) // 2
+        bad = good[:middle] + bytes(b ^ 0xFF for b in good[middle:middle + 40]) + good[middle + 40:]
+    (root / f"edits/bad.{fmt.lower()}").write_bytes(bad)
+    rows[1] = dict(rows[1], edit_image=f"edits/bad.{fmt.lower()}")
+    write_csv(root / "m.csv", rows)
+    with pytest.raises(DatasetError, match=rf"1 problem\(s\)(?s:.*)row 2 \(line 3\): edit_image edits/bad.{fmt.lower()} "
+                                           r"(is truncated|is not a readable image)"):
+        validate_metadata(root / "m.csv", str(root), edit_area=EDIT_AREA)
+
+
+def test_a_file_damaged_after_validation_names_its_row(data):
+    root, rows = data
+    write_csv(root / "m.csv", rows)
+    ds = EditDataset(root / "m.csv", str(root), edit_area=EDIT_AREA)
+    png = (root / "edits/2.png").read_bytes()
+    (root / "edits/2.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(DatasetError, match=r"^  row 3 \(line 4\): .*edits/2.png: is truncated or damaged .*remove the row"):
+        ds[2]
+    assert ds[1]["image"].shape[0] == 3  # the other rows still load
+    # from a DataLoader worker (--dataset_num_workers) the same one message comes back, not the worker's traceback
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [2]), collate_fn=collate_fn, num_workers=1)
+    with pytest.raises(DatasetError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith("  row 3 (line 4): ") and "Traceback" not in str(err.value)
+
+
+@pytest.mark.parametrize("line,count,cause", [
+    ("images/0.png,edits/0.png,edits/1.png,two edits", 4, "edit images separated by ',' instead of '|'?"),
+    ("images/0.png,edits/0.png,make it red, then blue", 4, "a comma in an unquoted value?"),
+    ("images/0.png,edits/0.png,make it red,", 4, "a trailing comma"),
+    ("images/0.png,edits/0.png", 2, "a value is missing"),
+])
+def test_csv_row_with_another_field_count_is_named_not_shifted(data, line, count, cause):
+    # pandas made the first column the index when every row had an extra field: image=edits/0.png, silently
+    root, _ = data
+    (root / "m.csv").write_text(f"image,edit_image,prompt\n\n{line}\n")
+    with pytest.raises(DatasetError) as err:
+        validate_metadata(root / "m.csv", str(root), edit_area=EDIT_AREA)
+    assert str(err.value).splitlines()[1] == f"  row 1 (line 3): {count} fields, the header has 3 ({cause}): {line}"
+    assert "Several edit images go in one cell separated by '|'" in str(err.value)
+    assert 'must be in double quotes ("make it red, then blue")' in str(err.value)
+
+
+def test_csv_quoting_blank_rows_and_header_problems(data):
+    root, _ = data
+    (root / "m.csv").write_text('image, edit_image, prompt\n\nimages/0.png,"edits/0.png|edits/1.png","red,\nblue"\n'
+                                ',,\nimages/1.png,edits/1.png,1\n')
+    samples = validate_metadata(root / "m.csv", str(root), edit_area=EDIT_AREA)
+    assert [(s.where, s.prompt, len(s.edit_images)) for s in samples] == [
+        ("row 1 (line 3)", "red,\nblue", 2), ("row 2 (line 6)", "1", 1)]
+    (root / "m.csv").write_text("image,edit_image,prompt,\nimages/0.png,edits/0.png,x,\n")
+    with pytest.raises(DatasetError, match=r"the header \(line 1\) 'image,edit_image,prompt,' has a column without a "
+                                           r"name \(a trailing comma\?\)"):
+        validate_metadata(root / "m.csv", str(root))
+    (root / "m.csv").write_text('image,edit_image,prompt\nimages/0.png,edits/0.png,"never closed\n')
+    with pytest.raises(DatasetError, match="line 2 is not readable as CSV .*ends with a double quote"):
+        validate_metadata(root / "m.csv", str(root))
+
+
 def test_missing_column_and_bad_json_lines(data):
     root, rows = data
     write_csv(root / "m.csv", [{k: v for k, v in r.items() if k != "prompt"} for r in rows])

@@ -3,14 +3,20 @@
 The same per-sample function feeds training directly or fills the on-disk cache, so a cached run sees exactly
 the tensors an uncached run computes.
 """
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import time
+import warnings
 
 import torch
 
 from ..utils.image import SIZE_MULTIPLE, open_image
-from ..utils.io import load_safetensors, read_metadata, save_safetensors
+from ..utils.io import (
+    WeightFileError, check_safetensors_file, load_safetensors, read_metadata, resolve_safetensors_files, save_safetensors,
+)
 
 # The prompt of a dropped caption (--caption_dropout_rate): the negative prompt the inference script and Qwen's
 # examples use for true CFG, so a dropped-caption sample trains exactly the branch CFG's negative pass runs. The
@@ -64,26 +70,123 @@ def collate_conditions(conds, device, dtype) -> dict:
     }
 
 
+def check_cache_path(path):
+    """--cache_conditioning names a folder, made when missing: refuse a file, or a place nothing can be written."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--cache_conditioning {path} is a file; give a folder for the cache files (it is made when "
+                         "missing), or leave the value out for <output_path>/cache")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--cache_conditioning {path}: {existing} is a file, so the folder cannot be made there; "
+                         "choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--cache_conditioning {path}: cannot write in {existing} (permission denied); choose "
+                         "another folder")
+
+
+def _content_id(file) -> str:
+    """A safetensors file's header and the first 4 KiB of each tensor: a retrained or replaced model differs there in
+    every tensor it changed, and reading it costs milliseconds where hashing 16 GB would take minutes. From the
+    content, not the mtime, so machines with their own copies of the same model agree on the cache's names."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        digest.update(header)
+        for start, end in sorted(v["data_offsets"] for k, v in json.loads(header).items() if k != "__metadata__"):
+            f.seek(8 + n + start)
+            digest.update(f.read(min(end - start, 4096)))
+    return digest.hexdigest()
+
+
+def conditioning_model_files(models: dict) -> list:
+    """What the cached tensors were computed from, by content: the text encoder's and VAE's weight files (see
+    `_content_id`), the tokenizer's and processor's files (hashed whole, they are small) and whether the DiT is an
+    Edit-2511 one (its prompt template). `models` holds the trainer's model flags. Raises (WeightFileError,
+    ValueError) while the files are not on disk."""
+    from ..models.dit_loader import infer_dit_config  # the model code loads when used: preflight imports this module
+    from ..pipelines.qwen_image import locate_model_files
+
+    found = locate_model_files(models.get("model_id_with_origin_paths"), models.get("model_paths"),
+                               models.get("models_dir"), models.get("tokenizer_path"), models.get("processor_path"),
+                               download=False, need=("text_encoder", "vae"))
+    dit = [found[k] for k in ("dit", "dit_merged_qkv") if k in found]
+    ids = [["zero_cond_t", infer_dit_config(resolve_safetensors_files(dit[0]))["zero_cond_t"]]] if dit else []
+    for kind in ("text_encoder", "vae"):
+        for file in resolve_safetensors_files(found[kind]):  # a folder or index json: its files; checked complete
+            ids.append([kind, os.path.basename(file), _content_id(file)])
+    for kind in ("tokenizer", "processor"):
+        for file in sorted(glob.glob(os.path.join(found[kind], "**", "*"), recursive=True)):
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    ids.append([kind, os.path.relpath(file, found[kind]), hashlib.sha256(f.read()).hexdigest()])
+    return ids
+
+
 class ConditionCache:
     """One safetensors file per sample, named by the dataset's content hash (files, prompt, sizes) combined with
-    what else decides the tensors (`models`: the model files, dtype and prompt template). A changed image,
-    prompt or model gets a new name and is recomputed; stale files are simply never read."""
+    what else decides the tensors (`models`: the model flags, dtype and prompt template, and when the flags name
+    model files, the content of the text encoder, VAE, tokenizer and processor files). A changed image, prompt or
+    model, even one overwritten in place, gets a new name and is recomputed; stale files are simply never read.
+    A file that cannot be read (cut short) counts as missing and is computed again."""
+
+    TEMP_AGE_S = 3600  # a cache file is written in well under a second: an older temp file's writer is dead
 
     def __init__(self, folder, models: dict | None = None):
-        self.folder = folder
-        self.models = hashlib.sha256(json.dumps(models or {}, sort_keys=True, default=str).encode()).hexdigest()
+        check_cache_path(folder)
+        self.folder, self.models, self._models_name = folder, dict(models or {}), None
         os.makedirs(folder, exist_ok=True)
+        # Temp files of writes that killed runs never finished (atomic_path's `.tmp-*`). Other runs may share the
+        # folder and be writing now: only old ones go.
+        for tmp in glob.glob(os.path.join(folder, ".tmp-*")):
+            with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
+                if time.time() - os.path.getmtime(tmp) > self.TEMP_AGE_S:
+                    os.remove(tmp)
+
+    def models_name(self, required=True):
+        """The hash of `models` and of the model files' content; None (with required=False) while the files are
+        not on disk yet, as before a first download: then no cache file can be known to be valid."""
+        if self._models_name is None:
+            files = []
+            if {"model_id_with_origin_paths", "model_paths"} & set(self.models):  # the trainer's model flags
+                try:
+                    files = conditioning_model_files(self.models)
+                except (ValueError, OSError):  # WeightFileError is a ValueError
+                    if required:
+                        raise
+                    return None
+            self._models_name = hashlib.sha256(json.dumps({**self.models, "files": files}, sort_keys=True,
+                                                          default=str).encode()).hexdigest()
+        return self._models_name
 
     def path(self, key):
-        name = hashlib.sha256(f"{key}:{self.models}".encode()).hexdigest()
+        name = hashlib.sha256(f"{key}:{self.models_name()}".encode()).hexdigest()
         return os.path.join(self.folder, f"{name}.safetensors")
 
     def missing(self, samples):
-        seen, todo = set(), []
+        """The samples (one per cache key) without a readable cache file."""
+        unique = {}
         for s in samples:
-            if s.cache_key not in seen and not os.path.isfile(self.path(s.cache_key)):
-                todo.append(s)
-            seen.add(s.cache_key)
+            unique.setdefault(s.cache_key, s)
+        unique = list(unique.values())
+        if self.models_name(required=False) is None:
+            return unique
+        todo, damaged = [], 0
+        for s in unique:
+            path = self.path(s.cache_key)
+            if os.path.isfile(path):
+                try:
+                    check_safetensors_file(path)
+                    continue
+                except WeightFileError:
+                    damaged += 1
+            todo.append(s)
+        if damaged:
+            warnings.warn(f"--cache_conditioning {self.folder}: {damaged} cache file(s) cannot be read (cut short by a "
+                          "full disk or a killed copy?); they are computed again", stacklevel=2)
         return todo
 
     def put(self, key, cond):
@@ -93,7 +196,10 @@ class ConditionCache:
 
     def get(self, key):
         path = self.path(key)
-        tensors = load_safetensors(path)
+        try:
+            tensors = load_safetensors(path)
+        except WeightFileError as e:  # present and readable when the run started: removed or damaged since
+            raise WeightFileError(f"{e}; a conditioning cache file: rerun, and the cache computes it again") from None
         return {"prompt_emb": tensors["prompt_emb"], "latents": tensors["latents"],
                 "edit_latents": tensors.get("edit_latents"), "empty_prompt_emb": tensors.get("empty_prompt_emb"),
                 "shapes": json.loads(read_metadata(path)["shapes"])}

@@ -5,6 +5,7 @@ A metadata file (.csv, .json list of objects, or .jsonl) has the columns `image`
 `validate_metadata` reads every row before any model loads and reports every problem at once; the sizes it
 reads from the image headers drive the buckets, so a batch never mixes image sizes.
 """
+import csv
 import hashlib
 import io
 import json
@@ -14,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 
@@ -33,6 +33,13 @@ SAMPLE_FORMAT_VERSION = 1
 
 class DatasetError(ValueError):
     """The metadata or the files it names cannot be trained on; the message lists every problem."""
+
+    def __init__(self, message):
+        # A DataLoader worker's error comes back as DatasetError("Caught ... Original Traceback ... DatasetError:
+        # <message>"): keep the message, the user has a row to fix, not code to debug.
+        if "Original Traceback" in message:
+            message = message.rpartition(f"{__name__}.DatasetError: ")[2].rstrip("\n")
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,62 @@ def _check_utf8(path):
                     f"`iconv -f latin1 -t utf-8`)") from None
 
 
+def _listed(problems) -> str:
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    return "\n".join(shown) + (f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else "")
+
+
+def _field_count_hint(fields, header):
+    """Why a CSV row has more or fewer fields than the header, as far as its cells tell."""
+    if len(fields) < len(header):
+        return "a value is missing"
+    if not any(f.strip() for f in fields[len(header):]):
+        return "a trailing comma"
+    images = [f for f in fields if os.path.splitext(f.strip())[1].lower() in Image.registered_extensions()]
+    if len(images) > len([c for c in header if c in SUPPORTED_FILE_KEYS]):
+        return "edit images separated by ',' instead of '|'?"
+    return "a comma in an unquoted value?"
+
+
+def _read_csv(path) -> list[tuple[str, dict]]:
+    """Rows of a CSV file with a header line, all values as text (a prompt "1" stays "1"). Every row with more
+    or fewer fields than the header is an error: pandas would silently shift such a row (an extra field makes
+    the first column its index), training on the wrong files."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = f.readlines()
+    reader, records, start = csv.reader(lines, strict=True), [], 1
+    try:
+        for fields in reader:
+            if any(f.strip() for f in fields):  # blank lines and Excel's empty ",," rows hold no sample
+                records.append((start, reader.line_num, fields))
+            start = reader.line_num + 1  # a quoted cell may span lines: a record starts after the previous one
+    except csv.Error as e:
+        raise DatasetError(f"{path}: line {reader.line_num} is not readable as CSV ({e}); a value in double quotes "
+                           'ends with a double quote, and a quote inside it is written twice ("")') from None
+    if not records:
+        raise DatasetError(f"{path}: the metadata is empty; expected a header line image,edit_image,prompt")
+    header_line, header = records[0][0], [c.strip() for c in records[0][2]]  # "image, edit_image": spaces don't count
+    if "" in header or len(set(header)) < len(header):
+        what = "a column without a name (a trailing comma?)" if "" in header else "a column name twice"
+        raise DatasetError(f"{path}: the header (line {header_line}) {','.join(header)!r} has {what}; "
+                           "expected e.g. image,edit_image,prompt")
+    rows, bad = [], []
+    for i, (line_no, end, fields) in enumerate(records[1:], 1):
+        where = f"row {i} (line {line_no})"
+        if len(fields) == len(header):
+            rows.append((where, dict(zip(header, fields))))
+        else:
+            text = "".join(lines[line_no - 1:end]).strip()
+            bad.append(f"  {where}: {len(fields)} fields, the header has {len(header)} "
+                       f"({_field_count_hint(fields, header)}): {text[:200]}")
+    if bad:
+        raise DatasetError(
+            f"{path}: {len(bad)} row(s) do not have one field per header column ({','.join(header)}):\n"
+            + _listed(bad) + "\nSeveral edit images go in one cell separated by '|' (edits/a.png|edits/b.png); a value holding a "
+            'comma must be in double quotes ("make it red, then blue"); a row has no comma after its last value.')
+    return rows
+
+
 def read_metadata(path) -> list[tuple[str, dict]]:
     """Rows of a metadata file as (where, row dict); a file that cannot be parsed raises DatasetError."""
     path = os.fspath(path)
@@ -82,13 +145,7 @@ def read_metadata(path) -> list[tuple[str, dict]]:
     ext = os.path.splitext(path)[1].lower()
     _check_utf8(path)
     if ext == ".csv":
-        try:  # all as text: a prompt "1" or an empty cell must not turn into a number or NaN
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise DatasetError(f"{path}: not a readable CSV file ({e}); expected a header line image,edit_image,prompt")
-        # "image, edit_image, prompt": the header names count without the spaces around them
-        frame.columns = [str(c).strip() for c in frame.columns]
-        rows = [(f"row {i + 1} (line {i + 2})", row) for i, row in enumerate(frame.to_dict("records"))]
+        rows = _read_csv(path)
     elif ext == ".json":
         try:
             with open(path, encoding="utf-8-sig") as f:
@@ -148,12 +205,14 @@ def _inspect_file(path):
             img.verify()  # checks structure and checksums without decoding pixels; must come first
         with Image.open(io.BytesIO(data)) as img:
             size = displayed_size(img)
-            if img.format == "JPEG":  # verify() barely checks JPEGs; a 1/8-scale decode catches truncation cheaply
+            # verify() checks a PNG's every chunk checksum, but barely looks at other formats: a cut or damaged
+            # GIF, TIFF, BMP, WebP or JPEG passes it and fails only when training decodes it. Decode those now (a
+            # JPEG at 1/8 scale, cheap; draft() does nothing for formats without reduced decoding).
+            if img.format != "PNG" or img.mode in ("I", "F"):  # I/F: the pixel range decides whether they convert
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
-            elif img.mode in ("I", "F"):  # rare; their pixel range decides whether they convert: decode now
-                img.load()
-                to_rgb(img)
+                if img.mode in ("I", "F"):
+                    to_rgb(img)
     except ImageError as e:
         return str(e)
     except Exception as e:  # PIL raises many types for damaged files
@@ -272,11 +331,8 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
                               mask))
 
     if problems:
-        listed = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(listed)
         raise DatasetError(
-            f"{metadata_path}: {len(problems)} problem(s) in the training data:\n" + "\n".join(listed)
-            + (f"\n  ... and {more} more" if more else "")
+            f"{metadata_path}: {len(problems)} problem(s) in the training data:\n" + _listed(problems)
             + f"\nFix the listed rows or files (file paths are relative to --dataset_base_path "
             f"{os.path.abspath(base_path)!r}), or remove those rows, then rerun."
         )
@@ -314,12 +370,15 @@ class EditDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         s = self.sample(index)
-        image = resize_and_center_crop(open_image(s.image), *s.target_size)
-        edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
-        mask = None
-        if s.mask is not None:  # white = 1 (train), black = 0, grey in between
-            mask = resize_and_center_crop(open_image(s.mask).convert("L"), *s.target_size)
-            mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        try:  # a file that broke after validation (or that only a full decode shows): name the row, as validation does
+            image = resize_and_center_crop(open_image(s.image), *s.target_size)
+            edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
+            mask = None
+            if s.mask is not None:  # white = 1 (train), black = 0, grey in between
+                mask = resize_and_center_crop(open_image(s.mask).convert("L"), *s.target_size)
+                mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        except ImageError as e:
+            raise DatasetError(f"  {s.where}: {e} (or remove the row)") from None
         return {
             "image": pil_to_tensor(image),
             "mask": mask,
