@@ -107,6 +107,10 @@ def test_trainer_refuses_a_cache_path_that_is_a_file_before_models_load(tiny_mod
                       "--cache_conditioning", str(tmp_path / "file"))) == 2
     err = capsys.readouterr().err
     assert "error: --cache_conditioning" in err and "is a file; give a folder" in err and "Traceback" not in err
+    # the dry run checks it too
+    assert main(flags(tiny_models, data, str(tmp_path / "out"), "--dry_run",
+                      "--cache_conditioning", str(tmp_path / "file"))) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
 
 
 def test_training_recomputes_the_cache_after_the_vae_is_overwritten(models, data, tmp_path):

@@ -55,6 +55,10 @@ def preflight(args, dataset=True):
     """Raise the first user-fixable problem (a ValueError naming the flag and file): output path, LoRA files,
     validation images and, with `dataset`, every row and file of the training data."""
     check_output_path(args.output_path)
+    if args.cache_conditioning is not None:
+        from .conditioning import check_cache_path
+
+        check_cache_path(args.cache_conditioning or os.path.join(args.output_path, "cache"))
     check_block_counts(args)
     for flag in ("lora_checkpoint", "lora_fused"):
         path = getattr(args, flag)
