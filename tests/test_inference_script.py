@@ -134,3 +134,39 @@ def test_bad_flags(tmp_path, images, capsys):
     assert e.value.code == 2 and "--edit_image is required" in capsys.readouterr().err
     assert script.main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.xyz")]) == 2
     assert "unknown image extension '.xyz'" in capsys.readouterr().err
+
+
+def save_loha(tiny_models, path, alpha=4.0):
+    """A LoHa as the trainer's --lora_type loha writes it (native keys, rank/alpha/lora_type metadata)."""
+    import torch
+
+    from diffsynth.lora import inject_lora, lora_state_dict
+    from diffsynth.lora.adapters import save_adapter
+
+    dit = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=True)
+    inject_lora(dit, "to_qkv", 2, alpha, lora_type="loha")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for p in dit.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_adapter(lora_state_dict(dit), path, "loha", 2, alpha, "to_qkv", "merged_qkv")
+    return path
+
+
+@pytest.mark.slow
+def test_loha_from_the_trainer_loads(tiny_models, images, tmp_path):
+    loha = save_loha(tiny_models, str(tmp_path / "loha.safetensors"))
+    out = tmp_path / "o.png"
+    result = run("--edit_image", images["edit"], "--prompt", "x", "--output", str(out), "--lora_path", loha,
+                 "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert f"fused {loha} into 2 layers" in result.stdout and out.exists()
+
+
+def test_zero_alpha_lora_warns(tiny_models, images, tmp_path, capsys):
+    script = load_script()
+    loha = save_loha(tiny_models, str(tmp_path / "zero.safetensors"), alpha=0.0)
+    args = script.parse_args(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                              "--lora_path", loha])
+    script.open_inputs(args)
+    assert f"warning: {loha}: every delta is zero" in capsys.readouterr().err

@@ -60,6 +60,21 @@ def adapter_type(lora) -> str:
     return "lora"
 
 
+def check_any(lora) -> bool:
+    """Read a LoRA, LoHa, LoKr or DoRA as fuse_lora will, so that its LoraError comes before any model loads.
+    -> True when fusing it changes nothing: every delta is zero (alpha 0, or an untrained LoRA's B = 0)."""
+    from diffsynth.lora.reader import lora_diffs, lora_modules, read_lora
+
+    if adapter_type(lora) == "lora":
+        sd = read_lora(lora)
+        pairs = lora_modules(sd).values()
+        diffs = [t for entry in lora_diffs(sd).values() for t in entry.values()]
+        return not any(A.float().any() and B.float().any() for A, B in pairs) and not any(t.float().any()
+                                                                                       for t in diffs)
+    modules, _ = read_adapters(lora)
+    return all(a.scale == 0 and a.kind != "dora" for a in modules.values())  # DoRA renormalises even at scale 0
+
+
 class Adapter:
     """One module's adapter: `kind`, its tensors by role, the scale, and the DoRA rule ("peft": magnitude of
     W + sBA; "comfy_out" / "comfy_in": ComfyUI's dora_scale by output rows / input columns)."""

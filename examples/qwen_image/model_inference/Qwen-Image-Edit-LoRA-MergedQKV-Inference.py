@@ -146,10 +146,12 @@ def open_inputs(args):
     check_output(args.output)
     edit_images = [open_image(p) for p in args.edit_image]
     input_image = open_image(args.input_image) if args.input_image else None
-    from diffsynth.lora import read_lora
+    from diffsynth.lora.adapters import check_any
 
-    for path in args.lora_path:
-        read_lora(path)  # exists, is a Qwen-Image LoRA, holds no NaN/inf; fused after the models load
+    for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf
+        if check_any(path):  # a warning: fusing it is harmless, but the user likely meant another file
+            print(f"warning: {path}: every delta is zero (alpha 0, or an untrained LoRA): fusing it changes "
+                  "nothing", file=sys.stderr)
     return edit_images, input_image
 
 
