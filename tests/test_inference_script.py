@@ -170,3 +170,36 @@ def test_zero_alpha_lora_warns(tiny_models, images, tmp_path, capsys):
                               "--lora_path", loha])
     script.open_inputs(args)
     assert f"warning: {loha}: every delta is zero" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--denoising_strength", "0.5"], "--denoising_strength 0.5 needs --input_image"),
+    (["--lora_scale", "0.5"], "--lora_scale without --lora_path"),
+    (["--cfg_scale", "0.5"], "--cfg_scale must be >= 1 (got 0.5); 1 turns CFG off"),
+])
+def test_flags_that_would_be_ignored_are_refused(images, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        load_script().main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                            *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_inputs_refused_before_models_load(images, tmp_path, capsys):
+    script = load_script()
+    narrow = str(tmp_path / "narrow.png")
+    Image.new("RGB", (1, 3000)).save(narrow)
+    base = ["--prompt", "x", "--models_dir", str(tmp_path / "no-models")]
+    cases = [
+        (["--edit_image", images["edit"], "--output", str(tmp_path / "o.psd")], "Pillow cannot write PSD (.psd)"),
+        (["--edit_image", images["edit"], "--output", images["edit"]], "is also an input image"),
+        (["--edit_image", images["edit"], "--input_image", images["input"], "--output", images["input"]],
+         "is also an input image"),
+        (["--edit_image", narrow, "--output", str(tmp_path / "o.png")],
+         f"--edit_image {narrow}: its 1x3000 px aspect ratio is too extreme"),
+        (["--edit_image", images["edit"], "--output", str(tmp_path / "o.png"), "--edit_image_area", "100000000"],
+         "--edit_image_area must be <= 16777216"),
+    ]
+    for flags, message in cases:
+        assert script.main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err  # one line, before any model (none exist) is looked up
