@@ -90,10 +90,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.blocks_to_swap < 0:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
-    if args.lora_scale and not args.lora_path:
-        parser.error("--lora_scale without --lora_path: there is no LoRA to scale; add --lora_path FILE")
+    scale_without_lora = args.lora_scale is not None and not args.lora_path
     scales = args.lora_scale or [1.0]
-    if len(scales) not in (1, len(args.lora_path)):
+    if args.lora_path and len(scales) not in (1, len(args.lora_path)):
         parser.error(f"{len(scales)} --lora_scale values for {len(args.lora_path)} --lora_path: give one per LoRA, "
                      "or one for all")
     args.lora_scale = scales * len(args.lora_path) if len(scales) == 1 else scales
@@ -115,6 +114,8 @@ def parse_args(argv=None):
     elif args.denoising_strength < 1 and args.input_image is None:
         problems.append(f"--denoising_strength {args.denoising_strength} needs --input_image (the image it starts "
                         "from); without one generation starts from pure noise")
+    if scale_without_lora:
+        problems.append("--lora_scale without --lora_path: there is no LoRA to scale; add --lora_path FILE")
     if math.isfinite(args.cfg_scale) and args.cfg_scale < 1:
         problems.append(f"--cfg_scale must be >= 1 (got {args.cfg_scale}); 1 turns CFG off")
     for name, low in (("num_steps", 1), ("edit_image_area", 32 * 32), ("height", 16), ("width", 16)):
