@@ -75,3 +75,44 @@ def test_cli_errors_leave_no_output(tmp_path):
                 "--direction", "sideways")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_lora_output_refusals(tmp_path):
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 64),
+            "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 4)}
+    path = tmp_path / "lora.safetensors"
+    save_file(lora, path)
+    folder = tmp_path / "out.safetensors"
+    folder.mkdir()
+    cases = [
+        (["--output", folder], f"--output {folder} is a folder; name a .safetensors file"),
+        (["--output", tmp_path / "lora.pt"], "name a .safetensors file"),
+        (["--output", tmp_path / "o.safetensors", "--max_shard_size", "1MB"], "--max_shard_size applies to full DiT"),
+    ]
+    for flags, message in cases:
+        r = convert("--input", path, "--direction", "to_merged", *flags)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "out.safetensors"]
+    assert list(folder.iterdir()) == []
+
+
+def test_full_checkpoint_output_folder_named_safetensors(tmp_path):
+    save_file(random_diffusers_dit().state_dict(), tmp_path / "dit.safetensors")
+    (tmp_path / "o.safetensors").mkdir()
+    r = convert("--input", tmp_path / "dit.safetensors", "--output", tmp_path / "o.safetensors", "--direction",
+                "to_merged")
+    assert r.returncode == 2 and "is a folder; name a .safetensors file" in r.stderr and "Errno" not in r.stderr
+
+
+def test_adapter_conversion_never_overwrites_its_input(tmp_path):
+    from diffsynth.lora.adapters import save_adapter
+
+    g = torch.Generator().manual_seed(0)
+    sd = {f"transformer_blocks.0.attn.to_qkv.hada_{w}": torch.randn(*shape, generator=g)
+          for w, shape in (("w1_a", (192, 2)), ("w1_b", (2, 64)), ("w2_a", (192, 2)), ("w2_b", (2, 64)))}
+    path = tmp_path / "loha.safetensors"
+    save_adapter(sd, str(path), "loha", 2, 2.0, "to_qkv", "merged_qkv")
+    before = path.read_bytes()
+    r = convert("--input", path, "--output", path, "--direction", "to_standard")
+    assert r.returncode == 2 and "is one of the input files" in r.stderr
+    assert path.read_bytes() == before

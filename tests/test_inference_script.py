@@ -134,3 +134,72 @@ def test_bad_flags(tmp_path, images, capsys):
     assert e.value.code == 2 and "--edit_image is required" in capsys.readouterr().err
     assert script.main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.xyz")]) == 2
     assert "unknown image extension '.xyz'" in capsys.readouterr().err
+
+
+def save_loha(tiny_models, path, alpha=4.0):
+    """A LoHa as the trainer's --lora_type loha writes it (native keys, rank/alpha/lora_type metadata)."""
+    import torch
+
+    from diffsynth.lora import inject_lora, lora_state_dict
+    from diffsynth.lora.adapters import save_adapter
+
+    dit = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=True)
+    inject_lora(dit, "to_qkv", 2, alpha, lora_type="loha")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for p in dit.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_adapter(lora_state_dict(dit), path, "loha", 2, alpha, "to_qkv", "merged_qkv")
+    return path
+
+
+@pytest.mark.slow
+def test_loha_from_the_trainer_loads(tiny_models, images, tmp_path):
+    loha = save_loha(tiny_models, str(tmp_path / "loha.safetensors"))
+    out = tmp_path / "o.png"
+    result = run("--edit_image", images["edit"], "--prompt", "x", "--output", str(out), "--lora_path", loha,
+                 "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert f"fused {loha} into 2 layers" in result.stdout and out.exists()
+
+
+def test_zero_alpha_lora_warns(tiny_models, images, tmp_path, capsys):
+    script = load_script()
+    loha = save_loha(tiny_models, str(tmp_path / "zero.safetensors"), alpha=0.0)
+    args = script.parse_args(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                              "--lora_path", loha])
+    script.open_inputs(args)
+    assert f"warning: {loha}: every delta is zero" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--denoising_strength", "0.5"], "--denoising_strength 0.5 needs --input_image"),
+    (["--lora_scale", "0.5"], "--lora_scale without --lora_path"),
+    (["--cfg_scale", "0.5"], "--cfg_scale must be >= 1 (got 0.5); 1 turns CFG off"),
+])
+def test_flags_that_would_be_ignored_are_refused(images, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        load_script().main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                            *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_inputs_refused_before_models_load(images, tmp_path, capsys):
+    script = load_script()
+    narrow = str(tmp_path / "narrow.png")
+    Image.new("RGB", (1, 3000)).save(narrow)
+    base = ["--prompt", "x", "--models_dir", str(tmp_path / "no-models")]
+    cases = [
+        (["--edit_image", images["edit"], "--output", str(tmp_path / "o.psd")], "Pillow cannot write PSD (.psd)"),
+        (["--edit_image", images["edit"], "--output", images["edit"]], "is also an input image"),
+        (["--edit_image", images["edit"], "--input_image", images["input"], "--output", images["input"]],
+         "is also an input image"),
+        (["--edit_image", narrow, "--output", str(tmp_path / "o.png")],
+         f"--edit_image {narrow}: its 1x3000 px aspect ratio is too extreme"),
+        (["--edit_image", images["edit"], "--output", str(tmp_path / "o.png"), "--edit_image_area", "100000000"],
+         "--edit_image_area must be <= 16777216"),
+    ]
+    for flags, message in cases:
+        assert script.main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err  # one line, before any model (none exist) is looked up

@@ -22,7 +22,10 @@ import os
 
 import torch
 
-from diffsynth.lora.reader import MERGED_PARTS, PART_OF, LoraError, _module_name, lora_metadata, short_name
+from diffsynth.lora.reader import (
+    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, check_file, lora_metadata, metadata_scale,
+    nonfinite_keys, short_name,
+)
 from diffsynth.utils.io import load_safetensors, read_keys_and_shapes, read_metadata, save_safetensors
 
 LORA_TYPES = ("lora", "loha", "lokr", "dora")
@@ -55,6 +58,21 @@ def adapter_type(lora) -> str:
     if any(k.endswith((".lora_magnitude_vector", ".dora_scale")) for k in keys):
         return "dora"
     return "lora"
+
+
+def check_any(lora) -> bool:
+    """Read a LoRA, LoHa, LoKr or DoRA as fuse_lora will, so that its LoraError comes before any model loads.
+    -> True when fusing it changes nothing: every delta is zero (alpha 0, or an untrained LoRA's B = 0)."""
+    from diffsynth.lora.reader import lora_diffs, lora_modules, read_lora
+
+    if adapter_type(lora) == "lora":
+        sd = read_lora(lora)
+        pairs = lora_modules(sd).values()
+        diffs = [t for entry in lora_diffs(sd).values() for t in entry.values()]
+        return not any(A.float().any() and B.float().any() for A, B in pairs) and not any(t.float().any()
+                                                                                       for t in diffs)
+    modules, _ = read_adapters(lora)
+    return all(a.scale == 0 and a.kind != "dora" for a in modules.values())  # DoRA renormalises even at scale 0
 
 
 class Adapter:
@@ -128,8 +146,7 @@ def read_adapters(lora, source=None) -> tuple[dict[str, Adapter], dict]:
         sd, metadata, source = lora, {}, source or "adapter state dict"
     else:
         source = source or os.fspath(lora)
-        if not os.path.isfile(lora):
-            raise LoraError(f"{source}: file not found")
+        check_file(lora, source)
         sd, metadata = load_safetensors(lora), read_metadata(lora)
     kind = adapter_type(sd)
     entries, unknown = {}, []
@@ -139,15 +156,22 @@ def read_adapters(lora, source=None) -> tuple[dict[str, Adapter], dict]:
         if name is None:
             unknown.append(key)
             continue
+        if suffix == ".alpha":
+            alpha_value(value, key, source)
         entries.setdefault(name, {})[_ROLES[suffix]] = value
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_keys(sd)
     if bad:
         raise LoraError(f"{source}: {len(bad)} tensors hold NaN or inf values ({', '.join(bad[:4])}); the file is "
                         "damaged or comes from a diverged run")
+    empty = [k for k, v in sd.items() if v.numel() == 0]
+    if empty:
+        raise LoraError(f"{source}: {empty[0]} has shape {tuple(sd[empty[0]].shape)}: rank 0, it holds no weights; "
+                        "the file is empty or damaged, re-save it from a trained adapter")
     if unknown:
         raise LoraError(f"{source}: {len(unknown)} keys name no linear layer of the Qwen-Image DiT or no {kind} "
                         f"weight: {', '.join(unknown[:8])}")
     native = metadata.get("lora_type") == kind and "alpha" in metadata and "rank" in metadata
+    native_scale = metadata_scale(metadata, source) if native else None
     modules = {}
     for name, t in entries.items():
         if "lokr_t2" in t:
@@ -168,7 +192,7 @@ def read_adapters(lora, source=None) -> tuple[dict[str, Adapter], dict]:
         if missing:
             raise LoraError(f"{source}: {name} has no {', '.join(missing)} weight; the file is incomplete")
         if native:  # this project's files: peft's alpha / rank, as trained
-            scale = float(metadata["alpha"]) / float(metadata["rank"])
+            scale = native_scale
         dora = None
         if kind == "dora":
             dora = "peft" if "magnitude" in t else ("comfy_in" if t["dora_scale"].shape[0] == 1

@@ -198,6 +198,12 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     """
     if direction not in ("to_standard", "to_merged"):
         raise ValueError(f"direction must be to_standard or to_merged, got {direction!r}")
+    input, output = os.fspath(input), os.fspath(output)
+    if os.path.isdir(output):
+        raise LoraError(f"--output {output} is a folder; name a .safetensors file")
+    if not output.endswith(".safetensors"):  # inference reads LoRAs from .safetensors names only
+        raise LoraError(f"--output {output}: a LoRA is written as safetensors; name a .safetensors file")
+    check_not_input(output, [input])  # before the LoHa / LoKr / DoRA dispatch: it applies to them too
     from diffsynth.lora.adapters import adapter_type, convert_adapter_file
 
     if adapter_type(input) != "lora":  # LoHa, LoKr, DoRA; `base_weights` (module -> weight) for DoRA to ComfyUI
@@ -207,8 +213,6 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     fmt = format or (DEFAULT_FORMAT if direction == "to_standard" else "native")
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    input = os.fspath(input)
-    check_not_input(output, [input])
     if not is_lora_file(input):
         raise LoraError(f"{input}: not a LoRA file (no lora_A/lora_B/lora_down/lora_up/diff weights); "
                         "full DiT checkpoints are converted without the LoRA path")

@@ -12,6 +12,7 @@ The normalised form is a plain state dict with native keys `<module>.lora_A.weig
 `<module>.diff` (delta of the weight, its shape) and `<module>.diff_b` (delta of the bias), applied at scale 1.
 """
 import json
+import math
 import os
 import re
 
@@ -58,6 +59,7 @@ _SUFFIXES = (
 )
 DIFF_ROLES = ("diff", "diff_b")
 _PREFIXES = ("transformer.", "diffusion_model.")
+_PEFT_PREFIX = "base_model.model."  # peft's save_pretrained wraps every key in it
 
 
 class LoraError(ValueError):
@@ -82,6 +84,7 @@ def _module_name(stem: str) -> str | None:
             rest = _KOHYA_BLOCK.get(m.group(2))
             return f"transformer_blocks.{m.group(1)}.{rest}" if rest else None
         return _KOHYA_TOP.get(flat)
+    stem = stem.removeprefix(_PEFT_PREFIX)
     for prefix in _PREFIXES:
         if stem.startswith(prefix):
             stem = stem[len(prefix):]
@@ -107,6 +110,8 @@ def _parse(sd: dict, source: str) -> dict:
     for key, value in sd.items():
         for suffix, role in _SUFFIXES:
             if key.endswith(suffix):
+                if role == "alpha":
+                    alpha_value(value, key, source)
                 name = _module_name(key[: -len(suffix)])
                 if name is None:
                     foreign.append(key)
@@ -140,6 +145,9 @@ def _parse(sd: dict, source: str) -> dict:
             if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
                 raise LoraError(f"{source}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                                 "are not a rank-r pair (r x in, out x r) of linear LoRA weights")
+            if A.shape[0] == 0:
+                raise LoraError(f"{source}: module {name} has rank 0 (lora_A {tuple(A.shape)}): it holds no "
+                                "weights; the file is empty or damaged, re-save it from a trained LoRA")
         elif "alpha" in entry:
             raise LoraError(f"{source}: module {name} has an alpha but no lora_A/lora_B weights")
         want_ndim = {"diff": 1 if is_norm(name) else 2, "diff_b": 1}
@@ -174,21 +182,57 @@ def _check_shapes(modules: dict, source: str, diffs: dict | None = None):
                                 f"does not fit {fit}. Is this a LoRA for another model?")
 
 
+def alpha_value(value: torch.Tensor, key: str, source: str) -> float:
+    """A `.alpha` tensor -> its number, or a LoraError naming the file and key (it must be one finite number)."""
+    if value.numel() != 1 or not torch.isfinite(value.float()).all():
+        shown = value.flatten()[:4].float().tolist()
+        raise LoraError(f"{source}: {key} must be one finite number (the LoRA's alpha), got {value.numel()} "
+                        f"value(s) {shown}; the file is damaged or not a LoRA")
+    return value.item()
+
+
+def metadata_scale(metadata: dict, source: str) -> float:
+    """alpha / rank from a native file's metadata, or a LoraError naming the file and the field."""
+    values = {}
+    for field in ("alpha", "rank"):
+        try:
+            values[field] = float(metadata[field])
+        except ValueError:
+            values[field] = math.nan
+        if not math.isfinite(values[field]) or (field == "rank" and values[field] <= 0):
+            raise LoraError(f"{source}: metadata field {field!r} is {metadata[field]!r}; it must be a finite number"
+                            f"{' > 0' if field == 'rank' else ''}: the file's metadata is damaged, re-save it "
+                            "(or drop the metadata to read the tensors alone)")
+    return values["alpha"] / values["rank"]
+
+
+def nonfinite_keys(sd: dict) -> list[str]:
+    """Keys of floating tensors holding NaN or inf (fp8 upcast first: torch has no isfinite for it)."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()]
+
+
+def check_file(path, source: str):
+    """A LoRA path must be an existing .safetensors file (not a folder)."""
+    if not os.fspath(path).endswith(".safetensors"):
+        raise LoraError(f"{source}: LoRAs are read from .safetensors files only")
+    if os.path.isdir(path):
+        raise LoraError(f"{source}: is a folder; give the .safetensors file inside it")
+    if not os.path.isfile(path):
+        raise LoraError(f"{source}: file not found")
+
+
 def _read_raw(lora, source=None):
     """Path or state dict -> ({module: (A, B)} unscaled, {module: scale}, {module: {diff/diff_b: t}}, metadata)."""
     if isinstance(lora, (str, os.PathLike)):
         source = source or os.fspath(lora)
-        if not os.fspath(lora).endswith(".safetensors"):
-            raise LoraError(f"{source}: LoRAs are read from .safetensors files only")
-        if not os.path.isfile(lora):
-            raise LoraError(f"{source}: file not found")
+        check_file(lora, source)
         sd, metadata = load_safetensors(lora), read_metadata(lora)
     elif isinstance(lora, dict):
         source, sd, metadata = source or "LoRA state dict", lora, {}
     else:
         raise TypeError(f"expected a LoRA path or state dict, got {type(lora).__name__}")
     entries = _parse(sd, source)
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_keys(sd)
     if bad:
         raise LoraError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({_summary(bad, 4)}); the LoRA is "
                         "damaged or was saved from a diverged run, and would turn every output into NaN. Use an "
@@ -196,7 +240,7 @@ def _read_raw(lora, source=None):
     # Our own files keep alpha and rank in the metadata; they apply to modules without an `.alpha` key.
     default_scale = 1.0
     if metadata.get("format_version") and "alpha" in metadata and "rank" in metadata:
-        default_scale = float(metadata["alpha"]) / float(metadata["rank"])
+        default_scale = metadata_scale(metadata, source)
     modules, scales, diffs = {}, {}, {}
     for name, entry in entries.items():
         if "A" in entry:
@@ -269,6 +313,8 @@ def detect_format(keys) -> str:
         return "comfyui"
     if any(k.startswith("transformer.") for k in keys):
         return "diffusers"
+    if any(k.startswith(_PEFT_PREFIX) for k in keys):
+        return "peft"
     if any(".default." in k for k in keys):
         return "diffsynth"
     return "native"

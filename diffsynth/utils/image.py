@@ -15,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # VAE 8x downsampling times the DiT's 2x2 patch: a side must be a multiple of 16 to become whole tokens.
 SIZE_MULTIPLE = 16
 VAE_EDIT_AREA = 1024 * 1024  # area of an edit image fed to the VAE (diffusers VAE_IMAGE_SIZE)
+# the largest edit area accepted: 16x the 1 MP the models were trained at (1e8 px exhausted 128 GB of host memory)
+MAX_EDIT_AREA = 4096 * 4096
 VL_EDIT_AREA = 384 * 384  # area of an edit image fed to the VL text encoder in Edit-Plus (CONDITION_IMAGE_SIZE)
 _EXIF_ORIENTATION = 0x0112
 
@@ -25,6 +27,14 @@ def edit_image_size(width, height, target_area=VAE_EDIT_AREA, multiple=32) -> tu
     w = math.sqrt(target_area * ratio)
     h = w / ratio
     return round(w / multiple) * multiple, round(h / multiple) * multiple
+
+
+def check_edit_size(what, size, target_area):
+    """Refuse an image whose aspect ratio is too extreme for `target_area`: one side would round to 0 px."""
+    if 0 in edit_image_size(*size, target_area=target_area):
+        raise ImageError(f"{what}: its {size[0]}x{size[1]} px aspect ratio is too extreme: resized to a "
+                         f"{target_area} px area one side rounds to 0; crop it closer to square (within about "
+                         f"1:{target_area // 256})")
 
 
 def target_size(image_size, max_pixels=1024 * 1024, height=None, width=None, multiple=SIZE_MULTIPLE):

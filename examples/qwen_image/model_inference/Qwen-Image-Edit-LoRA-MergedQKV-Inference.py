@@ -90,8 +90,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.blocks_to_swap < 0:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
+    scale_without_lora = args.lora_scale is not None and not args.lora_path
     scales = args.lora_scale or [1.0]
-    if len(scales) not in (1, len(args.lora_path)):
+    if args.lora_path and len(scales) not in (1, len(args.lora_path)):
         parser.error(f"{len(scales)} --lora_scale values for {len(args.lora_path)} --lora_path: give one per LoRA, "
                      "or one for all")
     args.lora_scale = scales * len(args.lora_path) if len(scales) == 1 else scales
@@ -110,6 +111,13 @@ def parse_args(argv=None):
                 if not math.isfinite(value)]
     if math.isfinite(args.denoising_strength) and not 0 < args.denoising_strength <= 1:
         problems.append(f"--denoising_strength must be in (0, 1] (got {args.denoising_strength})")
+    elif args.denoising_strength < 1 and args.input_image is None:
+        problems.append(f"--denoising_strength {args.denoising_strength} needs --input_image (the image it starts "
+                        "from); without one generation starts from pure noise")
+    if scale_without_lora:
+        problems.append("--lora_scale without --lora_path: there is no LoRA to scale; add --lora_path FILE")
+    if math.isfinite(args.cfg_scale) and args.cfg_scale < 1:
+        problems.append(f"--cfg_scale must be >= 1 (got {args.cfg_scale}); 1 turns CFG off")
     for name, low in (("num_steps", 1), ("edit_image_area", 32 * 32), ("height", 16), ("width", 16)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             problems.append(f"--{name} must be >= {low} (got {getattr(args, name)})")
@@ -124,12 +132,17 @@ def parse_args(argv=None):
     return args
 
 
-def check_output(path):
+def check_output(path, inputs=()):
     if os.path.isdir(path):
         raise ValueError(f"--output {path} is a folder; name an image file, e.g. {os.path.join(path, 'output.png')}")
     ext = os.path.splitext(path)[1].lower()
-    if ext not in Image.registered_extensions():
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
         raise ValueError(f"--output {path}: unknown image extension {ext!r}; use .png or .jpg")
+    if fmt not in Image.SAVE:  # e.g. .psd: Pillow reads it but has no writer
+        raise ValueError(f"--output {path}: Pillow cannot write {fmt} ({ext}) files; use .png or .jpg")
+    if os.path.realpath(path) in {os.path.realpath(p) for p in inputs}:
+        raise ValueError(f"--output {path} is also an input image; write the edit to a new path")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -141,15 +154,25 @@ def check_output(path):
 def open_inputs(args):
     """Check every input and decode the images before the heavy imports and model loading: a wrong path, a bad
     image or a damaged LoRA fails in seconds, not after minutes of loading."""
-    from diffsynth.utils.image import open_image
+    from diffsynth.utils.image import MAX_EDIT_AREA, VL_EDIT_AREA, check_edit_size, open_image
 
-    check_output(args.output)
+    if args.edit_image_area > MAX_EDIT_AREA:  # checked here: the image module imports torch, parse_args does not
+        raise ValueError(f"--edit_image_area must be <= {MAX_EDIT_AREA} (4096x4096; the models were trained at "
+                         f"1024x1024 = 1048576), got {args.edit_image_area}")
+    check_output(args.output, [*args.edit_image, *([args.input_image] if args.input_image else [])])
     edit_images = [open_image(p) for p in args.edit_image]
     input_image = open_image(args.input_image) if args.input_image else None
-    from diffsynth.lora import read_lora
+    # the VAE sees each edit image at --edit_image_area, the VL model (Edit-Plus) at VL_EDIT_AREA
+    for path, img in zip(args.edit_image, edit_images):
+        check_edit_size(f"--edit_image {path}", img.size, min(args.edit_image_area, VL_EDIT_AREA))
+    if input_image is not None and (args.height is None or args.width is None):  # it sets the output size
+        check_edit_size(f"--input_image {args.input_image}", input_image.size, args.edit_image_area)
+    from diffsynth.lora.adapters import check_any
 
-    for path in args.lora_path:
-        read_lora(path)  # exists, is a Qwen-Image LoRA, holds no NaN/inf; fused after the models load
+    for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf
+        if check_any(path):  # a warning: fusing it is harmless, but the user likely meant another file
+            print(f"warning: {path}: every delta is zero (alpha 0, or an untrained LoRA): fusing it changes "
+                  "nothing", file=sys.stderr)
     return edit_images, input_image
 
 

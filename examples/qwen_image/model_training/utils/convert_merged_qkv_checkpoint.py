@@ -9,6 +9,7 @@ overwrites an input (file, shard, index json or the input's folder); it is writt
 renamed only when complete, with a progress bar over the bytes written.
 """
 import argparse
+import os
 import sys
 
 from diffsynth.lora import convert_lora_file, is_lora_file
@@ -32,11 +33,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if is_lora_file(args.input):
+            if args.max_shard_size is not None:
+                parser.error("--max_shard_size applies to full DiT checkpoints only; a LoRA is written as one file")
             for line in convert_lora_file(args.input, args.output, args.direction, format=args.format, rank=args.rank):
                 print(line)
             return 0
         if args.format is not None or args.rank is not None:
             parser.error("--format and --rank apply to LoRA files only; the input is a full DiT checkpoint")
+        if args.output.endswith(".safetensors") and os.path.isdir(args.output):
+            parser.error(f"--output {args.output} is a folder; name a .safetensors file (or a folder without the "
+                         ".safetensors ending for shards)")
         for path in convert_dit_checkpoint(args.input, args.output, args.direction, args.max_shard_size):
             print(f"wrote {path}")
         return 0
