@@ -2,7 +2,7 @@
 import os
 import re
 
-from ..lora import LoraError, read_lora
+from ..lora import LoraError
 from ..utils.image import open_image
 from ..utils.vram_planner import QWEN_IMAGE_DIT
 from .output_dir import check_output_path
@@ -64,10 +64,9 @@ def preflight(args, dataset=True):
         path = getattr(args, flag)
         if path:
             try:
-                from ..lora.adapters import adapter_type, read_adapters
+                from ..lora.adapters import check_any
 
-                # exists, is a Qwen-Image LoRA (or LoHa / LoKr / DoRA), holds no NaN/inf
-                read_lora(path) if adapter_type(path) == "lora" else read_adapters(path)
+                check_any(path)  # exists, is a Qwen-Image LoRA (or LoHa / LoKr / DoRA), holds no NaN/inf
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
     for path in args.validation_edit_image or []:
