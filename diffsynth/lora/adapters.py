@@ -23,10 +23,10 @@ import os
 import torch
 
 from diffsynth.lora.reader import (
-    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, check_file, lora_metadata, metadata_scale,
+    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, load_file, lora_metadata, metadata_scale,
     nonfinite_keys, short_name,
 )
-from diffsynth.utils.io import load_safetensors, read_keys_and_shapes, read_metadata, save_safetensors
+from diffsynth.utils.io import load_safetensors, read_keys_and_shapes, save_safetensors
 
 LORA_TYPES = ("lora", "loha", "lokr", "dora")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -146,8 +146,7 @@ def read_adapters(lora, source=None) -> tuple[dict[str, Adapter], dict]:
         sd, metadata, source = lora, {}, source or "adapter state dict"
     else:
         source = source or os.fspath(lora)
-        check_file(lora, source)
-        sd, metadata = load_safetensors(lora), read_metadata(lora)
+        sd, metadata = load_file(lora, source)
     kind = adapter_type(sd)
     entries, unknown = {}, []
     for key, value in sd.items():
