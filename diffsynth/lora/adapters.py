@@ -62,7 +62,7 @@ def adapter_type(lora) -> str:
 
 def check_any(lora) -> bool:
     """Read a LoRA, LoHa, LoKr or DoRA as fuse_lora will, so that its LoraError comes before any model loads.
-    -> True when fusing it changes nothing: every delta is zero (alpha 0, or an untrained LoRA's B = 0)."""
+    -> True when fusing it changes nothing: every delta is zero (alpha 0; untrained: B = 0, a zero LoHa/LoKr factor)."""
     from diffsynth.lora.reader import lora_diffs, lora_modules, read_lora
 
     if adapter_type(lora) == "lora":
@@ -72,7 +72,9 @@ def check_any(lora) -> bool:
         return not any(A.float().any() and B.float().any() for A, B in pairs) and not any(t.float().any()
                                                                                        for t in diffs)
     modules, _ = read_adapters(lora)
-    return all(a.scale == 0 and a.kind != "dora" for a in modules.values())  # DoRA renormalises even at scale 0
+    # one all-zero factor zeroes a LoHa / LoKr delta (peft initialises them so); DoRA renormalises even at scale 0
+    return all(a.kind != "dora" and (a.scale == 0 or not all(t.float().any() for t in a.t.values()))
+               for a in modules.values())
 
 
 class Adapter:

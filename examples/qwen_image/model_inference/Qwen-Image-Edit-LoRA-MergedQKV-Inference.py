@@ -170,9 +170,9 @@ def open_inputs(args):
     from diffsynth.lora.adapters import check_any
 
     for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf
-        if check_any(path):  # a warning: fusing it is harmless, but the user likely meant another file
-            print(f"warning: {path}: every delta is zero (alpha 0, or an untrained LoRA): fusing it changes "
-                  "nothing", file=sys.stderr)
+        if check_any(path):  # the output would be the base model's while the run reports the LoRA fused
+            raise ValueError(f"--lora_path {path}: every delta is zero (alpha 0, or an untrained LoRA whose up "
+                             "weights are 0): fusing it would change nothing; pass a trained LoRA")
     return edit_images, input_image
 
 
