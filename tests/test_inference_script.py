@@ -78,6 +78,7 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
     model_paths = [f"{root}/Qwen-Image-Edit/transformer", f"{root}/Qwen-Image/text_encoder",
                    f"{root}/Qwen-Image/vae/diffusion_pytorch_model.safetensors"]
     out = tmp_path / "edited.jpg"
+    out.write_bytes(b"an earlier output")
     result = run("--edit_image", images["edit"], "--prompt", "add a dog", "--output", str(out), "--standard",
                  "--lora_path", merged_lora, "--model_paths", json.dumps(model_paths),
                  "--tokenizer_path", f"{root}/Qwen-Image/tokenizer",
@@ -87,6 +88,7 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
                  "--offload", "sequential", *FAST)
     assert result.returncode == 0, result.stderr
     assert "no effect" not in result.stderr
+    assert f"saved {out} (32x48; replaced the existing file)" in result.stdout
     # the peak is printed; without a GPU it says so and gives the process's RSS instead
     assert "peak memory: GPU not used (cpu); peak RSS of this process" in result.stdout
     with Image.open(out) as img:
@@ -220,6 +222,9 @@ def test_inputs_refused_before_models_load(images, tmp_path, capsys):
          f"--edit_image {narrow}: its 1x3000 px aspect ratio is too extreme"),
         (["--edit_image", images["edit"], "--output", str(tmp_path / "o.png"), "--edit_image_area", "100000000"],
          "--edit_image_area must be <= 16777216"),
+        # os.access says yes to root everywhere: the check creates a file, as the save would
+        (["--edit_image", images["edit"], "--output", "/proc/x.png"], "--output /proc/x.png: cannot create a file in "
+                                                                       "/proc"),
     ]
     for flags, message in cases:
         assert script.main([*base, *flags]) == 2
