@@ -32,6 +32,10 @@ def test_full_checkpoint_round_trip_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     back = load_file(standard)
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    shards = tmp_path / "shards"
+    for replaced in ("", f"replaced the existing {shards}/diffusion_pytorch_model-00001-of-"):
+        r = convert("--input", merged, "--output", shards, "--direction", "to_standard", "--max_shard_size", "60KB")
+        assert r.returncode == 0 and replaced in r.stdout and ("replaced" in r.stdout) == bool(replaced), r.stdout
 
 
 def test_lora_through_the_cli(tmp_path):
@@ -94,6 +98,29 @@ def test_lora_output_refusals(tmp_path):
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "out.safetensors"]
     assert list(folder.iterdir()) == []
+
+
+def test_replacing_an_output_is_reported(tmp_path):
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 64),
+            "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 4)}
+    save_file(lora, tmp_path / "lora.safetensors")
+    out = tmp_path / "merged.safetensors"
+    args = ("--input", tmp_path / "lora.safetensors", "--output", out, "--direction", "to_merged")
+    first = convert(*args)
+    assert first.returncode == 0 and "replaced" not in first.stdout
+    again = convert(*args)
+    assert again.returncode == 0 and f"replaced the existing {out}" in again.stdout
+
+
+def test_folder_holding_a_lora_names_the_file(tmp_path):
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 64),
+            "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 4)}
+    (tmp_path / "run").mkdir()
+    save_file(lora, tmp_path / "run" / "lora.safetensors")
+    r = convert("--input", tmp_path / "run", "--output", tmp_path / "o.safetensors", "--direction", "to_merged")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"--input {tmp_path / 'run'} is a folder holding the LoRA {tmp_path / 'run' / 'lora.safetensors'}; pass " \
+           "that file as --input" in r.stderr
 
 
 def test_full_checkpoint_output_folder_named_safetensors(tmp_path):

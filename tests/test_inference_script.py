@@ -78,6 +78,7 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
     model_paths = [f"{root}/Qwen-Image-Edit/transformer", f"{root}/Qwen-Image/text_encoder",
                    f"{root}/Qwen-Image/vae/diffusion_pytorch_model.safetensors"]
     out = tmp_path / "edited.jpg"
+    out.write_bytes(b"an earlier output")
     result = run("--edit_image", images["edit"], "--prompt", "add a dog", "--output", str(out), "--standard",
                  "--lora_path", merged_lora, "--model_paths", json.dumps(model_paths),
                  "--tokenizer_path", f"{root}/Qwen-Image/tokenizer",
@@ -87,6 +88,7 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
                  "--offload", "sequential", *FAST)
     assert result.returncode == 0, result.stderr
     assert "no effect" not in result.stderr
+    assert f"saved {out} (32x48; replaced the existing file)" in result.stdout
     # the peak is printed; without a GPU it says so and gives the process's RSS instead
     assert "peak memory: GPU not used (cpu); peak RSS of this process" in result.stdout
     with Image.open(out) as img:
@@ -136,26 +138,27 @@ def test_bad_flags(tmp_path, images, capsys):
     assert "unknown image extension '.xyz'" in capsys.readouterr().err
 
 
-def save_loha(tiny_models, path, alpha=4.0):
-    """A LoHa as the trainer's --lora_type loha writes it (native keys, rank/alpha/lora_type metadata)."""
+def save_trained(tiny_models, path, lora_type="loha", alpha=4.0, trained=True):
+    """A LoHa / LoKr / DoRA as the trainer's --lora_type writes it (native keys, rank/alpha/lora_type metadata):
+    random weights, or peft's initialisation (a zero delta) with trained=False."""
     import torch
 
     from diffsynth.lora import inject_lora, lora_state_dict
     from diffsynth.lora.adapters import save_adapter
 
     dit = load_qwen_image_dit(os.path.join(tiny_models, "tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=True)
-    inject_lora(dit, "to_qkv", 2, alpha, lora_type="loha")
+    inject_lora(dit, "to_qkv", 2, alpha, lora_type=lora_type)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in (p for p in dit.parameters() if p.requires_grad):
+        for p in (p for p in dit.parameters() if p.requires_grad and trained):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    save_adapter(lora_state_dict(dit), path, "loha", 2, alpha, "to_qkv", "merged_qkv")
+    save_adapter(lora_state_dict(dit), path, lora_type, 2, alpha, "to_qkv", "merged_qkv")
     return path
 
 
 @pytest.mark.slow
 def test_loha_from_the_trainer_loads(tiny_models, images, tmp_path):
-    loha = save_loha(tiny_models, str(tmp_path / "loha.safetensors"))
+    loha = save_trained(tiny_models, str(tmp_path / "loha.safetensors"))
     out = tmp_path / "o.png"
     result = run("--edit_image", images["edit"], "--prompt", "x", "--output", str(out), "--lora_path", loha,
                  "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models, *FAST)
@@ -163,13 +166,34 @@ def test_loha_from_the_trainer_loads(tiny_models, images, tmp_path):
     assert f"fused {loha} into 2 layers" in result.stdout and out.exists()
 
 
-def test_zero_alpha_lora_warns(tiny_models, images, tmp_path, capsys):
+@pytest.mark.parametrize("lora_type", ["loha", "lokr", "dora"])
+def test_trainer_adapters_pass_the_preflight(tiny_models, images, tmp_path, capsys, lora_type):
     script = load_script()
-    loha = save_loha(tiny_models, str(tmp_path / "zero.safetensors"), alpha=0.0)
+    path = save_trained(tiny_models, str(tmp_path / f"{lora_type}.safetensors"), lora_type)
     args = script.parse_args(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
-                              "--lora_path", loha])
-    script.open_inputs(args)
-    assert f"warning: {loha}: every delta is zero" in capsys.readouterr().err
+                              "--lora_path", path])
+    edit_images, _ = script.open_inputs(args)
+    assert len(edit_images) == 1 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("lora_type, alpha, trained", [("loha", 0.0, True), ("loha", 4.0, False),
+                                                       ("lokr", 4.0, False), ("lora", 4.0, False)])
+def test_lora_that_changes_nothing_is_refused(tiny_models, images, merged_lora, tmp_path, capsys, lora_type, alpha,
+                                              trained):
+    import torch
+
+    from diffsynth.lora import read_lora
+
+    path = str(tmp_path / "zero.safetensors")
+    if lora_type == "lora":  # an untrained LoRA: B = 0
+        save_lora({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in read_lora(merged_lora).items()}, path,
+                  rank=4, alpha=4, target_modules="to_qkv,add_qkv_proj", architecture="merged_qkv")
+    else:
+        save_trained(tiny_models, path, lora_type, alpha, trained)
+    code = load_script().main(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                               "--lora_path", path, "--models_dir", str(tmp_path / "no-models")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--lora_path {path}: every delta is zero" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -198,6 +222,9 @@ def test_inputs_refused_before_models_load(images, tmp_path, capsys):
          f"--edit_image {narrow}: its 1x3000 px aspect ratio is too extreme"),
         (["--edit_image", images["edit"], "--output", str(tmp_path / "o.png"), "--edit_image_area", "100000000"],
          "--edit_image_area must be <= 16777216"),
+        # os.access says yes to root everywhere: the check creates a file, as the save would
+        (["--edit_image", images["edit"], "--output", "/proc/x.png"], "--output /proc/x.png: cannot create a file in "
+                                                                       "/proc"),
     ]
     for flags, message in cases:
         assert script.main([*base, *flags]) == 2

@@ -67,3 +67,22 @@ def test_folder_named_like_a_lora(tmp_path):
     for read in (read_lora, read_adapters):
         with pytest.raises(LoraError, match=rf"{folder}: is a folder; give the .safetensors file inside it"):
             read(folder)
+
+
+@pytest.mark.parametrize("field,value", [("modelspec.architecture", "flux-1-dev/lora"),
+                                         ("ss_base_model_version", "sdxl_base_v1-0"),
+                                         ("ss_base_model_version", "sd_v1")])
+def test_metadata_naming_another_base_model_is_refused(tmp_path, lora, field, value):
+    path = tmp_path / "other.safetensors"
+    save_file(lora, str(path), metadata={field: value})
+    for read in (read_lora, read_adapters):
+        with pytest.raises(LoraError, match=rf"{path}: metadata field '{field}' is '{value}': a LoRA for another "
+                                            "model, not Qwen-Image"):
+            read(path)
+
+
+def test_metadata_naming_qwen_image_reads(tmp_path, lora):
+    path = tmp_path / "musubi.safetensors"
+    save_file(lora, str(path), metadata={"modelspec.architecture": "Qwen-Image-Edit/lora",
+                                         "ss_base_model_version": "qwen_image"})
+    assert read_lora(path).keys() == lora.keys()

@@ -23,10 +23,10 @@ import os
 import torch
 
 from diffsynth.lora.reader import (
-    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, check_file, lora_metadata, metadata_scale,
+    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, load_file, lora_metadata, metadata_scale,
     nonfinite_keys, short_name,
 )
-from diffsynth.utils.io import load_safetensors, read_keys_and_shapes, read_metadata, save_safetensors
+from diffsynth.utils.io import load_safetensors, read_keys_and_shapes, save_safetensors
 
 LORA_TYPES = ("lora", "loha", "lokr", "dora")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -62,7 +62,7 @@ def adapter_type(lora) -> str:
 
 def check_any(lora) -> bool:
     """Read a LoRA, LoHa, LoKr or DoRA as fuse_lora will, so that its LoraError comes before any model loads.
-    -> True when fusing it changes nothing: every delta is zero (alpha 0, or an untrained LoRA's B = 0)."""
+    -> True when fusing it changes nothing: every delta is zero (alpha 0; untrained: B = 0, a zero LoHa/LoKr factor)."""
     from diffsynth.lora.reader import lora_diffs, lora_modules, read_lora
 
     if adapter_type(lora) == "lora":
@@ -72,7 +72,9 @@ def check_any(lora) -> bool:
         return not any(A.float().any() and B.float().any() for A, B in pairs) and not any(t.float().any()
                                                                                        for t in diffs)
     modules, _ = read_adapters(lora)
-    return all(a.scale == 0 and a.kind != "dora" for a in modules.values())  # DoRA renormalises even at scale 0
+    # one all-zero factor zeroes a LoHa / LoKr delta (peft initialises them so); DoRA renormalises even at scale 0
+    return all(a.kind != "dora" and (a.scale == 0 or not all(t.float().any() for t in a.t.values()))
+               for a in modules.values())
 
 
 class Adapter:
@@ -146,8 +148,7 @@ def read_adapters(lora, source=None) -> tuple[dict[str, Adapter], dict]:
         sd, metadata, source = lora, {}, source or "adapter state dict"
     else:
         source = source or os.fspath(lora)
-        check_file(lora, source)
-        sd, metadata = load_safetensors(lora), read_metadata(lora)
+        sd, metadata = load_file(lora, source)
     kind = adapter_type(sd)
     entries, unknown = {}, []
     for key, value in sd.items():

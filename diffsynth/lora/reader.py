@@ -60,6 +60,11 @@ _SUFFIXES = (
 DIFF_ROLES = ("diff", "diff_b")
 _PREFIXES = ("transformer.", "diffusion_model.")
 _PEFT_PREFIX = "base_model.model."  # peft's save_pretrained wraps every key in it
+# Metadata fields in which trainers (kohya sd-scripts, musubi-tuner) name the base model. A Flux LoRA on the double
+# blocks has Qwen-Image's key names and shapes that may fit; only this metadata tells it apart.
+BASE_MODEL_FIELDS = ("modelspec.architecture", "ss_base_model_version")
+_OTHER_MODELS = re.compile(r"flux|stable-diffusion|sdxl|sd[-_.]?v?[0-9]|hunyuan|wan[0-9]|z-image|hidream|chroma|"
+                           r"auraflow|kandinsky", re.IGNORECASE)
 
 
 class LoraError(ValueError):
@@ -221,12 +226,25 @@ def check_file(path, source: str):
         raise LoraError(f"{source}: file not found")
 
 
+def load_file(path, source: str) -> tuple[dict, dict]:
+    """A LoRA / LoHa / LoKr / DoRA file -> (state dict, metadata); a LoraError for a path that is no .safetensors
+    file and for metadata naming another base model."""
+    check_file(path, source)
+    sd, metadata = load_safetensors(path), read_metadata(path)  # load first: it names a damaged file
+    for field in BASE_MODEL_FIELDS:
+        value = metadata.get(field, "")
+        if "qwen" not in value.lower() and _OTHER_MODELS.search(value):
+            raise LoraError(f"{source}: metadata field {field!r} is {value!r}: a LoRA for another model, not "
+                            "Qwen-Image (its key names fit the Qwen-Image DiT, its weights do not); use a Qwen-Image "
+                            "LoRA")
+    return sd, metadata
+
+
 def _read_raw(lora, source=None):
     """Path or state dict -> ({module: (A, B)} unscaled, {module: scale}, {module: {diff/diff_b: t}}, metadata)."""
     if isinstance(lora, (str, os.PathLike)):
         source = source or os.fspath(lora)
-        check_file(lora, source)
-        sd, metadata = load_safetensors(lora), read_metadata(lora)
+        sd, metadata = load_file(lora, source)
     elif isinstance(lora, dict):
         source, sd, metadata = source or "LoRA state dict", lora, {}
     else:

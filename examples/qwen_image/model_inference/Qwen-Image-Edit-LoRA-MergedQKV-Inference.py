@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 
 from PIL import Image
 
@@ -146,9 +147,14 @@ def check_output(path, inputs=()):
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {path}: {parent} is {'a file' if not os.path.isdir(parent) else 'not writable'}; "
-                         "choose another output path")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output {path}: {parent} is a file; choose another output path")
+    try:  # create a file there, as the save will: os.access says yes to root everywhere, /proc included
+        with tempfile.NamedTemporaryFile(prefix=".tmp-", dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot create a file in {parent} ({e.strerror}); choose another "
+                         "output path") from None
 
 
 def open_inputs(args):
@@ -170,9 +176,9 @@ def open_inputs(args):
     from diffsynth.lora.adapters import check_any
 
     for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf
-        if check_any(path):  # a warning: fusing it is harmless, but the user likely meant another file
-            print(f"warning: {path}: every delta is zero (alpha 0, or an untrained LoRA): fusing it changes "
-                  "nothing", file=sys.stderr)
+        if check_any(path):  # the output would be the base model's while the run reports the LoRA fused
+            raise ValueError(f"--lora_path {path}: every delta is zero (alpha 0, or an untrained LoRA whose up "
+                             "weights are 0): fusing it would change nothing; pass a trained LoRA")
     return edit_images, input_image
 
 
@@ -235,6 +241,7 @@ def main(argv=None):
             height=height, width=width, seed=args.seed, input_image=input_image,
             denoising_strength=args.denoising_strength, edit_image_area=args.edit_image_area,
         )
+        replaced = os.path.exists(args.output)  # an earlier output: check_output refused the input images
         with atomic_path(args.output) as tmp:
             image.save(tmp)  # the temporary name keeps the extension, which picks the format
     except NonFiniteOutputError as e:  # nothing is written: a NaN image would be a black PNG
@@ -245,7 +252,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # bad paths, files, flags, images, LoRAs: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"saved {args.output} ({image.width}x{image.height})")
+    print(f"saved {args.output} ({image.width}x{image.height}{'; replaced the existing file' if replaced else ''})")
     print(peak_memory_line(device))
     return 0
 
