@@ -165,7 +165,11 @@ def displayed_size(img: Image.Image) -> tuple[int, int]:
     """(w, h) after EXIF rotation, read from the header of an opened (not decoded) image."""
     w, h = img.size
     if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # the rotations by 90 or 270 degrees
-        w, h = h, w
+        # Pillow's TIFF reader rotates by itself: its size is already the displayed one (and the tag is gone once
+        # it has decoded), so swapping again would size the target for the unrotated picture
+        tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+        if tags is None or (w, h) == (tags.get(256), tags.get(257)):  # 256, 257: the stored width and height
+            w, h = h, w
     return w, h
 
 
