@@ -13,7 +13,6 @@ Prompt templates (the strings are diffusers', so embeddings match its pipelines)
 The processor is used as its two parts (tokenizer + image processor): transformers' Qwen2.5-VL processor class
 cannot be built without torchvision (its video processor needs it) although images alone do not.
 """
-import math
 import os
 import re
 
@@ -22,6 +21,7 @@ from accelerate import init_empty_weights
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from diffsynth.utils.image import VL_TEMPLATE_AREAS, edit_image_size
 from diffsynth.utils.io import (
     WeightFileError, check_state_dict, config_beside, load_safetensors, loading, resolve_safetensors_files,
 )
@@ -44,8 +44,8 @@ IMAGE_TOKEN = "<|image_pad|>"
 # template name -> (format string, tokens of system prompt to drop, area of each image as the VL model sees it)
 TEMPLATES = {
     "qwen-image": (T2I_TEMPLATE, 34, None),
-    "edit": (EDIT_TEMPLATE, 64, 1024 * 1024),
-    "edit-plus": (EDIT_PLUS_TEMPLATE, 64, 384 * 384),
+    "edit": (EDIT_TEMPLATE, 64, VL_TEMPLATE_AREAS["edit"]),
+    "edit-plus": (EDIT_PLUS_TEMPLATE, 64, VL_TEMPLATE_AREAS["edit-plus"]),
 }
 MAX_TEXT_TOKENS = 1024  # diffusers' tokenizer_max_length for the text-to-image template
 
@@ -91,12 +91,9 @@ def load_qwen_image_text_encoder(paths, torch_dtype=torch.bfloat16, device="cpu"
     return model.to(device).eval().requires_grad_(False)
 
 
-def fit_area(width: int, height: int, area: int) -> tuple[int, int]:
-    """Width and height with the image's aspect ratio, about `area` pixels, both multiples of 32 (as diffusers)."""
-    ratio = width / height
-    w = math.sqrt(area * ratio)
-    h = w / ratio
-    return round(w / 32) * 32, round(h / 32) * 32
+# (width, height) at the image's aspect ratio, about `area` pixels, both multiples of 32 (diffusers'
+# calculate_dimensions): the one function that sizes edit images for the VAE sizes them for the VL model too
+fit_area = edit_image_size
 
 
 class QwenImageTextEncoder:

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, ImageError, check_header, displayed_size, edit_image_size, file_problem, open_image, pil_to_tensor,
-    resize_and_center_crop, resize_edit_image, target_size, to_rgb,
+    VAE_EDIT_AREA, ImageError, check_edit_size, check_header, displayed_size, edit_image_size, file_problem, open_image,
+    pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -263,7 +263,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             problems.append(f"  {where}: expected an object with {', '.join(columns)}, got {type(row).__name__}")
             continue
         ok = True
-        files = {}
+        files, names = {}, {}  # column -> resolved paths, and the paths as the row names them
         for column in keys:
             if column in absent:
                 ok = False
@@ -294,6 +294,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             paths = [check_file(where, column, r) for r in rels]
             ok = ok and None not in paths
             files[column] = paths
+            names[column] = rels
         prompt = row.get("prompt")
         if "prompt" not in absent:
             if not isinstance(prompt, str) and prompt is not None:
@@ -319,10 +320,13 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
                 problems.append(f"  {where}: mask {row['mask']} is {mw}x{mh}, the image {iw}x{ih}: a mask is resized "
                                 "and cropped like its target, so it needs the target's aspect ratio (best: its size)")
                 continue
-        edit_sizes = tuple(edit_image_size(*inspected[p][1], target_area=edit_area) for p in edits)
-        if any(w <= 0 or h <= 0 for w, h in edit_sizes):
-            problems.append(f"  {where}: an edit image is too narrow to resize to a {edit_area} px area")
+        try:  # an edit image the VAE or the VL text encoder cannot take: refused here, not mid-run
+            for p, rel in zip(edits, names.get("edit_image", [])):
+                check_edit_size(f"edit_image {rel}", inspected[p][1], edit_area)
+        except ImageError as e:
+            problems.append(f"  {where}: {e}")
             continue
+        edit_sizes = tuple(edit_image_size(*inspected[p][1], target_area=edit_area) for p in edits)
         edit_digests = [inspected[p][0] for p in edits]
         if image_digest in edit_digests:
             same_content.append(f"  {where}: {row['image']}")

@@ -3,7 +3,7 @@ import os
 import re
 
 from ..lora import LoraError
-from ..utils.image import open_image
+from ..utils.image import check_edit_size, open_image
 from ..utils.vram_planner import QWEN_IMAGE_DIT
 from .output_dir import check_output_path
 
@@ -70,7 +70,7 @@ def preflight(args, dataset=True):
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
     for path in args.validation_edit_image or []:
-        open_image(path)
+        check_edit_size(f"--validation_edit_image {path}", open_image(path).size, args.edit_image_area)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such training state "
                                 "folder (give a checkpoints/step-N folder, or 'latest')")

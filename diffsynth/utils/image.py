@@ -18,6 +18,11 @@ VAE_EDIT_AREA = 1024 * 1024  # area of an edit image fed to the VAE (diffusers V
 # the largest edit area accepted: 16x the 1 MP the models were trained at (1e8 px exhausted 128 GB of host memory)
 MAX_EDIT_AREA = 4096 * 4096
 VL_EDIT_AREA = 384 * 384  # area of an edit image fed to the VL text encoder in Edit-Plus (CONDITION_IMAGE_SIZE)
+# the area each prompt template shows an edit image to the VL model at: Edit (diffusers resizes it once, for the VAE
+# and the VL model alike), Edit-2509/2511 ("edit-plus")
+VL_TEMPLATE_AREAS = {"edit": 1024 * 1024, "edit-plus": VL_EDIT_AREA}
+VL_AREAS = tuple(VL_TEMPLATE_AREAS.values())
+VL_MAX_ASPECT = 200  # Qwen2-VL's image processor (smart_resize) refuses a longer side over 200x the shorter
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -29,12 +34,21 @@ def edit_image_size(width, height, target_area=VAE_EDIT_AREA, multiple=32) -> tu
     return round(w / multiple) * multiple, round(h / multiple) * multiple
 
 
-def check_edit_size(what, size, target_area):
-    """Refuse an image whose aspect ratio is too extreme for `target_area`: one side would round to 0 px."""
-    if 0 in edit_image_size(*size, target_area=target_area):
-        raise ImageError(f"{what}: its {size[0]}x{size[1]} px aspect ratio is too extreme: resized to a "
+def check_edit_size(what, size, target_area, vl=True):
+    """Refuse an image whose aspect ratio is too extreme: resized to `target_area` (the VAE's) one side would round
+    to 0 px; or, with `vl` (an edit image, which the text encoder sees too), resized to either template's VL area it
+    would be narrower than the 1:VL_MAX_ASPECT Qwen2-VL's image processor accepts (it raises mid-run otherwise)."""
+    w, h = size
+    if 0 in edit_image_size(w, h, target_area=target_area):
+        raise ImageError(f"{what}: its {w}x{h} px aspect ratio is too extreme: resized to a "
                          f"{target_area} px area one side rounds to 0; crop it closer to square (within about "
                          f"1:{target_area // 256})")
+    for area in VL_AREAS if vl else ():
+        vw, vh = edit_image_size(w, h, target_area=area)
+        if min(vw, vh) == 0 or max(vw, vh) / min(vw, vh) > VL_MAX_ASPECT:
+            raise ImageError(f"{what}: its {w}x{h} px aspect ratio is too extreme for the text encoder: resized to "
+                             f"the {area} px area Qwen2.5-VL sees it is {vw}x{vh}, and its image processor accepts at "
+                             f"most 1:{VL_MAX_ASPECT}; crop it closer to square (within about 1:150)")
 
 
 def target_size(image_size, max_pixels=1024 * 1024, height=None, width=None, multiple=SIZE_MULTIPLE):

@@ -160,7 +160,7 @@ def check_output(path, inputs=()):
 def open_inputs(args):
     """Check every input and decode the images before the heavy imports and model loading: a wrong path, a bad
     image or a damaged LoRA fails in seconds, not after minutes of loading."""
-    from diffsynth.utils.image import MAX_EDIT_AREA, VL_EDIT_AREA, check_edit_size, open_image
+    from diffsynth.utils.image import MAX_EDIT_AREA, check_edit_size, open_image
 
     if args.edit_image_area > MAX_EDIT_AREA:  # checked here: the image module imports torch, parse_args does not
         raise ValueError(f"--edit_image_area must be <= {MAX_EDIT_AREA} (4096x4096; the models were trained at "
@@ -168,11 +168,11 @@ def open_inputs(args):
     check_output(args.output, [*args.edit_image, *([args.input_image] if args.input_image else [])])
     edit_images = [open_image(p) for p in args.edit_image]
     input_image = open_image(args.input_image) if args.input_image else None
-    # the VAE sees each edit image at --edit_image_area, the VL model (Edit-Plus) at VL_EDIT_AREA
+    # the VAE sees each edit image at --edit_image_area, the VL text encoder at its template's area
     for path, img in zip(args.edit_image, edit_images):
-        check_edit_size(f"--edit_image {path}", img.size, min(args.edit_image_area, VL_EDIT_AREA))
+        check_edit_size(f"--edit_image {path}", img.size, args.edit_image_area)
     if input_image is not None and (args.height is None or args.width is None):  # it sets the output size
-        check_edit_size(f"--input_image {args.input_image}", input_image.size, args.edit_image_area)
+        check_edit_size(f"--input_image {args.input_image}", input_image.size, args.edit_image_area, vl=False)
     from diffsynth.lora.adapters import check_any
 
     for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf

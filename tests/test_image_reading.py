@@ -1,0 +1,101 @@
+"""(audit-images) Images read the same way everywhere: EXIF rotation in every format, transparency, animation, aspect ratios the
+VL text encoder refuses, and the pipeline's own conversion of PIL images passed to it."""
+import os
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import load_script
+from diffsynth.trainers.dataset import DatasetError, EditDataset, validate_metadata
+from diffsynth.utils.image import ImageError, check_edit_size, edit_image_size, open_image
+
+INFER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py")
+
+# a 64x32 picture whose every pixel differs, so a wrong rotation or crop shows
+LANDSCAPE = (np.random.RandomState(0).rand(32, 64, 3) * 255).astype(np.uint8)
+
+
+def with_orientation(path, orientation, **kwargs):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(LANDSCAPE).save(path, exif=exif.tobytes(), **kwargs)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp", "tif"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_rotated_images_train_upright_at_their_displayed_size(tmp_path, ext, orientation):
+    """The size read from the header (which sizes the target and the buckets) is the size of the decoded, upright
+    image, in every format: Pillow's TIFF reader reports a rotated TIFF's size already rotated."""
+    with_orientation(tmp_path / f"t.{ext}", orientation)
+    Image.fromarray(LANDSCAPE).save(tmp_path / "e.png")
+    (tmp_path / "m.csv").write_text(f"image,edit_image,prompt\nt.{ext},e.png,rotate\n")
+    upright = open_image(tmp_path / f"t.{ext}")
+    assert upright.size == ((32, 64) if orientation in (6, 8) else (64, 32))
+    [sample] = validate_metadata(tmp_path / "m.csv", tmp_path, max_pixels=None, edit_area=64 * 32)
+    assert sample.target_size == upright.size
+    item = EditDataset(tmp_path / "m.csv", tmp_path, max_pixels=None, edit_area=64 * 32)[0]
+    expected = np.asarray(upright, dtype=np.float32) / 255 * 2 - 1  # nothing cropped, nothing resized
+    assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), expected)
+
+
+# ---- aspect ratios the VL text encoder refuses ----------------------------------------------------------------
+
+def test_edit_images_too_narrow_for_the_vl_encoder_are_refused_by_name_before_training(tmp_path):
+    """An 8x2000 edit image resizes fine for the VAE, but shown to Qwen2.5-VL at 1024x1024 area it is 64x16192 px,
+    over the 1:200 its image processor takes ('absolute aspect ratio must be smaller than 200', mid-run, no file
+    named). The metadata check names the row and file."""
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "t.png")
+    Image.new("RGB", (8, 2000), (200, 20, 30)).save(tmp_path / "tall.png")
+    Image.new("RGB", (40, 40), (0, 200, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nt.png,ok.png,fine\nt.png,ok.png|tall.png,too tall\n")
+    with pytest.raises(DatasetError) as e:
+        validate_metadata(tmp_path / "m.csv", tmp_path)
+    msg = str(e.value)
+    assert "row 2 (line 3): edit_image tall.png" in msg and "aspect ratio" in msg and "1:200" in msg, msg
+    assert "row 1" not in msg
+
+
+def test_the_vl_limit_is_the_image_processors():
+    """The refusal matches transformers' Qwen2-VL processor: what it accepts passes, what it refuses is refused."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    for size in [(8, 2000), (2000, 8), (1, 300), (16, 3300), (10, 1900), (10, 1500), (64, 64), (1, 150), (3, 580)]:
+        def processor_accepts(area):
+            w, h = edit_image_size(*size, target_area=area)
+            try:
+                return w > 0 and h > 0 and bool(smart_resize(h, w))
+            except ValueError:
+                return False
+        accepted = all(processor_accepts(area) for area in (1024 * 1024, 384 * 384))
+        try:
+            check_edit_size("x", size, 1024 * 1024)
+            refused = False
+        except ImageError:
+            refused = True
+        assert refused != accepted, size
+
+
+def test_inference_script_refuses_a_too_narrow_edit_image_before_loading(tmp_path, capsys, offline):
+    Image.new("RGB", (8, 2000)).save(tmp_path / "tall.png")
+    main = load_script(INFER, "infer").main
+    code = main(["--edit_image", str(tmp_path / "tall.png"), "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                 "--models_dir", str(tmp_path / "no-models")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--edit_image {tmp_path / 'tall.png'}: its 8x2000 px aspect ratio" in err, err
+    assert "1:200" in err and "Traceback" not in err
+    assert offline == []
+
+
+def test_a_too_narrow_validation_edit_image_is_refused_by_preflight(tmp_path):
+    from diffsynth.trainers.preflight import preflight
+
+    Image.new("RGB", (2000, 8)).save(tmp_path / "wide.png")
+    args = types.SimpleNamespace(output_path=str(tmp_path / "out"), cache_conditioning=None, blocks_to_checkpoint=0,
+                                 blocks_to_swap=0, lora_checkpoint=None, lora_fused=None,
+                                 validation_edit_image=[str(tmp_path / "wide.png")], resume_from_checkpoint=None,
+                                 edit_image_area=1024 * 1024)
+    with pytest.raises(ImageError, match=r"--validation_edit_image .*wide.png: its 2000x8 px aspect ratio"):
+        preflight(args, dataset=False)
