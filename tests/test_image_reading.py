@@ -99,3 +99,19 @@ def test_a_too_narrow_validation_edit_image_is_refused_by_preflight(tmp_path):
                                  edit_image_area=1024 * 1024)
     with pytest.raises(ImageError, match=r"--validation_edit_image .*wide.png: its 2000x8 px aspect ratio"):
         preflight(args, dataset=False)
+
+
+# ---- transparency, and the pipeline reading PIL images as the files are read ---------------------------------
+
+def test_an_rgb_colour_key_is_transparent_like_every_other_mode(tmp_path):
+    """A PNG's tRNS colour key on an RGB image marks transparent pixels as it does on L and P images: all of them
+    are composited over white (the RGB one kept its key colour)."""
+    a = np.full((8, 8, 3), 200, np.uint8)
+    a[:4] = (10, 20, 30)
+    Image.fromarray(a).save(tmp_path / "rgb.png", transparency=(10, 20, 30))
+    Image.fromarray(a[..., 0]).save(tmp_path / "l.png", transparency=10)
+    for name in ("rgb.png", "l.png"):
+        rgb = np.asarray(open_image(tmp_path / name))
+        assert (rgb[:4] == 255).all(), name
+        assert (rgb[4:] == 200).all(), name
+

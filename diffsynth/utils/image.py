@@ -120,7 +120,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any supported mode -> 8-bit RGB as a viewer shows it: 16-bit and integer/float greyscale scaled (not clipped
     to white), transparency composited over white, CMYK through its ICC profile when it has one."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:  # an RGB PNG's tRNS colour key is transparency too
         return img
     if mode.startswith("I;16"):
         return _gray_to_rgb(np.asarray(img, dtype=np.float64), 255 / 65535)
