@@ -4,6 +4,7 @@ import os
 import types
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -115,3 +116,40 @@ def test_an_rgb_colour_key_is_transparent_like_every_other_mode(tmp_path):
         assert (rgb[:4] == 255).all(), name
         assert (rgb[4:] == 200).all(), name
 
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from conftest import TINY_MODEL_IDS
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+    from diffsynth.utils.tiny_models import write_tiny_models
+
+    folder = tmp_path_factory.mktemp("models")
+    write_tiny_models(folder, seed=0)
+    return QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=str(folder), download=False)
+
+
+def test_the_pipeline_reads_a_pil_image_as_the_scripts_read_its_file(tiny_pipe, tmp_path):
+    """A PIL image given to the pipeline directly (RGBA, 16-bit grey, a JPEG with an EXIF rotation) gives what the
+    same picture gives through its file and open_image (training, validation, the inference script): it used
+    convert("RGB"), which drops alpha (the hidden colour shows), clips 16-bit grey to white and ignores EXIF."""
+    rgba = np.zeros((48, 80, 4), np.uint8)
+    rgba[..., :3] = (np.random.RandomState(1).rand(48, 80, 3) * 255).astype(np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :40, 3] = 0  # left half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray((np.arange(48 * 80).reshape(48, 80) * 17).astype(np.uint16)).save(tmp_path / "g.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgba[..., :3].copy()).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+
+    def latents(edit):
+        return tiny_pipe("make it blue", edit_image=edit, num_inference_steps=1, seed=0, edit_image_area=64 * 64,
+                         progress=False, output_type="latent")
+
+    for name in ("a.png", "g.png", "r.jpg"):
+        with Image.open(tmp_path / name) as raw:
+            direct = latents(raw)
+        assert torch.equal(direct, latents(open_image(tmp_path / name))), name
+    with Image.open(tmp_path / "r.jpg") as raw:  # upright: the output takes the rotated (portrait) size
+        assert tiny_pipe("x", edit_image=raw, num_inference_steps=1, seed=0, edit_image_area=64 * 64,
+                         progress=False).size == (64, 96)  # 48x80 at 4096 px area; unrotated 96x64

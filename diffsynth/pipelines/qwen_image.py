@@ -10,7 +10,7 @@ from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_im
 from ..schedulers import FlowMatchScheduler
 from ..utils.compile import watch_compile
 from ..utils.image import (
-    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, edit_image_size, pil_to_tensor, resize_and_center_crop,
+    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, as_rgb, edit_image_size, pil_to_tensor, resize_and_center_crop,
     resize_edit_image, tensor_to_pil,
 )
 from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
@@ -253,7 +253,7 @@ class QwenImagePipeline:
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         originals = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
                                                    else [edit_image])
-        originals = [img.convert("RGB") for img in originals]
+        originals = [as_rgb(img) for img in originals]  # as the scripts and training read the image's file
         edit_images = [resize_edit_image(img, edit_image_area) for img in originals]
         if height is None or width is None:
             if edit_images:
@@ -290,7 +290,7 @@ class QwenImagePipeline:
         noise = pack_latents(latents.to(self.device, self.torch_dtype))
         self.scheduler.set_timesteps(num_inference_steps, noise.shape[1], denoising_strength)
         if input_image is not None and denoising_strength < 1:
-            init = resize_and_center_crop(input_image.convert("RGB"), width, height)
+            init = resize_and_center_crop(as_rgb(input_image), width, height)
             x0 = self.encode_images(pil_to_tensor(init)[None])
             x = self.scheduler.add_noise(x0, noise, self.scheduler.sigmas[0])
         else:

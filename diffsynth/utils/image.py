@@ -154,6 +154,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A decoded PIL image as every reader here takes it: the EXIF rotation applied (once: the result carries no
+    orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files."""
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
 def open_image(path) -> Image.Image:
     """Decode an image file as RGB (EXIF rotation applied, like diffusers' `load_image`; modes as `to_rgb`), or
     raise an ImageError naming the file and the problem."""
@@ -164,7 +170,7 @@ def open_image(path) -> Image.Image:
         with Image.open(path) as img:
             check_header(img)
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            return as_rgb(img)
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     except Image.DecompressionBombError as e:
