@@ -153,3 +153,29 @@ def test_the_pipeline_reads_a_pil_image_as_the_scripts_read_its_file(tiny_pipe, 
     with Image.open(tmp_path / "r.jpg") as raw:  # upright: the output takes the rotated (portrait) size
         assert tiny_pipe("x", edit_image=raw, num_inference_steps=1, seed=0, edit_image_area=64 * 64,
                          progress=False).size == (64, 96)  # 48x80 at 4096 px area; unrotated 96x64
+
+
+# ---- animation -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", ["gif", "webp", "png", "tif"])
+def test_animated_and_multi_page_images_are_refused_by_name(tmp_path, ext):
+    """Which frame of an animation (or page of a TIFF) is the picture is a guess: frame 0 was taken silently. They are
+    refused with the file, the row, the frame count and the fix, before anything loads; a phone's MPO JPEG (the
+    photo plus a preview) is one picture and is read."""
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / f"anim.{ext}", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "t.png")
+    refusal = rf"anim.{ext}: has 3 (frames|pages) .*save the frame you mean as a still image"
+    with pytest.raises(ImageError, match=refusal):
+        open_image(tmp_path / f"anim.{ext}")
+    (tmp_path / "m.csv").write_text(f"image,edit_image,prompt\nt.png,anim.{ext},x\n")
+    with pytest.raises(DatasetError, match=rf"row 1 \(line 2\): edit_image anim.{ext} has 3 (frames|pages)"):
+        validate_metadata(tmp_path / "m.csv", tmp_path, max_pixels=4096, edit_area=4096)
+
+
+def test_an_mpo_photo_is_one_picture(tmp_path):
+    frames = [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
+    frames[0].save(tmp_path / "photo.jpg", format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / "photo.jpg") as img:
+        assert img.format == "MPO" and img.n_frames == 2
+    assert open_image(tmp_path / "photo.jpg").getpixel((5, 5))[0] > 200

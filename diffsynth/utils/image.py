@@ -107,6 +107,11 @@ def check_header(img: Image.Image):
     if img.mode not in _MODES:
         raise ImageError(f"has pixel mode {img.mode!r}, which is not converted to RGB here; save it as RGB "
                          "(8- or 16-bit PNG, or JPEG)")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":  # an MPO (many phones' JPEGs) is the photo plus previews: frame 0 is it
+        what = "pages (a multi-page TIFF)" if img.format == "TIFF" else f"frames (an animated {img.format})"
+        raise ImageError(f"has {frames} {what}: which one is the picture is a guess; save the frame you mean as a "
+                         "still image (PNG or JPEG)")
     if img.width * img.height > MAX_PIXELS:
         raise ImageError(f"is {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} megapixels, more than the "
                          f"{MAX_PIXELS / 1e6:.0f} MP limit (it would be shrunk to about 1 MP anyway); downscale it")
