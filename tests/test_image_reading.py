@@ -1,5 +1,5 @@
-"""(audit-images) Images read the same way everywhere: EXIF rotation in every format, transparency, animation, aspect ratios the
-VL text encoder refuses, and the pipeline's own conversion of PIL images passed to it."""
+"""Images read the same way everywhere: EXIF rotation in every format, transparency, animation, aspect ratios
+the VL text encoder refuses, and the pipeline's own conversion of PIL images passed to it."""
 import os
 import types
 
