@@ -76,7 +76,7 @@ def test_directory_empty_truncated_and_huge_images_say_what_they_are(tmp_path):
         with pytest.raises(ImageError, match=re.escape(f"{name}: {what}")):
             open_image(tmp_path / name)
     Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")  # 400 megapixels, a few kB on disk
-    with pytest.raises(ImageError, match="huge.png: has more than the 179 MP limit"):
+    with pytest.raises(ImageError, match="huge.png: is 400 megapixels, more than the 179 MP limit"):
         open_image(tmp_path / "huge.png")
     # the dataset check says the same, row by row, before anything loads
     rows = [f"{n},ok.png,edit it" for n in ("dir.png", "empty.png", "cut.png")]
@@ -195,7 +195,7 @@ def test_inference_files_refused_before_models_load(tmp_path, capsys, offline):
     (tmp_path / "a_file").write_text("x")
     base = ["--prompt", "x", "--models_dir", str(tmp_path / "no-models")]
     for extra, message in (
-            (["--edit_image", str(tmp_path / "huge.png")], "huge.png: has more than the 179 MP limit"),
+            (["--edit_image", str(tmp_path / "huge.png")], "huge.png: is 400 megapixels, more than the 179 MP limit"),
             (["--edit_image", str(tmp_path)], f"{tmp_path}: is a directory, not an image file"),
             (["--edit_image", str(tmp_path / "e.png"), "--lora_path", str(nan_lora)], "nan.safetensors: 1 tensor(s) hold NaN"),
             (["--edit_image", str(tmp_path / "e.png"), "--output", str(tmp_path)], "is a folder; name an image file"),

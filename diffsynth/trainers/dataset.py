@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, ImageError, check_edit_size, check_header, displayed_size, edit_image_size, file_problem, open_image,
-    pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size, to_rgb,
+    VAE_EDIT_AREA, ImageError, check_edit_size, displayed_size, edit_image_size, file_problem, open_header,
+    open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -28,7 +28,7 @@ SUPPORTED_FILE_KEYS = ("image", "edit_image", "mask")  # mask: optional loss mas
 MAX_LISTED_PROBLEMS = 100
 # Bump when the pixels a sample yields for the same files change (resampling, cropping), so caches keyed
 # by `cache_key` are recomputed.
-SAMPLE_FORMAT_VERSION = 1
+SAMPLE_FORMAT_VERSION = 2  # 2: an RGB PNG's colour key is transparency (composited over white)
 
 
 class DatasetError(ValueError):
@@ -193,15 +193,14 @@ def _inspect_file(path):
     """(sha256, displayed (w, h)) of an image file, or an error text. Reads the bytes once."""
     problem = file_problem(path)
     if problem:
-        return problem
+        return f"{problem}; re-export or replace it"
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return f"cannot be read ({e.strerror})"
+        return f"cannot be read ({e.strerror}); re-export or replace it"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            check_header(img)
+        with open_header(io.BytesIO(data)) as img:
             img.verify()  # checks structure and checksums without decoding pixels; must come first
         with Image.open(io.BytesIO(data)) as img:
             size = displayed_size(img)
@@ -213,11 +212,11 @@ def _inspect_file(path):
                 img.load()
                 if img.mode in ("I", "F"):
                     to_rgb(img)
-    except ImageError as e:
+    except ImageError as e:  # says what to do itself
         return str(e)
     except Exception as e:  # PIL raises many types for damaged files
         what = "is truncated" if "truncated" in str(e).lower() else "is not a readable image"
-        return f"{what} ({type(e).__name__}: {e})"
+        return f"{what} ({type(e).__name__}: {e}); re-export or replace it"
     return hashlib.sha256(data).hexdigest(), size
 
 
@@ -254,7 +253,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         if path not in inspected:
             inspected[path] = _inspect_file(path)
         if isinstance(inspected[path], str):
-            problems.append(f"  {where}: {column} {rel} {inspected[path]}; re-export or replace it")
+            problems.append(f"  {where}: {column} {rel} {inspected[path]}")
             return None
         return path
 

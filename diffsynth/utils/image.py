@@ -7,6 +7,7 @@ rule: a fixed --height/--width, or scaled down to at most --max_pixels, sides fl
 """
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -113,8 +114,29 @@ def check_header(img: Image.Image):
         raise ImageError(f"has {frames} {what}: which one is the picture is a guess; save the frame you mean as a "
                          "still image (PNG or JPEG)")
     if img.width * img.height > MAX_PIXELS:
-        raise ImageError(f"is {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} megapixels, more than the "
-                         f"{MAX_PIXELS / 1e6:.0f} MP limit (it would be shrunk to about 1 MP anyway); downscale it")
+        raise _too_large(f"{img.width}x{img.height} = {img.width * img.height / 1e6:.0f} megapixels")
+
+
+def _too_large(what) -> ImageError:
+    return ImageError(f"is {what}, more than the {MAX_PIXELS / 1e6:.0f} MP limit (it would be shrunk to about 1 MP "
+                      "anyway); downscale it")
+
+
+def open_header(source) -> Image.Image:
+    """Image.open (header only, nothing decoded) and check_header. Pillow refuses an image over MAX_PIXELS inside
+    Image.open, before check_header can look: its DecompressionBombError gets check_header's words, so the metadata
+    check and the scripts say the same thing."""
+    try:
+        img = Image.open(source)
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else f"too large ({e})") from None
+    try:
+        check_header(img)
+    except ImageError:
+        img.close()
+        raise
+    return img
 
 
 def _gray_to_rgb(values: np.ndarray, scale: float) -> Image.Image:
@@ -172,14 +194,11 @@ def open_image(path) -> Image.Image:
     if problem:
         raise ImageError(f"{path}: {problem}")
     try:
-        with Image.open(path) as img:
-            check_header(img)
+        with open_header(path) as img:
             img.load()
             return as_rgb(img)
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: has more than the {MAX_PIXELS / 1e6:.0f} MP limit ({e}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged files
         what = "is truncated or damaged" if "truncated" in str(e).lower() or isinstance(e, (OSError, SyntaxError)) \
             else "is not an image file Pillow can read"
