@@ -179,3 +179,20 @@ def test_an_mpo_photo_is_one_picture(tmp_path):
     with Image.open(tmp_path / "photo.jpg") as img:
         assert img.format == "MPO" and img.n_frames == 2
     assert open_image(tmp_path / "photo.jpg").getpixel((5, 5))[0] > 200
+
+
+def test_conditioning_cached_before_the_colour_key_change_is_not_reused(tmp_path):
+    """An RGB PNG with a colour key now yields other pixels for the same file, so a conditioning cache entry written
+    before (its key: format version 1, the file's hash, prompt, sizes) must not be found again."""
+    import hashlib
+    import json
+
+    a = np.full((32, 32, 3), 200, np.uint8)
+    a[:16] = (10, 20, 30)
+    Image.fromarray(a).save(tmp_path / "t.png", transparency=(10, 20, 30))
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "e.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nt.png,e.png,x\n")
+    [s] = validate_metadata(tmp_path / "m.csv", tmp_path, max_pixels=4096, edit_area=32 * 32)
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("t.png", "e.png")]
+    old = json.dumps([1, digest[0], [digest[1]], "x", list(s.target_size), [list(e) for e in s.edit_sizes]])
+    assert s.cache_key != hashlib.sha256(old.encode()).hexdigest()
