@@ -23,3 +23,31 @@ def test_a_decompression_bomb_row_says_the_limit_and_the_fix_as_inference_does(t
     msg = str(e.value)
     assert "row 1 (line 2): image huge.png is 400 megapixels, more than the 179 MP limit" in msg, msg
     assert "downscale it" in msg and "not a readable image" not in msg and "re-export" not in msg, msg
+
+
+def test_a_target_far_from_the_fixed_size_is_refused_not_stretched(tmp_path):
+    """With --height/--width a target is scaled to cover the size, then its centre cut: a 20000x4 strip at 512x512 was
+    resized to 2560000x512 px first (5 GB of memory and half a minute per sample, on every epoch) to train on 4x4 of
+    its pixels stretched 128x. An 8x8 image, stretched 64x, is no better. Both are refused by row, before training."""
+    Image.new("RGB", (20000, 4), (200, 10, 10)).save(tmp_path / "strip.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (600, 500), (10, 200, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nstrip.png,ok.png,x\ntiny.png,ok.png,x\nok.png,ok.png,x\n")
+    with pytest.raises(DatasetError) as e:
+        validate_metadata(tmp_path / "m.csv", tmp_path, height=512, width=512)
+    msg = str(e.value)
+    assert "row 1 (line 2): image strip.png: its 20000x4 px cannot fill 512x512" in msg, msg
+    assert "row 2 (line 3): image tiny.png: its 8x8 px cannot fill 512x512" in msg, msg
+    assert "row 3" not in msg and "--height/--width" in msg
+
+
+def test_inference_refuses_an_input_image_far_from_height_and_width_before_loading(tmp_path, capsys, offline):
+    Image.new("RGB", (20000, 4)).save(tmp_path / "strip.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "e.png")
+    code = load_script(INFER, "infer").main([
+        "--edit_image", str(tmp_path / "e.png"), "--input_image", str(tmp_path / "strip.png"), "--height", "512",
+        "--width", "512", "--denoising_strength", "0.5", "--prompt", "x", "--output", str(tmp_path / "o.png"),
+        "--models_dir", str(tmp_path / "no-models")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--input_image {tmp_path / 'strip.png'}: its 20000x4 px cannot fill 512x512" in err, err
+    assert "Traceback" not in err and offline == []

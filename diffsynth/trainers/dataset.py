@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, ImageError, check_edit_size, displayed_size, edit_image_size, file_problem, open_header,
-    open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size, to_rgb,
+    VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, displayed_size, edit_image_size, file_problem, has_transparency,
+    open_header, open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -309,6 +309,13 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         image_digest, image_wh = inspected[image]
         try:
             size = target_size(image_wh, max_pixels, height, width)
+            if height is not None:  # a fixed size: the target is scaled to cover it, its centre cut
+                check_cover(f"image {row['image']}", image_wh, *size,
+                            fix=f"crop it closer to {size[0]}:{size[1]}, or leave out --height/--width to size each "
+                                "target by --max_pixels at its own aspect ratio")
+        except ImageError as e:
+            problems.append(f"  {where}: {e}")
+            continue
         except ValueError as e:
             problems.append(f"  {where}: image {row['image']}: {e}")
             continue
@@ -318,6 +325,13 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             if abs(mw * ih - mh * iw) > max(mw, mh, iw, ih):  # more than a pixel of rounding apart
                 problems.append(f"  {where}: mask {row['mask']} is {mw}x{mh}, the image {iw}x{ih}: a mask is resized "
                                 "and cropped like its target, so it needs the target's aspect ratio (best: its size)")
+                continue
+            with Image.open(mask) as m:  # readable: inspected above
+                transparent = has_transparency(m)
+            if transparent:  # composited over white it would read 'train' wherever it is transparent
+                problems.append(f"  {where}: mask {row['mask']} has transparent pixels: a mask is read by its grey "
+                                "level (white = train, black = ignore), not its alpha; flatten it onto black and save "
+                                "it without transparency")
                 continue
         try:  # an edit image the VAE or the VL text encoder cannot take: refused here, not mid-run
             for p, rel in zip(edits, names.get("edit_image", [])):

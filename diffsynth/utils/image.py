@@ -181,6 +181,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def has_transparency(img: Image.Image) -> bool:
+    """Whether any pixel is (partly) transparent: an alpha channel below 255, or a palette / colour-key entry."""
+    if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
+        return False
+    return img.convert("RGBA").getextrema()[3][0] < 255
+
+
 def as_rgb(img: Image.Image) -> Image.Image:
     """A decoded PIL image as every reader here takes it: the EXIF rotation applied (once: the result carries no
     orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files."""
@@ -223,10 +230,27 @@ def resize_edit_image(img: Image.Image, target_area=VAE_EDIT_AREA) -> Image.Imag
     return img.resize((w, h), resample=Image.LANCZOS)
 
 
+def _cover(size, width, height):
+    """(scale, resized (w, h)) of resize_and_center_crop: the image scaled to cover width x height."""
+    scale = max(width / size[0], height / size[1])
+    return scale, (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+
+
+def check_cover(what, size, width, height, fix):
+    """Refuse an image that resize_and_center_crop cannot make a sane width x height picture of: the centre crop
+    would keep less than SIZE_MULTIPLE px of it on a side (a strip or a thumbnail stretched many times), or the
+    resized image it is cut from would be over MAX_PIXELS (gigabytes of memory, for each use). `fix`: what to do."""
+    scale, (rw, rh) = _cover(size, width, height)
+    kept_w, kept_h = min(size[0], width / scale), min(size[1], height / scale)
+    if min(kept_w, kept_h) < SIZE_MULTIPLE or rw * rh > MAX_PIXELS:
+        raise ImageError(f"{what}: its {size[0]}x{size[1]} px cannot fill {width}x{height}: the centre crop keeps "
+                         f"{kept_w:.0f}x{kept_h:.0f} px of it, stretched {scale:.3g}x (resized to {rw}x{rh} px first); "
+                         f"{fix}")
+
+
 def resize_and_center_crop(img: Image.Image, width, height) -> Image.Image:
-    """Scale so the image covers width x height, then cut the centre."""
-    scale = max(width / img.width, height / img.height)
-    rw, rh = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    """Scale so the image covers width x height, then cut the centre (`check_cover` refuses what this cannot do)."""
+    _, (rw, rh) = _cover(img.size, width, height)
     img = img.resize((rw, rh), resample=Image.LANCZOS)
     left, top = (rw - width) // 2, (rh - height) // 2
     return img.crop((left, top, left + width, top + height))

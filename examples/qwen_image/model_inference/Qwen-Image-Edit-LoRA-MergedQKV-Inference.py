@@ -160,7 +160,7 @@ def check_output(path, inputs=()):
 def open_inputs(args):
     """Check every input and decode the images before the heavy imports and model loading: a wrong path, a bad
     image or a damaged LoRA fails in seconds, not after minutes of loading."""
-    from diffsynth.utils.image import MAX_EDIT_AREA, check_edit_size, open_image
+    from diffsynth.utils.image import MAX_EDIT_AREA, check_cover, check_edit_size, open_image
 
     if args.edit_image_area > MAX_EDIT_AREA:  # checked here: the image module imports torch, parse_args does not
         raise ValueError(f"--edit_image_area must be <= {MAX_EDIT_AREA} (4096x4096; the models were trained at "
@@ -173,6 +173,10 @@ def open_inputs(args):
         check_edit_size(f"--edit_image {path}", img.size, args.edit_image_area)
     if input_image is not None and (args.height is None or args.width is None):  # it sets the output size
         check_edit_size(f"--input_image {args.input_image}", input_image.size, args.edit_image_area, vl=False)
+    elif input_image is not None and args.denoising_strength < 1:  # its pixels, cut to --width x --height
+        check_cover(f"--input_image {args.input_image}", input_image.size, args.width // 16 * 16,
+                    args.height // 16 * 16, fix=f"crop it closer to {args.width}:{args.height}, or leave out --height "
+                    "and --width (the output then takes its aspect ratio)")
     from diffsynth.lora.adapters import check_any
 
     for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf
