@@ -196,3 +196,32 @@ def test_conditioning_cached_before_the_colour_key_change_is_not_reused(tmp_path
     digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("t.png", "e.png")]
     old = json.dumps([1, digest[0], [digest[1]], "x", list(s.target_size), [list(e) for e in s.edit_sizes]])
     assert s.cache_key != hashlib.sha256(old.encode()).hexdigest()
+
+
+# ---- masks -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_mask_with_transparent_pixels_is_refused(tmp_path, mode):
+    """A mask painted as opaque white on a transparent layer (as image editors and ComfyUI's alpha masks are saved)
+    was composited over white: transparent became white, 'train', and the mask trained everywhere, silently."""
+    grey = np.zeros((32, 32), np.uint8)
+    grey[8:24, 8:24] = 255
+    alpha = grey.copy()  # the painted square opaque, the rest transparent
+    if mode == "P":
+        mask = Image.fromarray(grey).convert("P")
+        mask.save(tmp_path / "mask.png", transparency=0)
+    else:
+        channels = [grey] * (3 if mode == "RGBA" else 1) + [alpha]
+        Image.fromarray(np.stack(channels, -1), mode).save(tmp_path / "mask.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "opaque.png")  # a plain grey mask passes
+    Image.fromarray(np.stack([grey] * 3 + [np.full((32, 32), 255, np.uint8)], -1), "RGBA").save(tmp_path / "rgba.png")
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "t.png")
+    Image.new("RGB", (32, 32), (40, 50, 60)).save(tmp_path / "e.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt,mask\nt.png,e.png,x,opaque.png\nt.png,e.png,x,rgba.png\n"
+                                    "t.png,e.png,x,mask.png\n")
+    with pytest.raises(DatasetError) as e:
+        validate_metadata(tmp_path / "m.csv", tmp_path, data_file_keys="image,edit_image,mask", max_pixels=4096,
+                          edit_area=4096)
+    msg = str(e.value)
+    assert "row 3 (line 4): mask mask.png has transparent pixels" in msg and "white = train" in msg, msg
+    assert "row 1" not in msg and "row 2" not in msg  # opaque masks, RGBA or not, are fine

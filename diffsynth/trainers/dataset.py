@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, displayed_size, edit_image_size, file_problem, has_transparency,
-    open_header, open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size, to_rgb,
+    VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, displayed_size, edit_image_size, file_problem,
+    has_transparency, open_header, open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size,
+    to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
