@@ -146,7 +146,7 @@ def test_every_bad_row_in_one_error(data, tmp_path):
     assert "6 problem(s)" in msg and "row 1 " not in msg
     assert "row 2 (line 3): image file not found: images/missing.png" in msg
     assert f"looked at {root / 'images/missing.png'}" in msg
-    assert "row 3 (line 4): image images/corrupt.png is not a readable image" in msg
+    assert "row 3 (line 4): image images/corrupt.png is not an image file Pillow can read" in msg
     assert "row 4 (line 5): empty prompt" in msg
     assert "row 5 (line 6): empty path in column 'edit_image'" in msg
     assert "row 6 (line 7): image images/truncated.jpg is truncated" in msg

@@ -51,3 +51,28 @@ def test_inference_refuses_an_input_image_far_from_height_and_width_before_loadi
     err = capsys.readouterr().err
     assert code == 2 and f"--input_image {tmp_path / 'strip.png'}: its 20000x4 px cannot fill 512x512" in err, err
     assert "Traceback" not in err and offline == []
+
+
+@pytest.mark.parametrize("name, content, what", [
+    ("notes.png", b"not an image", "notes.png: is not an image file Pillow can read (cannot identify image file)"),
+    # an iPhone photo as it comes off the phone: Pillow has no HEIC reader
+    ("phone.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", "phone.heic: is a .heic file, which Pillow cannot read"),
+])
+def test_a_file_that_is_no_image_pillow_reads_is_named_alike_by_training_and_inference(tmp_path, name, content, what):
+    """UnidentifiedImageError is an OSError: the scripts called such a file 'truncated or damaged', the metadata check
+    'not a readable image (... <_io.BytesIO object at 0x...>)'. One wording now, with the format when it is the cause."""
+    from diffsynth.utils.image import ImageError, open_image
+
+    (tmp_path / name).write_bytes(content)
+    Image.new("RGB", (64, 64)).save(tmp_path / "e.png")
+    with pytest.raises(ImageError) as e:
+        open_image(tmp_path / name)
+    script = str(e.value)
+    (tmp_path / "m.csv").write_text(f"image,edit_image,prompt\n{name},e.png,x\n")
+    with pytest.raises(DatasetError) as e:
+        validate_metadata(tmp_path / "m.csv", tmp_path)
+    row = str(e.value).splitlines()[1]
+    for msg in (script, row):
+        assert what.split(": ", 1)[1] in msg and "truncated" not in msg and "BytesIO" not in msg, msg
+    assert f"row 1 (line 2): image {name} {what.split(': ', 1)[1]}" in row, row
+    assert ("convert it to PNG or JPEG" if name.endswith(".heic") else "re-export or replace it") in row

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, displayed_size, edit_image_size, file_problem,
-    has_transparency, open_header, open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image, target_size,
-    to_rgb,
+    VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, decode_problem, displayed_size, edit_image_size,
+    file_problem, has_transparency, open_header, open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image,
+    target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -216,8 +216,7 @@ def _inspect_file(path):
     except ImageError as e:  # says what to do itself
         return str(e)
     except Exception as e:  # PIL raises many types for damaged files
-        what = "is truncated" if "truncated" in str(e).lower() else "is not a readable image"
-        return f"{what} ({type(e).__name__}: {e}); re-export or replace it"
+        return decode_problem(path, e)
     return hashlib.sha256(data).hexdigest(), size
 
 

@@ -108,7 +108,11 @@ def check_header(img: Image.Image):
     if img.mode not in _MODES:
         raise ImageError(f"has pixel mode {img.mode!r}, which is not converted to RGB here; save it as RGB "
                          "(8- or 16-bit PNG, or JPEG)")
-    frames = getattr(img, "n_frames", 1)
+    try:  # counting reads every frame's header: a cut animation fails here, with whatever Pillow raises
+        frames = getattr(img, "n_frames", 1)
+    except Exception as e:
+        raise ImageError(f"is truncated or damaged ({type(e).__name__} counting its frames: {e}); re-export or "
+                         "replace it") from None
     if frames > 1 and img.format != "MPO":  # an MPO (many phones' JPEGs) is the photo plus previews: frame 0 is it
         what = "pages (a multi-page TIFF)" if img.format == "TIFF" else f"frames (an animated {img.format})"
         raise ImageError(f"has {frames} {what}: which one is the picture is a guess; save the frame you mean as a "
@@ -207,9 +211,20 @@ def open_image(path) -> Image.Image:
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged files
-        what = "is truncated or damaged" if "truncated" in str(e).lower() or isinstance(e, (OSError, SyntaxError)) \
-            else "is not an image file Pillow can read"
-        raise ImageError(f"{path}: {what} ({type(e).__name__}: {e}); re-export or replace it") from None
+        raise ImageError(f"{path}: {decode_problem(path, e)}") from None
+
+
+def decode_problem(path, error) -> str:
+    """What Pillow's `error` while opening or decoding the file `path` tells the user, and the fix (shared by
+    open_image and the metadata check, which decodes from the file's bytes)."""
+    if isinstance(error, UnidentifiedImageError):  # an OSError too, but nothing was cut: no reader knows the bytes
+        ext = os.path.splitext(os.fspath(path))[1].lower()
+        if ext and ext not in Image.registered_extensions():  # e.g. a phone's .heic
+            return f"is a {ext} file, which Pillow cannot read; convert it to PNG or JPEG"
+        return "is not an image file Pillow can read (cannot identify image file); re-export or replace it"
+    what = "is truncated or damaged" if "truncated" in str(error).lower() or isinstance(error, (OSError, SyntaxError)) \
+        else "is not an image file Pillow can read"
+    return f"{what} ({type(error).__name__}: {error}); re-export or replace it"
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:
