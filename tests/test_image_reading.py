@@ -225,3 +225,15 @@ def test_a_mask_with_transparent_pixels_is_refused(tmp_path, mode):
     msg = str(e.value)
     assert "row 3 (line 4): mask mask.png has transparent pixels" in msg and "white = train" in msg, msg
     assert "row 1" not in msg and "row 2" not in msg  # opaque masks, RGBA or not, are fine
+
+
+@pytest.mark.parametrize("keep", [1 / 3, 2 / 3])
+def test_a_cut_animated_gif_is_named_damaged_not_a_traceback(tmp_path, keep):
+    """Counting an animation's frames reads every frame header: in a cut GIF that raised struct.error or IndexError
+    out of open_image (a traceback from the inference script) instead of naming the damaged file."""
+    frames = [Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype(np.uint8)) for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    data = (tmp_path / "a.gif").read_bytes()
+    (tmp_path / "cut.gif").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ImageError, match=r"cut.gif: (is truncated or damaged|has \d frames)"):
+        open_image(tmp_path / "cut.gif")
