@@ -109,11 +109,7 @@ def check_header(img: Image.Image):
         raise ImageError(f"has pixel mode {img.mode!r}, which is not converted to RGB here; save it as RGB "
                          "(8- or 16-bit PNG, or JPEG)")
     try:  # counting reads every frame's header: a cut animation fails here, with whatever Pillow raises
-        try:  # counting reads every frame's header: a cut animation fails here, with whatever Pillow raises
         frames = getattr(img, "n_frames", 1)
-    except Exception as e:
-        raise ImageError(f"is truncated or damaged ({type(e).__name__} counting its frames: {e}); re-export or "
-                         "replace it") from None
     except Exception as e:
         raise ImageError(f"is truncated or damaged ({type(e).__name__} counting its frames: {e}); re-export or "
                          "replace it") from None
