@@ -76,3 +76,20 @@ def test_a_file_that_is_no_image_pillow_reads_is_named_alike_by_training_and_inf
         assert what.split(": ", 1)[1] in msg and "truncated" not in msg and "BytesIO" not in msg, msg
     assert f"row 1 (line 2): image {name} {what.split(': ', 1)[1]}" in row, row
     assert ("convert it to PNG or JPEG" if name.endswith(".heic") else "re-export or replace it") in row
+
+
+def test_an_image_under_the_limit_opens_without_pillows_bomb_warning(tmp_path):
+    """Between 89 and 179 megapixels (a medium-format photo, a panorama) Pillow warns 'could be decompression bomb DOS
+    attack' on every open, three times per row in training, though the image is within this project's own limit
+    (and is used). It is read quietly; over the limit it is refused (above)."""
+    import warnings
+
+    from diffsynth.utils.image import open_image
+
+    Image.new("1", (10000, 10000), 1).save(tmp_path / "big.png")  # 100 megapixels, a few kB on disk
+    Image.new("RGB", (64, 64)).save(tmp_path / "e.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nbig.png,e.png,x\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [sample] = validate_metadata(tmp_path / "m.csv", tmp_path)
+        assert sample.target_size == (1024, 1024) and open_image(tmp_path / "big.png").size == (10000, 10000)

@@ -203,7 +203,7 @@ def _inspect_file(path):
     try:
         with open_header(io.BytesIO(data)) as img:
             img.verify()  # checks structure and checksums without decoding pixels; must come first
-        with Image.open(io.BytesIO(data)) as img:
+        with open_header(io.BytesIO(data)) as img:
             size = displayed_size(img)
             # verify() checks a PNG's every chunk checksum, but barely looks at other formats: a cut or damaged
             # GIF, TIFF, BMP, WebP or JPEG passes it and fails only when training decodes it. Decode those now (a

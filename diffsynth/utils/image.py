@@ -8,6 +8,7 @@ rule: a fixed --height/--width, or scaled down to at most --max_pixels, sides fl
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -129,9 +130,12 @@ def _too_large(what) -> ImageError:
 def open_header(source) -> Image.Image:
     """Image.open (header only, nothing decoded) and check_header. Pillow refuses an image over MAX_PIXELS inside
     Image.open, before check_header can look: its DecompressionBombError gets check_header's words, so the metadata
-    check and the scripts say the same thing."""
+    check and the scripts say the same thing. Below it, Pillow's DecompressionBombWarning (from 89 MP) is not shown:
+    this limit is the one that counts, and the warning repeated on every open of a large photo that is used."""
     try:
-        img = Image.open(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source)
     except Image.DecompressionBombError as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         raise _too_large(f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else f"too large ({e})") from None
