@@ -237,3 +237,25 @@ def test_a_cut_animated_gif_is_named_damaged_not_a_traceback(tmp_path, keep):
     (tmp_path / "cut.gif").write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ImageError, match=r"cut.gif: (is truncated or damaged|has \d frames)"):
         open_image(tmp_path / "cut.gif")
+
+
+def test_a_coloured_mask_is_refused_a_grey_one_in_any_mode_is_read(tmp_path):
+    """A mask is read by its grey level: red paint (255, 0, 0) became grey 76, training that region at 30% without a
+    word. A coloured mask is refused by row; grey masks in RGB (a JPEG too), L or palette mode are read."""
+    square = np.zeros((32, 32, 3), np.uint8)
+    square[8:24, 8:24] = (255, 0, 0)
+    Image.fromarray(square).save(tmp_path / "red.png")
+    grey = np.zeros((32, 32), np.uint8)
+    grey[8:24, 8:24] = 255
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey.jpg", quality=90)
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "p.png")
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "t.png")
+    Image.new("RGB", (32, 32), (40, 50, 60)).save(tmp_path / "e.png")
+    rows = "".join(f"t.png,e.png,x,{m}\n" for m in ("grey.jpg", "l.png", "p.png", "red.png"))
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt,mask\n" + rows)
+    with pytest.raises(DatasetError) as e:
+        validate_metadata(tmp_path / "m.csv", tmp_path, data_file_keys="image,edit_image,mask", max_pixels=4096,
+                          edit_area=4096)
+    msg = str(e.value)
+    assert "1 problem(s)" in msg and "row 4 (line 5): mask red.png is coloured" in msg and "greyscale" in msg, msg

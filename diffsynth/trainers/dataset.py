@@ -20,8 +20,8 @@ from PIL import Image
 
 from diffsynth.utils.image import (
     VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, decode_problem, displayed_size, edit_image_size,
-    file_problem, has_transparency, open_header, open_image, pil_to_tensor, resize_and_center_crop, resize_edit_image,
-    target_size, to_rgb,
+    file_problem, has_transparency, is_grey, open_header, open_image, pil_to_tensor, resize_and_center_crop,
+    resize_edit_image, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -327,11 +327,15 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
                                 "and cropped like its target, so it needs the target's aspect ratio (best: its size)")
                 continue
             with Image.open(mask) as m:  # readable: inspected above
-                transparent = has_transparency(m)
+                transparent, grey = has_transparency(m), is_grey(m)
             if transparent:  # composited over white it would read 'train' wherever it is transparent
                 problems.append(f"  {where}: mask {row['mask']} has transparent pixels: a mask is read by its grey "
                                 "level (white = train, black = ignore), not its alpha; flatten it onto black and save "
                                 "it without transparency")
+                continue
+            if not grey:  # red paint would weigh 0.3 (its luma), silently
+                problems.append(f"  {where}: mask {row['mask']} is coloured: a mask is read by its grey level (white "
+                                "= train, black = ignore, grey in between); save it as a greyscale image")
                 continue
         try:  # an edit image the VAE or the VL text encoder cannot take: refused here, not mid-run
             for p, rel in zip(edits, names.get("edit_image", [])):

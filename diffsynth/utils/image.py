@@ -196,6 +196,15 @@ def has_transparency(img: Image.Image) -> bool:
     return img.convert("RGBA").getextrema()[3][0] < 255
 
 
+def is_grey(img: Image.Image, tolerance=16) -> bool:
+    """Whether every pixel's red, green and blue are within `tolerance` levels of each other (a JPEG's chroma noise
+    passes): a greyscale picture, whatever its mode."""
+    if img.mode in ("1", "L", "LA", "La", "I", "F") or img.mode.startswith("I;16"):
+        return True
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return int((rgb.max(-1) - rgb.min(-1)).max(initial=0)) <= tolerance
+
+
 def as_rgb(img: Image.Image) -> Image.Image:
     """A decoded PIL image as every reader here takes it: the EXIF rotation applied (once: the result carries no
     orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files."""
