@@ -259,3 +259,46 @@ def test_a_coloured_mask_is_refused_a_grey_one_in_any_mode_is_read(tmp_path):
                           edit_area=4096)
     msg = str(e.value)
     assert "1 problem(s)" in msg and "row 4 (line 5): mask red.png is coloured" in msg and "greyscale" in msg, msg
+
+
+# ---- the edit image resolution a LoRA was trained at ---------------------------------------------------------
+
+def lora_trained_at(path, edit_image_area):
+    from diffsynth.lora import save_lora
+    from diffsynth.models import load_qwen_image_dit
+    from diffsynth.utils.tiny_models import write_tiny_models
+
+    write_tiny_models(path.parent / "models", seed=0)
+    dit = load_qwen_image_dit(str(path.parent / "models/tiny-random/Qwen-Image-Edit/transformer"), merged_qkv=True)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, module in dit.named_modules():
+        if name.endswith("attn.to_qkv"):
+            sd[f"{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.1
+            sd[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.1
+    save_lora(sd, str(path), rank=4, alpha=4, target_modules="to_qkv", architecture="merged_qkv",
+              extra_metadata={"edit_image_area": edit_image_area, "steps": 10})
+    return str(path.parent / "models")
+
+
+@pytest.mark.slow
+def test_inference_sizes_edit_images_as_the_lora_was_trained(tmp_path, capsys):
+    """A LoRA trained with --edit_image_area 4096 (the README's memory saver) saw edit images, and learned outputs,
+    at that area; the inference script defaulted to 1024x1024 regardless, silently feeding it 256x more tokens than
+    it ever saw. It now takes the area from the LoRA's metadata and says so; an explicit flag wins, with a note."""
+    models = lora_trained_at(tmp_path / "lora.safetensors", 4096)
+    Image.fromarray((np.random.RandomState(0).rand(80, 48, 3) * 255).astype(np.uint8)).save(tmp_path / "e.png")
+    from conftest import TINY_MODEL_IDS
+
+    main = load_script(INFER, "infer").main
+    base = ["--edit_image", str(tmp_path / "e.png"), "--prompt", "x", "--lora_path", str(tmp_path / "lora.safetensors"),
+            "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", models, "--num_steps", "1",
+            "--device", "cpu", "--cfg_scale", "1"]
+    assert main([*base, "--output", str(tmp_path / "o.png")]) == 0
+    err = capsys.readouterr().err
+    assert "--edit_image_area 4096: the area" in err and "lora.safetensors was trained at" in err, err
+    with Image.open(tmp_path / "o.png") as out:
+        assert out.size == (64, 96)  # 48x80 at 4096 px area, not 1024x1024's 800x1328
+    assert main([*base, "--output", str(tmp_path / "o2.png"), "--edit_image_area", "16384"]) == 0
+    err = capsys.readouterr().err
+    assert "--edit_image_area 16384 differs from the 4096 px area" in err, err

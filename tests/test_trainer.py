@@ -63,6 +63,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tiny_models, tmp_path, 
         keys = list(f.keys())
     assert meta["architecture"] == ("merged_qkv" if merged else "standard")
     assert meta["rank"] == "4" and meta["steps"] == "30"
+    assert meta["edit_image_area"] == "4096"  # what the inference script sizes edit images to by default
     assert any(("to_qkv" if merged else "to_q") + ".lora_A.weight" in k for k in keys)
     # the standard-layout export (diffusers keys) carries the training metadata too
     with safe_open(os.path.join(out, "checkpoint-final-diffusers.safetensors"), "pt") as f:

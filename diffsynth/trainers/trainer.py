@@ -429,7 +429,8 @@ class Trainer:
         path = os.path.join(args.output_path, f"{name}.safetensors")
         arch = "merged_qkv" if args.merged_qkv else "standard"
         meta = {"base_model": args.model_id_with_origin_paths or args.model_paths, "steps": self.state.step,
-                "dataset_size": len(self.dataset.samples), "epoch": self.state.epoch}
+                "dataset_size": len(self.dataset.samples), "epoch": self.state.epoch,
+                "edit_image_area": args.edit_image_area}  # the inference script's default for this LoRA
         if args.lora_base_model:
             sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit, state_dict=state).items()}
             alpha = args.lora_alpha or args.lora_rank

@@ -69,8 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--edit_plus", action="store_true",
                         help="Qwen-Image-Edit-2509: the Edit-Plus prompt template even for one edit image (used "
                              "anyway for several images and for Edit-2511 models)")
-    parser.add_argument("--edit_image_area", type=int, default=1024 * 1024,
-                        help="pixel area of each edit image for the VAE (default 1024*1024, as trained)")
+    parser.add_argument("--edit_image_area", type=int, default=None,
+                        help="pixel area of each edit image for the VAE (default: the area the --lora_path was trained "
+                             "at, which this project's trainer records in its metadata, else 1024*1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -157,11 +158,40 @@ def check_output(path, inputs=()):
                          "output path") from None
 
 
+def resolve_edit_image_area(args):
+    """--edit_image_area when given, else the area the LoRA(s) were trained at (the trainer's metadata), else 1024*1024:
+    a LoRA trained on 512x512 edit images is not silently fed 1024x1024 ones. A flag that differs is noted."""
+    from diffsynth.utils.image import VAE_EDIT_AREA
+    from diffsynth.utils.io import read_metadata
+
+    trained = {}
+    for path in args.lora_path:
+        try:
+            trained[path] = int(read_metadata(path)["edit_image_area"])
+        except Exception:  # no such field (another tool's LoRA), or a file check_any names the problem of
+            continue
+    areas = sorted(set(trained.values()))
+    if args.edit_image_area is None:
+        args.edit_image_area = areas[0] if len(areas) == 1 else VAE_EDIT_AREA
+        if len(areas) == 1 and areas[0] != VAE_EDIT_AREA:
+            print(f"note: --edit_image_area {areas[0]}: the area {', '.join(trained)} was trained at (its metadata); "
+                  "pass --edit_image_area to choose another", file=sys.stderr)
+        elif len(areas) > 1:
+            print(f"note: the LoRAs were trained at different edit image areas ({', '.join(map(str, areas))}); using "
+                  f"{VAE_EDIT_AREA}: pass --edit_image_area to choose", file=sys.stderr)
+        return
+    for path, area in trained.items():
+        if area != args.edit_image_area:
+            print(f"note: --edit_image_area {args.edit_image_area} differs from the {area} px area {path} was trained "
+                  "at (its metadata)", file=sys.stderr)
+
+
 def open_inputs(args):
     """Check every input and decode the images before the heavy imports and model loading: a wrong path, a bad
     image or a damaged LoRA fails in seconds, not after minutes of loading."""
     from diffsynth.utils.image import MAX_EDIT_AREA, check_cover, check_edit_size, open_image
 
+    resolve_edit_image_area(args)
     if args.edit_image_area > MAX_EDIT_AREA:  # checked here: the image module imports torch, parse_args does not
         raise ValueError(f"--edit_image_area must be <= {MAX_EDIT_AREA} (4096x4096; the models were trained at "
                          f"1024x1024 = 1048576), got {args.edit_image_area}")
