@@ -302,3 +302,14 @@ def test_inference_sizes_edit_images_as_the_lora_was_trained(tmp_path, capsys):
     assert main([*base, "--output", str(tmp_path / "o2.png"), "--edit_image_area", "16384"]) == 0
     err = capsys.readouterr().err
     assert "--edit_image_area 16384 differs from the 4096 px area" in err, err
+
+
+def test_pil_to_tensor_converts_like_every_reader():
+    """pil_to_tensor (QwenImagePipeline.encode_edit_images hands it the caller's images) used convert("RGB"):
+    transparent pixels showed their hidden colour and 16-bit grey went white, unlike every other reader."""
+    from diffsynth.utils.image import pil_to_tensor
+
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    assert torch.equal(pil_to_tensor(rgba), torch.ones(3, 16, 16))
+    grey16 = Image.fromarray(np.full((16, 16), 32768, np.uint16))
+    assert abs(pil_to_tensor(grey16).mean().item()) < 0.01  # mid grey, not white (1.0)

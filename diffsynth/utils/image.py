@@ -285,8 +285,9 @@ def resize_and_center_crop(img: Image.Image, width, height) -> Image.Image:
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, H, W) in [-1, 1] (diffusers' VaeImageProcessor arithmetic)."""
-    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    """PIL image (any mode, converted by `to_rgb`) -> float tensor (3, H, W) in [-1, 1] (diffusers' VaeImageProcessor
+    arithmetic)."""
+    array = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
 
 
