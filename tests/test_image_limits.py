@@ -3,6 +3,7 @@ inference loads a model, with the same words in the metadata check and in the sc
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import load_script
@@ -93,3 +94,31 @@ def test_an_image_under_the_limit_opens_without_pillows_bomb_warning(tmp_path):
         warnings.simplefilter("error")
         [sample] = validate_metadata(tmp_path / "m.csv", tmp_path)
         assert sample.target_size == (1024, 1024) and open_image(tmp_path / "big.png").size == (10000, 10000)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16"])
+def test_a_rotated_uncompressed_tiff_reads_upright_not_scrambled(tmp_path, mode):
+    """Pillow (13.0), decoding an uncompressed non-RGB TIFF with EXIF orientation 5-8 from a file NAME (memory-mapped),
+    reports it at its rotated size and decodes its rows into that shape: scrambled, unrotated pixels (48x32 where the
+    header said 32x48), trained on and edited without a word. From an open file it decodes right: open_image reads
+    the file through one, and a decode at another size than the header's is refused (check_decoded_size)."""
+    import numpy as np
+
+    from diffsynth.trainers.dataset import EditDataset
+    from diffsynth.utils.image import ImageError, check_decoded_size, open_image
+
+    a = (np.arange(32 * 48).reshape(32, 48) % 251).astype(np.uint8)
+    img = Image.fromarray(a.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(a).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "scan.tif", exif=exif.tobytes())  # uncompressed
+    img.save(tmp_path / "lzw.tif", exif=exif.tobytes(), compression="tiff_lzw")  # decoded right either way
+    upright = np.asarray(open_image(tmp_path / "lzw.tif"))
+    assert upright.shape[:2] == (48, 32)
+    assert np.array_equal(np.asarray(open_image(tmp_path / "scan.tif")), upright)
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nscan.tif,lzw.tif,x\n")
+    ds = EditDataset(tmp_path / "m.csv", tmp_path, max_pixels=None, edit_area=32 * 48)
+    assert ds.samples[0].target_size == (32, 48)
+    assert torch.equal(ds[0]["image"], torch.from_numpy(upright).permute(2, 0, 1) / 255.0 * 2.0 - 1.0)
+    with pytest.raises(ImageError, match="decodes at 20x12 px, not the 12x20 px its header gives"):
+        check_decoded_size(Image.new("RGB", (20, 12)), (12, 20))

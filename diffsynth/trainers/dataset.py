@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from diffsynth.utils.image import (
-    VAE_EDIT_AREA, ImageError, check_cover, check_edit_size, decode_problem, displayed_size, edit_image_size,
-    file_problem, has_transparency, is_grey, open_header, open_image, pil_to_tensor, resize_and_center_crop,
-    resize_edit_image, target_size, to_rgb,
+    VAE_EDIT_AREA, ImageError, check_cover, check_decoded_size, check_edit_size, decode_problem, displayed_size,
+    edit_image_size, file_problem, has_transparency, is_grey, open_header, open_image, pil_to_tensor,
+    resize_and_center_crop, resize_edit_image, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -209,8 +209,11 @@ def _inspect_file(path):
             # GIF, TIFF, BMP, WebP or JPEG passes it and fails only when training decodes it. Decode those now (a
             # JPEG at 1/8 scale, cheap; draft() does nothing for formats without reduced decoding).
             if img.format != "PNG" or img.mode in ("I", "F"):  # I/F: the pixel range decides whether they convert
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                header = img.size
+                drafted = img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
+                if not drafted:  # decoded at full size: it must be the header's
+                    check_decoded_size(img, header)
                 if img.mode in ("I", "F"):
                     to_rgb(img)
     except ImageError as e:  # says what to do itself
@@ -326,7 +329,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
                 problems.append(f"  {where}: mask {row['mask']} is {mw}x{mh}, the image {iw}x{ih}: a mask is resized "
                                 "and cropped like its target, so it needs the target's aspect ratio (best: its size)")
                 continue
-            with Image.open(mask) as m:  # readable: inspected above
+            with open_header(mask) as m:  # readable: inspected above
                 transparent, grey = has_transparency(m), is_grey(m)
             if transparent:  # composited over white it would read 'train' wherever it is transparent
                 problems.append(f"  {where}: mask {row['mask']} has transparent pixels: a mask is read by its grey "

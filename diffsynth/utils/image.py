@@ -218,13 +218,26 @@ def open_image(path) -> Image.Image:
     if problem:
         raise ImageError(f"{path}: {problem}")
     try:
-        with open_header(path) as img:
+        # through an open file, not the name: Pillow memory-maps an uncompressed file it opens by name, and so
+        # decodes an uncompressed non-RGB TIFF with an EXIF rotation of 90 degrees scrambled
+        with open(path, "rb") as f, open_header(f) as img:
+            header = img.size
             img.load()
+            check_decoded_size(img, header)
             return as_rgb(img)
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged files
         raise ImageError(f"{path}: {decode_problem(path, e)}") from None
+
+
+def check_decoded_size(img: Image.Image, header_size):
+    """Refuse a decode whose size is not the one the header gave (and that sized the training target and buckets):
+    Pillow memory-mapping an uncompressed non-RGB TIFF with an EXIF rotation of 90 degrees decoded its rows into the
+    rotated shape, scrambled (open_image avoids that path; this keeps any other such mismatch from being used)."""
+    if img.size != tuple(header_size):
+        raise ImageError(f"decodes at {img.width}x{img.height} px, not the {header_size[0]}x{header_size[1]} px its "
+                         "header gives: its pixels would be garbage; save it as PNG or JPEG")
 
 
 def decode_problem(path, error) -> str:
