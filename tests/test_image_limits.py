@@ -122,3 +122,18 @@ def test_a_rotated_uncompressed_tiff_reads_upright_not_scrambled(tmp_path, mode)
     assert torch.equal(ds[0]["image"], torch.from_numpy(upright).permute(2, 0, 1) / 255.0 * 2.0 - 1.0)
     with pytest.raises(ImageError, match="decodes at 20x12 px, not the 12x20 px its header gives"):
         check_decoded_size(Image.new("RGB", (20, 12)), (12, 20))
+
+
+def test_a_dark_sixteen_bit_pgm_stays_dark(tmp_path):
+    """Pillow reads a 16-bit PGM (a camera's or a scanner's raw grey) as mode I, its samples scaled to 0..65535. to_rgb
+    took any mode-I image whose values all fit 0..255 for an 8-bit one: a dark frame (values up to 200 of 65535)
+    turned light grey, 256 times too bright, while a brighter frame of the same camera was right."""
+    import numpy as np
+
+    from diffsynth.utils.image import open_image
+
+    for name, value in (("dark.pgm", 200), ("bright.pgm", 30000)):
+        (tmp_path / name).write_bytes(b"P5\n4 4\n65535\n" + np.full((4, 4), value, ">u2").tobytes())
+        assert Image.open(tmp_path / name).mode == "I"
+        grey = np.asarray(open_image(tmp_path / name))
+        assert (grey == round(value * 255 / 65535)).all(), (name, grey[0, 0])

@@ -29,7 +29,8 @@ SUPPORTED_FILE_KEYS = ("image", "edit_image", "mask")  # mask: optional loss mas
 MAX_LISTED_PROBLEMS = 100
 # Bump when the pixels a sample yields for the same files change (resampling, cropping), so caches keyed
 # by `cache_key` are recomputed.
-SAMPLE_FORMAT_VERSION = 2  # 2: an RGB PNG's colour key is transparency (composited over white)
+SAMPLE_FORMAT_VERSION = 3  # 2: an RGB PNG's colour key is transparency (composited over white); 3: rotated uncompressed
+# non-RGB TIFFs decoded upright (not scrambled), dark 16-bit PGMs scaled as 16-bit
 
 
 class DatasetError(ValueError):

@@ -151,14 +151,22 @@ def _gray_to_rgb(values: np.ndarray, scale: float) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+# Formats whose mode-I pixels Pillow always scales to 0..65535 (a 16-bit PGM/PPM, a 16-bit grey PNG in older Pillow):
+# their range is known, however dark the picture; only other mode-I images (a 32-bit TIFF) are judged by their values
+_SIXTEEN_BIT_I_FORMATS = ("PPM", "PNG")
+
+
+def to_rgb(img: Image.Image, source_format=None) -> Image.Image:
     """Any supported mode -> 8-bit RGB as a viewer shows it: 16-bit and integer/float greyscale scaled (not clipped
-    to white), transparency composited over white, CMYK through its ICC profile when it has one."""
+    to white), transparency composited over white, CMYK through its ICC profile when it has one. `source_format`:
+    the file's format when `img` is a copy (which has none), e.g. after the EXIF rotation."""
     mode = img.mode
+    if mode == "I" and (source_format or img.format) in _SIXTEEN_BIT_I_FORMATS:
+        mode = "I;16"  # values in 0..65535, scaled as such below
     if mode == "RGB" and "transparency" not in img.info:  # an RGB PNG's tRNS colour key is transparency too
         return img
     if mode.startswith("I;16"):
-        return _gray_to_rgb(np.asarray(img, dtype=np.float64), 255 / 65535)
+        return _gray_to_rgb(np.clip(np.asarray(img, dtype=np.float64), 0, 65535), 255 / 65535)
     if mode in ("I", "F"):
         values = np.asarray(img, dtype=np.float64)
         lo, hi = (values.min(), values.max()) if values.size else (0, 0)
@@ -208,7 +216,7 @@ def is_grey(img: Image.Image, tolerance=16) -> bool:
 def as_rgb(img: Image.Image) -> Image.Image:
     """A decoded PIL image as every reader here takes it: the EXIF rotation applied (once: the result carries no
     orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files."""
-    return to_rgb(ImageOps.exif_transpose(img))
+    return to_rgb(ImageOps.exif_transpose(img), img.format)
 
 
 def open_image(path) -> Image.Image:
