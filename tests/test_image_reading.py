@@ -313,3 +313,19 @@ def test_pil_to_tensor_converts_like_every_reader():
     assert torch.equal(pil_to_tensor(rgba), torch.ones(3, 16, 16))
     grey16 = Image.fromarray(np.full((16, 16), 32768, np.uint16))
     assert abs(pil_to_tensor(grey16).mean().item()) < 0.01  # mid grey, not white (1.0)
+
+
+def test_rows_whose_target_and_edit_image_differ_in_shape_are_named(tmp_path):
+    """Inference (and validation during training) outputs the last edit image's aspect ratio unless --height and
+    --width say otherwise: a LoRA trained on square targets of 3:2 inputs then runs at a shape it never made. The
+    rows are named once with the fix; rows of one shape are not."""
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "square.png")
+    Image.new("RGB", (96, 64), (4, 5, 6)).save(tmp_path / "wide.png")
+    Image.new("RGB", (48, 32), (7, 8, 9)).save(tmp_path / "wide_small.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nsquare.png,wide.png,x\nwide.png,wide_small.png,y\n")
+    with pytest.warns(UserWarning) as caught:
+        validate_metadata(tmp_path / "m.csv", tmp_path, max_pixels=None, edit_area=4096)
+    said = "\n".join(str(w.message) for w in caught)
+    assert "1 row(s) have a target whose aspect ratio differs from their last edit image's" in said, said
+    assert "row 1 (line 2): square.png is 64x64, wide.png 96x64" in said and "--height and --width" in said
+    assert "row 2" not in said

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -237,7 +238,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         target_size((1, 1), max_pixels, height, width)  # bad --height/--width raise here, once
     rows = read_metadata(metadata_path)
     columns = keys + ["prompt"]
-    problems, same_content, samples, inspected = [], [], [], {}
+    problems, same_content, other_shape, samples, inspected = [], [], [], [], {}
 
     present = Counter(c for _, row in rows if isinstance(row, dict) for c in columns if c in row)
     if "mask" not in keys and any(isinstance(row, dict) and row.get("mask") for _, row in rows):
@@ -351,6 +352,11 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         edit_digests = [inspected[p][0] for p in edits]
         if image_digest in edit_digests:
             same_content.append(f"  {where}: {row['image']}")
+        (ew, eh) = inspected[edits[-1]][1] if edits else (1, 1)
+        if edits and abs(math.log(size[0] * eh / (size[1] * ew))) > math.log(1.1):  # trained vs inferred shape
+            other_shape.append(f"  {where}: {row['image']} is {image_wh[0]}x{image_wh[1]}"
+                               f"{f' (trained at {size[0]}x{size[1]})' if height is not None else ''}, "
+                               f"{names['edit_image'][-1]} {ew}x{eh}")
         key = json.dumps([SAMPLE_FORMAT_VERSION, image_digest, edit_digests, prompt, size, edit_sizes])
         samples.append(Sample(where, image, edits, prompt, size, edit_sizes, hashlib.sha256(key.encode()).hexdigest(),
                               mask))
@@ -366,6 +372,14 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             f"{metadata_path}: {len(same_content)} row(s) use the same image as target and edit input, so the "
             "model learns no edit there; check that the image and edit_image columns are not swapped or "
             "duplicated:\n" + "\n".join(same_content[:MAX_LISTED_PROBLEMS]),
+            stacklevel=2,
+        )
+    if other_shape:
+        warnings.warn(
+            f"{metadata_path}: {len(other_shape)} row(s) have a target whose aspect ratio differs from their last edit "
+            "image's (by over 10%). Inference, and validation during training, output the last edit image's aspect "
+            "ratio unless --height and --width are given: pass the target shape there when you use this LoRA, or "
+            "crop targets and edit images alike:\n" + "\n".join(other_shape[:MAX_LISTED_PROBLEMS]),
             stacklevel=2,
         )
     return samples
