@@ -137,3 +137,25 @@ def test_a_dark_sixteen_bit_pgm_stays_dark(tmp_path):
         assert Image.open(tmp_path / name).mode == "I"
         grey = np.asarray(open_image(tmp_path / name))
         assert (grey == round(value * 255 / 65535)).all(), (name, grey[0, 0])
+
+
+def test_an_unreadable_file_is_not_called_damaged(tmp_path, monkeypatch):
+    """A file the process may not read (another user's, mode 600) raised PermissionError, an OSError, which the
+    scripts reported as 'is truncated or damaged ...; re-export or replace it'. It says what the metadata check says."""
+    import builtins
+
+    from diffsynth.utils import image
+    from diffsynth.utils.image import ImageError, open_image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "theirs.png")
+    real_open = builtins.open
+
+    def denied(path, *args, **kwargs):  # root reads everything: simulate the refusal
+        if str(path).endswith("theirs.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(image, "open", denied, raising=False)
+    with pytest.raises(ImageError) as e:
+        open_image(tmp_path / "theirs.png")
+    assert str(e.value) == f"{tmp_path / 'theirs.png'}: cannot be read (Permission denied); check its permissions"

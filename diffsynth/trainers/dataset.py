@@ -201,7 +201,7 @@ def _inspect_file(path):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return f"cannot be read ({e.strerror}); re-export or replace it"
+        return decode_problem(path, e)
     try:
         with open_header(io.BytesIO(data)) as img:
             img.verify()  # checks structure and checksums without decoding pixels; must come first

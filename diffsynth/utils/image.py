@@ -251,6 +251,8 @@ def check_decoded_size(img: Image.Image, header_size):
 def decode_problem(path, error) -> str:
     """What Pillow's `error` while opening or decoding the file `path` tells the user, and the fix (shared by
     open_image and the metadata check, which decodes from the file's bytes)."""
+    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError)):  # the file, not its content
+        return f"cannot be read ({error.strerror}); check its permissions"
     if isinstance(error, UnidentifiedImageError):  # an OSError too, but nothing was cut: no reader knows the bytes
         ext = os.path.splitext(os.fspath(path))[1].lower()
         if ext and ext not in Image.registered_extensions():  # e.g. a phone's .heic
