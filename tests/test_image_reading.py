@@ -329,3 +329,31 @@ def test_rows_whose_target_and_edit_image_differ_in_shape_are_named(tmp_path):
     assert "1 row(s) have a target whose aspect ratio differs from their last edit image's" in said, said
     assert "row 1 (line 2): square.png is 64x64, wide.png 96x64" in said and "--height and --width" in said
     assert "row 2" not in said
+
+
+def test_training_and_the_pipeline_feed_the_vae_the_same_edit_tensor(tiny_pipe, tmp_path):
+    """One reading end to end: the tensor the dataset yields for an edit image file (a rotated phone JPEG, a
+    transparent grey PNG) is the one the pipeline encodes when given the same file opened with PIL."""
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(LANDSCAPE).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    la = np.zeros((40, 24, 2), np.uint8)
+    la[..., 0] = 90
+    la[:20, :, 1] = 255  # bottom half transparent
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "t.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nt.png,phone.jpg|la.png,x\n")
+    with pytest.warns(UserWarning):  # the target is square, the last edit image is not
+        item = EditDataset(tmp_path / "m.csv", tmp_path, max_pixels=None, edit_area=4096)[0]
+    seen = []
+    encode = tiny_pipe.encode_images
+    tiny_pipe.encode_images = lambda x: seen.append(x[0].clone()) or encode(x)
+    try:
+        with Image.open(tmp_path / "phone.jpg") as a, Image.open(tmp_path / "la.png") as b:
+            tiny_pipe("x", edit_image=[a, b], num_inference_steps=1, seed=0, edit_image_area=4096, progress=False,
+                      output_type="latent")
+    finally:
+        del tiny_pipe.encode_images
+    assert len(seen) == 2
+    for ours, theirs in zip(item["edit_images"], seen):
+        assert torch.equal(ours, theirs.float())
