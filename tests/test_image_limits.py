@@ -159,3 +159,17 @@ def test_an_unreadable_file_is_not_called_damaged(tmp_path, monkeypatch):
     with pytest.raises(ImageError) as e:
         open_image(tmp_path / "theirs.png")
     assert str(e.value) == f"{tmp_path / 'theirs.png'}: cannot be read (Permission denied); check its permissions"
+
+
+def test_the_pipeline_names_an_edit_image_too_narrow_for_its_area(tiny_models):
+    """From Python (no script to check first) a 32x1920 edit image at edit_image_area 4096 rounds to 0 px wide: PIL
+    raised 'height and width must be > 0' from inside the resize. The pipeline refuses it as the scripts do."""
+    from conftest import TINY_MODEL_IDS
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+    from diffsynth.utils.image import ImageError
+
+    pipe = QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=tiny_models, download=False)
+    ok = Image.new("RGB", (64, 64))
+    with pytest.raises(ImageError, match=r"edit image 2: its 32x1920 px aspect ratio is too extreme"):
+        pipe("x", edit_image=[ok, Image.new("RGB", (32, 1920))], num_inference_steps=1, edit_image_area=4096,
+             progress=False)

@@ -10,8 +10,8 @@ from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_im
 from ..schedulers import FlowMatchScheduler
 from ..utils.compile import watch_compile
 from ..utils.image import (
-    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, as_rgb, edit_image_size, pil_to_tensor, resize_and_center_crop,
-    resize_edit_image, tensor_to_pil,
+    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, as_rgb, check_edit_size, edit_image_size, pil_to_tensor,
+    resize_and_center_crop, resize_edit_image, tensor_to_pil,
 )
 from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
 
@@ -254,6 +254,8 @@ class QwenImagePipeline:
         originals = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
                                                    else [edit_image])
         originals = [as_rgb(img) for img in originals]  # as the scripts and training read the image's file
+        for i, img in enumerate(originals):  # as the scripts check files: by name, not PIL's or the processor's error
+            check_edit_size(f"edit image {i + 1}", img.size, edit_image_area)
         edit_images = [resize_edit_image(img, edit_image_area) for img in originals]
         if height is None or width is None:
             if edit_images:
