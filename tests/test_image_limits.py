@@ -173,3 +173,21 @@ def test_the_pipeline_names_an_edit_image_too_narrow_for_its_area(tiny_models):
     with pytest.raises(ImageError, match=r"edit image 2: its 32x1920 px aspect ratio is too extreme"):
         pipe("x", edit_image=[ok, Image.new("RGB", (32, 1920))], num_inference_steps=1, edit_image_area=4096,
              progress=False)
+
+
+def test_the_vae_refuses_pixels_outside_minus_one_to_one():
+    """encode_latents takes images in [-1, 1] (pil_to_tensor's range). From Python a 0..255 tensor (torch's
+    pil_to_tensor / numpy pixels) was encoded without a word into latents of a blown-out picture."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from diffsynth.models.qwen_image_vae import encode_latents
+    from diffsynth.utils.image import pil_to_tensor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True]).eval()
+    pixels = torch.randint(0, 256, (1, 3, 16, 16)).float()
+    with pytest.raises(ValueError, match=r"images in \[-1, 1\], got values from 0 to 255"):
+        encode_latents(vae, pixels)
+    ok = pil_to_tensor(Image.new("RGB", (16, 16), (255, 0, 0)))[None]  # exactly -1 and 1
+    assert encode_latents(vae, ok).shape == (1, 16, 2, 2)

@@ -45,6 +45,10 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
     factor = vae.spatial_compression_ratio
     if images.shape[-2] % factor or images.shape[-1] % factor:
         raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {factor} for the VAE")
+    lo, hi = images.aminmax()
+    if lo < -1.001 or hi > 1.001:  # 0..255 pixels would encode a blown-out picture silently
+        raise ValueError(f"encode_latents takes images in [-1, 1], got values from {lo.item():g} to {hi.item():g}; "
+                         "convert pixels with diffsynth.utils.image.pil_to_tensor (x / 127.5 - 1)")
     param = next(vae.parameters())
     x = images.to(param.device, param.dtype).unsqueeze(2)
     z = vae.encode(x).latent_dist.mode()
