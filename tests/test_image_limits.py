@@ -191,3 +191,20 @@ def test_the_vae_refuses_pixels_outside_minus_one_to_one():
         encode_latents(vae, pixels)
     ok = pil_to_tensor(Image.new("RGB", (16, 16), (255, 0, 0)))[None]  # exactly -1 and 1
     assert encode_latents(vae, ok).shape == (1, 16, 2, 2)
+
+
+def test_a_pil_image_pillow_decodes_scrambled_is_refused_by_the_pipelines_reader(tmp_path):
+    """From Python, Image.open(name) of a rotated uncompressed greyscale TIFF decodes scrambled (see above) when the
+    pipeline first touches its pixels: as_rgb refuses a decode whose size is not the header's, as open_image does."""
+    import numpy as np
+
+    from diffsynth.utils.image import ImageError, as_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray((np.arange(32 * 48).reshape(32, 48) % 251).astype(np.uint8)).save(tmp_path / "scan.tif",
+                                                                                       exif=exif.tobytes())
+    with pytest.raises(ImageError, match="decodes at 48x32 px, not the 32x48 px its header gives"):
+        as_rgb(Image.open(tmp_path / "scan.tif"))
+    with open(tmp_path / "scan.tif", "rb") as f:  # through an open file Pillow decodes it right
+        assert as_rgb(Image.open(f)).size == (32, 48)

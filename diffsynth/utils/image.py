@@ -215,8 +215,12 @@ def is_grey(img: Image.Image, tolerance=16) -> bool:
 
 def as_rgb(img: Image.Image) -> Image.Image:
     """A decoded PIL image as every reader here takes it: the EXIF rotation applied (once: the result carries no
-    orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files."""
-    return to_rgb(ImageOps.exif_transpose(img), img.format)
+    orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files. An image
+    not decoded yet is decoded here, and refused if it decodes at another size than its header's (check_decoded_size)."""
+    header = img.size
+    upright = ImageOps.exif_transpose(img)  # decodes
+    check_decoded_size(img, header)
+    return to_rgb(upright, img.format)
 
 
 def open_image(path) -> Image.Image:
