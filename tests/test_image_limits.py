@@ -208,3 +208,22 @@ def test_a_pil_image_pillow_decodes_scrambled_is_refused_by_the_pipelines_reader
         as_rgb(Image.open(tmp_path / "scan.tif"))
     with open(tmp_path / "scan.tif", "rb") as f:  # through an open file Pillow decodes it right
         assert as_rgb(Image.open(f)).size == (32, 48)
+
+
+def test_a_float_image_just_over_one_is_refused_not_blackened(tmp_path):
+    """A float TIFF is read as 0..1 when its values fit, else as 0..255. A 0..1 picture with a highlight at 1.2 (an
+    HDR export, a filter's overshoot) was therefore read as 0..255: all but black, silently. Fractional values over 1
+    have no known range and are refused; whole numbers up to 255 (an 8-bit picture stored as float) still read."""
+    import numpy as np
+
+    from diffsynth.utils.image import ImageError, open_image
+
+    hdr = np.linspace(0, 1.2, 32 * 48, dtype=np.float32).reshape(32, 48)
+    Image.fromarray(hdr).save(tmp_path / "hdr.tif")
+    with pytest.raises(ImageError, match="hdr.tif: has float pixels from 0 to 1.2, whose range is unknown"):
+        open_image(tmp_path / "hdr.tif")
+    eight_bit = np.arange(32 * 48, dtype=np.float32).reshape(32, 48) % 256
+    Image.fromarray(eight_bit).save(tmp_path / "f8.tif")
+    assert (np.asarray(open_image(tmp_path / "f8.tif"))[..., 0] == eight_bit).all()
+    Image.fromarray(hdr / 1.2).save(tmp_path / "unit.tif")
+    assert np.asarray(open_image(tmp_path / "unit.tif")).max() == 255

@@ -174,7 +174,9 @@ def to_rgb(img: Image.Image, source_format=None) -> Image.Image:
             raise ImageError(f"has NaN or infinite pixel values (mode {mode})")
         if mode == "F" and lo >= 0 and hi <= 1:
             return _gray_to_rgb(values, 255)
-        if lo >= 0 and hi <= 255:
+        # 0..255 when whole numbers (an 8-bit picture stored as float): fractions over 1 are a 0..1 picture's overshoot
+        # (HDR) as likely, which read as 0..255 would come out all but black
+        if lo >= 0 and hi <= 255 and (mode == "I" or np.array_equal(values, np.round(values))):
             return _gray_to_rgb(values, 1)
         if lo >= 0 and hi <= 65535 and mode == "I":
             return _gray_to_rgb(values, 255 / 65535)  # a 16-bit greyscale image decoded as 32-bit
