@@ -227,3 +227,16 @@ def test_a_float_image_just_over_one_is_refused_not_blackened(tmp_path):
     assert (np.asarray(open_image(tmp_path / "f8.tif"))[..., 0] == eight_bit).all()
     Image.fromarray(hdr / 1.2).save(tmp_path / "unit.tif")
     assert np.asarray(open_image(tmp_path / "unit.tif")).max() == 255
+
+
+def test_the_pipeline_refuses_an_input_image_it_would_stretch(tiny_models):
+    """From Python, an input_image far from height x width (denoising from its pixels) was scaled to cover the size
+    first (gigabytes for a strip) after the text encoder had run. Refused up front, as the script does."""
+    from conftest import TINY_MODEL_IDS
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+    from diffsynth.utils.image import ImageError
+
+    pipe = QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=tiny_models, download=False)
+    with pytest.raises(ImageError, match="input_image: its 20000x4 px cannot fill 64x64"):
+        pipe("x", edit_image=Image.new("RGB", (64, 64)), input_image=Image.new("RGB", (20000, 4)),
+             denoising_strength=0.5, height=64, width=64, num_inference_steps=2, edit_image_area=4096, progress=False)

@@ -10,8 +10,8 @@ from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_im
 from ..schedulers import FlowMatchScheduler
 from ..utils.compile import watch_compile
 from ..utils.image import (
-    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, as_rgb, check_edit_size, edit_image_size, pil_to_tensor,
-    resize_and_center_crop, resize_edit_image, tensor_to_pil,
+    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, as_rgb, check_cover, check_edit_size, edit_image_size,
+    pil_to_tensor, resize_and_center_crop, resize_edit_image, tensor_to_pil,
 )
 from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
 
@@ -266,6 +266,10 @@ class QwenImagePipeline:
         width, height = width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
         if width == 0 or height == 0:
             raise ValueError(f"output size must be at least {SIZE_MULTIPLE}x{SIZE_MULTIPLE}")
+        if input_image is not None and denoising_strength < 1:  # its pixels are cut to width x height: checked first
+            input_image = as_rgb(input_image)
+            check_cover("input_image", input_image.size, width, height,
+                        fix=f"crop it closer to {width}:{height}, or leave height and width out")
         shape = (1, 16, height // 8, width // 8)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit a {width}x{height} output; "
@@ -292,7 +296,7 @@ class QwenImagePipeline:
         noise = pack_latents(latents.to(self.device, self.torch_dtype))
         self.scheduler.set_timesteps(num_inference_steps, noise.shape[1], denoising_strength)
         if input_image is not None and denoising_strength < 1:
-            init = resize_and_center_crop(as_rgb(input_image), width, height)
+            init = resize_and_center_crop(input_image, width, height)  # as_rgb above
             x0 = self.encode_images(pil_to_tensor(init)[None])
             x = self.scheduler.add_noise(x0, noise, self.scheduler.sigmas[0])
         else:
