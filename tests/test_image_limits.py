@@ -240,3 +240,18 @@ def test_the_pipeline_refuses_an_input_image_it_would_stretch(tiny_models):
     with pytest.raises(ImageError, match="input_image: its 20000x4 px cannot fill 64x64"):
         pipe("x", edit_image=Image.new("RGB", (64, 64)), input_image=Image.new("RGB", (20000, 4)),
              denoising_strength=0.5, height=64, width=64, num_inference_steps=2, edit_image_area=4096, progress=False)
+
+
+def test_a_target_too_small_is_told_the_fix_that_works(tmp_path):
+    """An 8x8 target is never scaled up, so 'raise --max_pixels' cannot help it; a strip that --max_pixels shrank
+    below 16 px can be helped by it. Each row is told the fix that works."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "thumb.png")
+    Image.new("RGB", (40, 4000)).save(tmp_path / "strip.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "e.png")
+    (tmp_path / "m.csv").write_text("image,edit_image,prompt\nthumb.png,e.png,x\nstrip.png,e.png,x\n")
+    with pytest.raises(DatasetError) as e:
+        validate_metadata(tmp_path / "m.csv", tmp_path, max_pixels=64 * 64)
+    thumb, strip = str(e.value).splitlines()[1:3]
+    assert "thumb.png" in thumb and "is smaller than 16 px on a side (targets are never scaled up)" in thumb, thumb
+    assert "--max_pixels" not in thumb, thumb
+    assert "strip.png" in strip and "raise --max_pixels" in strip, strip

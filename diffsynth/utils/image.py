@@ -72,9 +72,12 @@ def target_size(image_size, max_pixels=1024 * 1024, height=None, width=None, mul
         w, h = int(w / scale), int(h / scale)
     w, h = w // multiple * multiple, h // multiple * multiple
     if w == 0 or h == 0:
+        if min(image_size) < multiple:  # never scaled up: no --max_pixels helps
+            raise ValueError(f"image of {image_size[0]}x{image_size[1]} px is smaller than {multiple} px on a side "
+                             "(targets are never scaled up); use a larger image")
         raise ValueError(
             f"image of {image_size[0]}x{image_size[1]} px gives an empty target at --max_pixels {max_pixels}: "
-            f"both sides must reach {multiple} px; use a larger image or raise --max_pixels"
+            f"both sides must reach {multiple} px; use a less elongated image or raise --max_pixels"
         )
     return w, h
 
