@@ -57,7 +57,8 @@ def test_inference_refuses_an_input_image_far_from_height_and_width_before_loadi
 @pytest.mark.parametrize("name, content, what", [
     ("notes.png", b"not an image", "notes.png: is not an image file Pillow can read (cannot identify image file)"),
     # an iPhone photo as it comes off the phone: Pillow has no HEIC reader
-    ("phone.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", "phone.heic: is a .heic file, which Pillow cannot read"),
+    ("phone.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", "phone.heic: is a HEIC/HEIF photo (whatever its extension)"),
+    ("scan.xyz", b"no reader knows these bytes", "scan.xyz: is a .xyz file, which Pillow cannot read"),
 ])
 def test_a_file_that_is_no_image_pillow_reads_is_named_alike_by_training_and_inference(tmp_path, name, content, what):
     """UnidentifiedImageError is an OSError: the scripts called such a file 'truncated or damaged', the metadata check
@@ -76,7 +77,7 @@ def test_a_file_that_is_no_image_pillow_reads_is_named_alike_by_training_and_inf
     for msg in (script, row):
         assert what.split(": ", 1)[1] in msg and "truncated" not in msg and "BytesIO" not in msg, msg
     assert f"row 1 (line 2): image {name} {what.split(': ', 1)[1]}" in row, row
-    assert ("convert it to PNG or JPEG" if name.endswith(".heic") else "re-export or replace it") in row
+    assert ("re-export or replace it" if name.endswith(".png") else "convert it to PNG or JPEG") in row
 
 
 def test_an_image_under_the_limit_opens_without_pillows_bomb_warning(tmp_path):
@@ -255,3 +256,14 @@ def test_a_target_too_small_is_told_the_fix_that_works(tmp_path):
     assert "thumb.png" in thumb and "is smaller than 16 px on a side (targets are never scaled up)" in thumb, thumb
     assert "--max_pixels" not in thumb, thumb
     assert "strip.png" in strip and "raise --max_pixels" in strip, strip
+
+
+def test_a_heic_photo_renamed_to_jpg_is_named_for_what_it_is(tmp_path):
+    """Phones and transfer tools hand out HEIC photos as .jpg: the extension looks readable, so the message said
+    'not an image file Pillow can read; re-export or replace it'. Its bytes say HEIC: convert it."""
+    from diffsynth.utils.image import ImageError, open_image
+
+    (tmp_path / "IMG_0001.jpg").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)
+    with pytest.raises(ImageError, match=r"IMG_0001.jpg: is a HEIC/HEIF photo \(whatever its extension\), which "
+                                         r"Pillow cannot read; convert it to PNG or JPEG"):
+        open_image(tmp_path / "IMG_0001.jpg")

@@ -263,6 +263,13 @@ def decode_problem(path, error) -> str:
     if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError)):  # the file, not its content
         return f"cannot be read ({error.strerror}); check its permissions"
     if isinstance(error, UnidentifiedImageError):  # an OSError too, but nothing was cut: no reader knows the bytes
+        try:
+            with open(path, "rb") as f:
+                head = f.read(12)
+        except OSError:
+            head = b""
+        if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "is a HEIC/HEIF photo (whatever its extension), which Pillow cannot read; convert it to PNG or JPEG"
         ext = os.path.splitext(os.fspath(path))[1].lower()
         if ext and ext not in Image.registered_extensions():  # e.g. a phone's .heic
             return f"is a {ext} file, which Pillow cannot read; convert it to PNG or JPEG"
