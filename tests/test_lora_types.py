@@ -133,9 +133,10 @@ def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys)
         with pytest.raises(SystemExit):
             parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", lora_type, "--export_format", fmt))
         assert f"--export_format {fmt} cannot hold a {lora_type}" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", "dora", "--enable_fp8_training"))
-    assert "does not work with the fp8" in capsys.readouterr().err
+    for fp8 in ("--enable_fp8_training", "--fp8_compute"):  # fp8 compute stores the weights in fp8 as well
+        with pytest.raises(SystemExit):
+            parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", "dora", fp8))
+        assert f"does not work with the fp8 weights of {fp8}" in capsys.readouterr().err
     # a merged LoKr whose row factor does not divide by 3 has no standard-layout form
     w = torch.randn(8, 4)
     lokr = Adapter("lokr", {"lokr_w1": w, "lokr_w2_a": torch.randn(24, 2), "lokr_w2_b": torch.randn(2, 16)})

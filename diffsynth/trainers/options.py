@@ -158,9 +158,10 @@ def check_training_options(args) -> list[str]:
         problems.append(f"--caption_dropout_rate must be in [0, 1] (got {args.caption_dropout_rate})")
     if args.lora_type != "lora" and args.lora_base_model is None:
         problems.append(f"--lora_type {args.lora_type} needs --lora_base_model dit")
-    if args.lora_type == "dora" and args.enable_fp8_training:
-        problems.append("--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "
-                        "weights of --enable_fp8_training (use lora, loha or lokr with fp8)")
+    fp8 = [f"--{flag}" for flag in ("enable_fp8_training", "fp8_compute") if getattr(args, flag)]
+    if args.lora_type == "dora" and fp8:  # --fp8_compute stores the weights in fp8 too
+        problems.append(f"--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "
+                        f"weights of {' and '.join(fp8)} (use lora, loha or lokr with fp8)")
     if args.lora_type != "lora" and args.export_format:
         from ..lora.adapters import FORMATS_BY_TYPE
 
