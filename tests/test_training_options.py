@@ -347,6 +347,15 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
                            "--ema_decay", "0.8", names=("checkpoint-final", "checkpoint-final-ema"))
 
 
+@pytest.mark.parametrize("fp8", ["--enable_fp8_training", "--fp8_compute"])
+def test_fp8_runs_resume_exactly(tiny_models, shared, tmp_path, fp8):
+    """The training state holds the trained weights only, not the fp8 scales of the frozen layers (which made the
+    resume refuse the state as another setup's)."""
+    assert_resumes_exactly(tiny_models, shared, tmp_path, fp8)
+    assert not [k for k in load_file(str(tmp_path / "full" / "checkpoints" / "step-2" / "model.safetensors"))
+                if k.endswith("weight_scale")]
+
+
 # ---- trackers and --dry_run ----------------------------------------------------------------------------------
 
 def test_trackers_offline(tiny_models, shared, tmp_path, monkeypatch):
