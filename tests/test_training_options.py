@@ -251,6 +251,14 @@ def test_lr_schedules():
     assert state["lr_lambdas"] == [None]
 
 
+def test_max_steps_alone_sets_the_length(tiny_models, shared, tmp_path, capsys):
+    """--max_steps without --num_epochs runs all its steps (4 per epoch here: two epochs, the second cut short), as
+    diffusers' and kohya's --max_train_steps do; with --num_epochs, whichever ends first, and the run says so."""
+    assert len(losses(run(tiny_models, shared, tmp_path / "steps", steps=6))) == 6
+    assert len(losses(run(tiny_models, shared, tmp_path / "epochs", "--num_epochs", "1", steps=6))) == 4
+    assert "--num_epochs 1 ends this run after 4 steps, before --max_steps 6" in capsys.readouterr().out
+
+
 def test_cosine_schedule_is_logged_per_optimizer_step(tiny_models, shared, tmp_path):
     out = run(tiny_models, shared, tmp_path / "out", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
               "--lr_min_ratio", "0.1", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2",

@@ -50,8 +50,11 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     o.add_argument("--lr_warmup_steps", type=int, default=0)
     o.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient norm to this (0: no clipping, as in kohya/musubi-tuner)")
-    o.add_argument("--num_epochs", type=int, default=1)
-    o.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    o.add_argument("--num_epochs", type=int, default=None,
+                   help="passes over the data (default: 1, or as many as --max_steps needs)")
+    o.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (alone, it sets the run's length; with --num_epochs "
+                        "the run ends at whichever comes first)")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--mixed_precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
@@ -150,11 +153,11 @@ def check_args(args):
     problems = []
     if (args.height is None) != (args.width is None):
         problems.append("--height and --width go together (or neither, to size by --max_pixels)")
-    for name in ("batch_size", "dataset_repeat", "num_epochs", "gradient_accumulation_steps", "lora_rank",
+    for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps", "lora_rank",
                  "max_pixels", "edit_image_area"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
+    for name in ("num_epochs", "max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")

@@ -332,7 +332,12 @@ class Trainer:
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
+        if args.num_epochs is None:  # --max_steps alone sets the length, as in diffusers' and kohya's scripts
+            args.num_epochs = math.ceil(args.max_steps / self.steps_per_epoch) if args.max_steps else 1
         self.total_steps = args.num_epochs * self.steps_per_epoch
+        if args.max_steps and args.max_steps > self.total_steps:
+            self.log(f"note: --num_epochs {args.num_epochs} ends this run after {self.total_steps} steps, before "
+                     f"--max_steps {args.max_steps} (leave out --num_epochs to run all {args.max_steps})")
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         if args.lr_warmup_steps > self.total_steps:
