@@ -208,6 +208,12 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--min_timestep", "600", "--max_timestep", "500"], "must be below --max_timestep"),
     (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1)"),
     (["--report_to", "wandb,comet"], "--report_to comet: choose from"),
+    # an option of another schedule or sampler would do nothing
+    (["--lr_min_ratio", "0.1"], "--lr_min_ratio 0.1 would do nothing here: it shapes a decaying --lr_scheduler"),
+    (["--lr_scheduler", "cosine", "--lr_num_cycles", "3"], "--lr_num_cycles 3 would do nothing here"),
+    (["--lr_scheduler", "cosine", "--lr_power", "2"], "--lr_power 2.0 would do nothing here"),
+    (["--timestep_sampling", "qwen_shift", "--discrete_flow_shift", "5"], "--discrete_flow_shift 5.0 would do nothing"),
+    (["--timestep_sampling", "uniform", "--logit_std", "0.5"], "--logit_std 0.5 would do nothing here"),
 ])
 def test_bad_option_flags(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:

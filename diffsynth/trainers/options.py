@@ -72,6 +72,20 @@ WEIGHTINGS = ("bell", "none", "logit_normal")
 TRACKERS = {"csv": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "swanlab": ("swanlab", "swanlab")}  # name -> (module, pip extra); csv is always written
 LORA_TYPES = ("lora", "loha", "lokr", "dora")
+# Options that shape one lr schedule or timestep draw: flag -> (default, what uses it, whether these flags use it).
+# Given with other flags, they would do nothing, so they are refused.
+_LOGIT = ("--timestep_sampling logit_normal, shift or qwen_shift, or --weighting_scheme logit_normal",
+          lambda a: a.timestep_sampling in ("logit_normal", "shift", "qwen_shift")
+          or a.weighting_scheme == "logit_normal")
+SHAPE_OPTIONS = {
+    "lr_min_ratio": (0.0, "a decaying --lr_scheduler (linear, cosine, cosine_with_restarts, polynomial)",
+                     lambda a: a.lr_scheduler != "constant"),
+    "lr_num_cycles": (1, "--lr_scheduler cosine_with_restarts", lambda a: a.lr_scheduler == "cosine_with_restarts"),
+    "lr_power": (1.0, "--lr_scheduler polynomial", lambda a: a.lr_scheduler == "polynomial"),
+    "logit_mean": (0.0, *_LOGIT),
+    "logit_std": (1.0, *_LOGIT),
+    "discrete_flow_shift": (3.0, "--timestep_sampling shift", lambda a: a.timestep_sampling == "shift"),
+}
 
 
 def add_training_options(p):
@@ -83,17 +97,22 @@ def add_training_options(p):
                         "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay)")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                    help="decay after --lr_warmup_steps, counted in optimizer steps")
-    g.add_argument("--lr_min_ratio", type=float, default=0.0,
+    g.add_argument("--lr_min_ratio", type=float, default=SHAPE_OPTIONS["lr_min_ratio"][0],
                    help="the decaying schedules end at this fraction of --learning_rate (default 0)")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts: number of cosine cycles")
-    g.add_argument("--lr_power", type=float, default=1.0, help="polynomial: the decay's power")
+    g.add_argument("--lr_num_cycles", type=int, default=SHAPE_OPTIONS["lr_num_cycles"][0],
+                   help="cosine_with_restarts: number of cosine cycles")
+    g.add_argument("--lr_power", type=float, default=SHAPE_OPTIONS["lr_power"][0],
+                   help="polynomial: the decay's power")
     g.add_argument("--timestep_sampling", choices=SAMPLERS, default="diffsynth",
                    help="how noise levels are drawn (default diffsynth: uniform over the 1000 shifted steps)")
     g.add_argument("--weighting_scheme", choices=WEIGHTINGS, default="bell",
                    help="loss weight per noise level (default bell, DiffSynth's)")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / shift / qwen_shift: mean")
-    g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / shift / qwen_shift: std")
-    g.add_argument("--discrete_flow_shift", type=float, default=3.0, help="--timestep_sampling shift: the shift")
+    g.add_argument("--logit_mean", type=float, default=SHAPE_OPTIONS["logit_mean"][0],
+                   help="logit_normal / shift / qwen_shift: mean")
+    g.add_argument("--logit_std", type=float, default=SHAPE_OPTIONS["logit_std"][0],
+                   help="logit_normal / shift / qwen_shift: std")
+    g.add_argument("--discrete_flow_shift", type=float, default=SHAPE_OPTIONS["discrete_flow_shift"][0],
+                   help="--timestep_sampling shift: the shift")
     g.add_argument("--min_timestep", type=float, default=None, help="lowest timestep drawn, 0..1000")
     g.add_argument("--max_timestep", type=float, default=None, help="highest timestep drawn, 0..1000")
     g.add_argument("--ema_decay", type=float, default=None,
@@ -152,6 +171,10 @@ def check_training_options(args) -> list[str]:
             problems.append(f"--{name} must be in [0, 1000] (got {value})")
     if low is not None and high is not None and low >= high:
         problems.append(f"--min_timestep {low} must be below --max_timestep {high}")
+    for flag, (default, user, used) in SHAPE_OPTIONS.items():
+        if getattr(args, flag) != default and not used(args):
+            problems.append(f"--{flag} {getattr(args, flag)} would do nothing here: it shapes {user} only (add "
+                            f"that, or leave --{flag} out)")
     if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
         problems.append(f"--ema_decay must be in (0, 1), e.g. 0.999 (got {args.ema_decay})")
     if not 0.0 <= args.caption_dropout_rate <= 1.0:
