@@ -162,6 +162,19 @@ def test_auto_checkpointing_needs_a_lora_run(tiny_models, data, tmp_path, capsys
     assert "--blocks_to_checkpoint auto asks the VRAM planner, which plans LoRA runs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, flag", [([], "--lora_rank"), (["--lora_alpha", "8"], "--lora_alpha"),
+                                         (["--lora_target_modules", "to_qkv"], "--lora_target_modules")])
+def test_lora_flags_without_a_lora_are_refused(tiny_models, data, tmp_path, capsys, extra, flag):
+    """Without --lora_base_model the whole DiT is fine-tuned: a LoRA's rank, alpha or targets would do nothing."""
+    argv = [a for a in flags(tiny_models, data, str(tmp_path / "out"), *extra) if a not in ("--lora_base_model", "dit")]
+    if flag != "--lora_rank":
+        argv.remove("--lora_rank"), argv.remove("4")
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert f"{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)" in capsys.readouterr().err
+
+
 def test_full_fine_tuning_writes_a_loadable_dit(tiny_models, data, tmp_path):
     from diffsynth.models import load_qwen_image_dit
 

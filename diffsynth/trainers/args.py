@@ -6,6 +6,14 @@ from ..utils.cli import ArgumentParser
 from .options import add_training_options, check_training_options
 
 
+DEFAULT_RANK = 32
+DEFAULT_TARGETS = {  # merged_qkv -> the LoRA targets of that DiT
+    True: "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2",
+    False: "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,"
+           "txt_mlp.net.0.proj,txt_mlp.net.2",
+}
+
+
 class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
 
@@ -79,12 +87,8 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
-    lo.add_argument("--lora_target_modules",
-                    default="to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,"
-                            "txt_mlp.net.0.proj,txt_mlp.net.2" if merged_qkv else
-                    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,"
-                    "img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2")
-    lo.add_argument("--lora_rank", type=int, default=32)
+    lo.add_argument("--lora_target_modules", default=DEFAULT_TARGETS[merged_qkv])
+    lo.add_argument("--lora_rank", type=int, default=None, help=f"default {DEFAULT_RANK}")
     lo.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1)")
     lo.add_argument("--lora_checkpoint", default=None, help="continue training this LoRA")
     lo.add_argument("--lora_fused", default=None, help="fuse this pretrained LoRA (any format) into the DiT first")
@@ -153,11 +157,11 @@ def check_args(args):
     problems = []
     if (args.height is None) != (args.width is None):
         problems.append("--height and --width go together (or neither, to size by --max_pixels)")
-    for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps", "lora_rank",
+    for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps",
                  "max_pixels", "edit_image_area"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("num_epochs", "max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
+    for name in ("lora_rank", "num_epochs", "max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
@@ -193,10 +197,11 @@ def check_args(args):
         problems.append(f"--extra_inputs {args.extra_inputs!r}: Qwen-Image-Edit takes only 'edit_image'")
     if "edit_image" in extra and "edit_image" not in args.data_file_keys.split(","):
         problems.append("--extra_inputs edit_image needs edit_image in --data_file_keys")
-    if args.lora_base_model is None:
-        for flag in ("lora_checkpoint", "export_format"):
-            if getattr(args, flag):
-                problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
+    if args.lora_base_model is None:  # a LoRA's flags without it would do nothing: the whole DiT is fine-tuned
+        given = [f for f in ("lora_rank", "lora_alpha", "lora_checkpoint", "export_format") if getattr(args, f)]
+        given += ["lora_target_modules"] if args.lora_target_modules not in DEFAULT_TARGETS.values() else []
+        for flag in given:
+            problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
     if args.use_gradient_checkpointing_offload and not args.use_gradient_checkpointing:
         problems.append("--use_gradient_checkpointing_offload needs --use_gradient_checkpointing")
     for flag in ("enable_fp8_training", "fp8_compute"):
@@ -244,5 +249,7 @@ def check_args(args):
     if args.model_paths is None and args.model_id_with_origin_paths is None:
         problems.append("give the models with --model_id_with_origin_paths or --model_paths")
     problems += check_training_options(args)
+    if args.lora_rank is None:
+        args.lora_rank = DEFAULT_RANK
     if problems:
         raise ArgumentError("; ".join(problems))
