@@ -237,6 +237,9 @@ def check_args(args):
     if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:
         problems.append("--blocks_to_swap needs --use_gradient_checkpointing: without it the backward pass keeps every "
                         "swapped block's weights on the GPU, so swapping would save nothing")
+    if args.checkpoints_total_limit and not args.save_steps:
+        problems.append("--checkpoints_total_limit needs --save_steps (training states are written only every "
+                        "--save_steps; without it there are none to limit)")
     if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
         problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
     if args.vram_budget is not None:
