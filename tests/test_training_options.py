@@ -361,6 +361,15 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
                            "--ema_decay", "0.8", names=("checkpoint-final", "checkpoint-final-ema"))
 
 
+def test_resume_with_another_seed_is_refused(tiny_models, shared, tmp_path, capsys):
+    """The seed shuffles each epoch: resumed with another, the run would skip batches of another order."""
+    out = run(tiny_models, shared, tmp_path / "out", "--save_steps", "2", "--num_epochs", "1", steps=2)
+    data, cache = shared
+    assert main(flags(tiny_models, data, out, "--dataset_repeat", "2", "--cache_conditioning", cache,
+                      "--resume_from_checkpoint", "latest", "--seed", "5")) == 2
+    assert "--seed: state 0, this run 5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fp8", ["--enable_fp8_training", "--fp8_compute"])
 def test_fp8_runs_resume_exactly(tiny_models, shared, tmp_path, fp8):
     """The training state holds the trained weights only, not the fp8 scales of the frozen layers (which made the

@@ -493,7 +493,8 @@ class Trainer:
                 "samples": len(self.dataset),
                 "lora_target_modules": args.lora_target_modules if lora else None,
                 "lora_type": args.lora_type if lora else None, "optimizer": args.optimizer,
-                "ema": args.ema_decay is not None}
+                "ema": args.ema_decay is not None,
+                "seed": args.seed}  # the epoch's shuffle and every sample's noise: another seed skips other samples
 
     def _resume_path(self):
         args = self.args
