@@ -208,6 +208,7 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--min_timestep", "600", "--max_timestep", "500"], "must be below --max_timestep"),
     (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1)"),
     (["--report_to", "wandb,comet"], "--report_to comet: choose from"),
+    (["--optimizer", "adafactor", "--optimizer_args", "relative_step=True"], "relative_step=True: Adafactor's own"),
     # an option of another schedule or sampler would do nothing
     (["--lr_min_ratio", "0.1"], "--lr_min_ratio 0.1 would do nothing here: it shapes a decaying --lr_scheduler"),
     (["--lr_scheduler", "cosine", "--lr_num_cycles", "3"], "--lr_num_cycles 3 would do nothing here"),
@@ -227,6 +228,13 @@ def test_an_import_path_that_is_no_optimizer_stops_before_models_load(tiny_model
                       "--models_dir", str(tmp_path / "nothing-here")))
     assert code == 2  # a user-fixable error
     assert "torch.nn.Linear is not a torch.optim.Optimizer subclass" in capsys.readouterr().err
+
+
+def test_an_optimizer_that_needs_a_closure_stops_before_models_load(tiny_models, data, tmp_path, capsys):
+    code = main(flags(tiny_models, data, str(tmp_path / "out"), "--optimizer", "torch.optim.LBFGS",
+                      "--models_dir", str(tmp_path / "nothing-here")))
+    assert code == 2
+    assert "torch.optim.LBFGS.step needs a closure" in capsys.readouterr().err
 
 
 def test_optimizer_args_are_typed():

@@ -156,6 +156,10 @@ def check_training_options(args) -> list[str]:
         check_optimizer_installed(args.optimizer)
     except OptimizerError as e:
         problems.append(str(e))
+    if isinstance(args.optimizer_args, dict) and args.optimizer_args.get("relative_step"):
+        problems.append("--optimizer_args relative_step=True: Adafactor's own time-dependent rate has no learning rate "
+                        "for the lr schedule to drive or the log to show; leave it out (a fixed --learning_rate, "
+                        "as in diffusers', ai-toolkit's and musubi-tuner's Adafactor recipes)")
     if args.lr_scheduler != "constant" and args.optimizer == "adamw_schedulefree":
         problems.append("--optimizer adamw_schedulefree replaces the lr schedule (that is its point): use "
                         "--lr_scheduler constant, with --lr_warmup_steps if you want a warm-up")
