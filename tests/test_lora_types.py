@@ -137,6 +137,15 @@ def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys)
         with pytest.raises(SystemExit):
             parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", "dora", fp8))
         assert f"does not work with the fp8 weights of {fp8}" in capsys.readouterr().err
+    # peft's LoHa/LoKr/DoRA layers break dynamo's graph: with checkpointing not one block compiled (the run said
+    # "0 graph(s)" and trained eager), so --compile would do nothing it says
+    for lora_type in ("loha", "lokr", "dora"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", lora_type, "--compile",
+                             "--use_gradient_checkpointing"))
+        assert e.value.code == 2
+        assert f"--compile does not compile a --lora_type {lora_type} DiT" in capsys.readouterr().err
+    assert parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--compile")).compile
     # a merged LoKr whose row factor does not divide by 3 has no standard-layout form
     w = torch.randn(8, 4)
     lokr = Adapter("lokr", {"lokr_w1": w, "lokr_w2_a": torch.randn(24, 2), "lokr_w2_b": torch.randn(2, 16)})

@@ -207,6 +207,12 @@ def check_args(args):
     for flag in ("enable_fp8_training", "fp8_compute"):
         if getattr(args, flag) and args.lora_base_model is None:
             problems.append(f"--{flag} stores frozen weights in fp8: it needs LoRA training (--lora_base_model dit)")
+    if args.compile and args.lora_type != "lora":
+        # peft's LoHa/LoKr layers branch on a torch.rand draw in every training call, DoRA's write a norm cache: each
+        # breaks dynamo's graph, and inside a checkpointed block the whole block falls back to eager (0 graphs)
+        problems.append(f"--compile does not compile a --lora_type {args.lora_type} DiT: peft's {args.lora_type} layers "
+                        "break torch.compile's graph (with --use_gradient_checkpointing no block compiles at all, "
+                        "without it each block splits into pieces): leave out --compile, or train --lora_type lora")
     if args.blocks_to_checkpoint not in (None, "auto"):
         try:
             args.blocks_to_checkpoint = int(args.blocks_to_checkpoint)
