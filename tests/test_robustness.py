@@ -270,6 +270,28 @@ def test_gradient_accumulation_steps_at_each_epochs_end(tiny_models, data, tmp_p
     assert float(rows[-1]["lr"]) == pytest.approx(2e-3 * 1 / 4)  # linear: the last of 4 steps uses 1/4 of the peak
 
 
+def test_accumulated_step_logs_the_mean_loss_of_its_window(tiny_models, data, tmp_path, monkeypatch):
+    """With --gradient_accumulation_steps 3 and 4 batches an epoch, a step logs the mean loss of its 3 (or, at the
+    epoch's end, 1) batches: the loss its update followed, not only its last batch's."""
+    import diffsynth.trainers.trainer as trainer_module
+
+    real, seen = trainer_module.flow_matching_loss, []
+
+    def recorded(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        seen.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(trainer_module, "flow_matching_loss", recorded)
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--cache_conditioning", "--dataset_repeat", "2",
+                      "--gradient_accumulation_steps", "3")) == 0
+    with open(os.path.join(out, "train_log.csv")) as f:
+        logged = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert len(seen) == 4 and len(set(seen)) == 4
+    assert logged == pytest.approx([sum(seen[:3]) / 3, seen[3]], abs=1e-6)
+
+
 def test_interrupt_says_how_to_go_on(tiny_models, data, tmp_path, monkeypatch, capsys):
     import diffsynth.trainers.trainer as trainer_module
 

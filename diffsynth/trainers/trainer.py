@@ -622,12 +622,16 @@ class Trainer:
                         if self.ema is not None:
                             self.ema.step(self.params)
                     self.optimizer.zero_grad()
+                # The step's logged loss is the mean over its window (what the update followed), not its last batch's.
+                # A window never spans a resume: states are saved after a step.
+                first = self.state.batch_in_epoch == start_of_window
+                window_loss = loss.detach().float() + (0 if first else window_loss)
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
                 self._check_weights_finite(lr)
                 self.state.step += 1
-                loss_value = acc.reduce(loss.detach().float(), reduction="mean").item()
+                loss_value = acc.reduce(window_loss / window, reduction="mean").item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if acc.is_main_process:
