@@ -369,13 +369,21 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
                            "--ema_decay", "0.8", names=("checkpoint-final", "checkpoint-final-ema"))
 
 
-def test_resume_with_another_seed_is_refused(tiny_models, shared, tmp_path, capsys):
-    """The seed shuffles each epoch: resumed with another, the run would skip batches of another order."""
+@pytest.mark.parametrize("extra, said", [
+    # the seed shuffles each epoch: resumed with another, the run would skip batches of another order
+    (["--seed", "5"], "--seed: state 0, this run 5"),
+    # the optimizer's state restores these: the run would keep the state's values, saying nothing
+    (["--learning_rate", "1e-5"], "--learning_rate: state 0.002, this run 1e-05"),
+    (["--weight_decay", "0.5"], "--weight_decay: state 0.01, this run 0.5"),
+    (["--optimizer_args", "betas=(0.5,0.6)"], "--optimizer_args: state '{}', this run '{\"betas\": [0.5, 0.6]}'"),
+])
+def test_resume_with_other_settings_is_refused(tiny_models, shared, tmp_path, capsys, extra, said):
     out = run(tiny_models, shared, tmp_path / "out", "--save_steps", "2", "--num_epochs", "1", steps=2)
     data, cache = shared
-    assert main(flags(tiny_models, data, out, "--dataset_repeat", "2", "--cache_conditioning", cache,
-                      "--resume_from_checkpoint", "latest", "--seed", "5")) == 2
-    assert "--seed: state 0, this run 5" in capsys.readouterr().err
+    argv = flags(tiny_models, data, out, "--dataset_repeat", "2", "--cache_conditioning", cache,
+                 "--resume_from_checkpoint", "latest", *extra)
+    assert main(argv) == 2
+    assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fp8", ["--enable_fp8_training", "--fp8_compute"])

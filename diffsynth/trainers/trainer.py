@@ -494,7 +494,10 @@ class Trainer:
                 "lora_target_modules": args.lora_target_modules if lora else None,
                 "lora_type": args.lora_type if lora else None, "optimizer": args.optimizer,
                 "ema": args.ema_decay is not None,
-                "seed": args.seed}  # the epoch's shuffle and every sample's noise: another seed skips other samples
+                "seed": args.seed,  # the epoch's shuffle and every sample's noise: another seed skips other samples
+                # the optimizer's state restores its hyperparameters: other values here would be silently ignored
+                "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str)}
 
     def _resume_path(self):
         args = self.args
