@@ -125,6 +125,7 @@ def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, ca
     (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "1", "--blocks_to_swap", "2"],
      "--blocks_to_checkpoint 1 is fewer than --blocks_to_swap 2: a swapped block must be checkpointed"),
     (["--checkpoints_total_limit", "2"], "--checkpoints_total_limit needs --save_steps"),
+    (["--edit_plus", "--extra_inputs", "", "--data_file_keys", "image"], "--edit_plus picks the prompt template of edit"),
 ])
 def test_bad_flags_exit_with_a_message(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:

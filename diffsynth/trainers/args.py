@@ -197,6 +197,9 @@ def check_args(args):
         problems.append(f"--extra_inputs {args.extra_inputs!r}: Qwen-Image-Edit takes only 'edit_image'")
     if "edit_image" in extra and "edit_image" not in args.data_file_keys.split(","):
         problems.append("--extra_inputs edit_image needs edit_image in --data_file_keys")
+    if args.edit_plus and "edit_image" not in extra:  # no edit images: the prompt has no template to choose
+        problems.append("--edit_plus picks the prompt template of edit images, and without --extra_inputs edit_image "
+                        "this run has none: leave it out")
     if args.lora_base_model is None:  # a LoRA's flags without it would do nothing: the whole DiT is fine-tuned
         given = [f for f in ("lora_rank", "lora_alpha", "lora_checkpoint", "export_format") if getattr(args, f)]
         given += ["lora_target_modules"] if args.lora_target_modules not in DEFAULT_TARGETS.values() else []
