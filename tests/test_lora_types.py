@@ -121,10 +121,11 @@ def test_continue_an_adapter_with_lora_checkpoint(tiny_models, shared, tmp_path,
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-12)
-    # another type or rank does not fit: one message, exit 2
+    # another type does not fit: one message naming the fix, exit 2, before any model loads
     assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
-                      "--cache_conditioning", cache, "--lora_type", "lokr")) == 2
-    assert "does not match the model's adapters" in capsys.readouterr().err
+                      "--cache_conditioning", cache, "--lora_type", "lokr", "--models_dir", str(tmp_path / "no"))) == 2
+    assert f"--lora_checkpoint {trained} is a loha, not a lokr: continue it with --lora_type loha" in \
+        capsys.readouterr().err
 
 
 def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys):

@@ -224,6 +224,29 @@ def test_a_state_from_elsewhere_needs_a_free_folder(tiny_models, data, tmp_path,
     assert steps_logged(c) == [2]
 
 
+def test_lora_checkpoint_that_does_not_fit_is_refused_before_loading(tiny_models, data, tmp_path, capsys):
+    """Another --lora_type, DiT layout or --lora_rank than the --lora_checkpoint's: one message naming the fix,
+    read from the file before any model loads (it was found only after the DiT had loaded)."""
+    first = str(tmp_path / "first")
+    assert main(flags(tiny_models, data, first, "--max_steps", "1", "--cache_conditioning")) == 0
+    merged = os.path.join(first, "checkpoint-final.safetensors")
+    standard = os.path.join(first, "checkpoint-final-standard.safetensors")
+    no_models = ["--models_dir", str(tmp_path / "no-models")]
+    for lora, extra, message in (
+            (merged, ["--lora_type", "loha"], f"{merged} is a lora, not a loha: continue it with --lora_type lora"),
+            (merged, ["--lora_rank", "8"], f"{merged} has rank 4, this run --lora_rank 8"),
+            (standard, [], f"{standard} was trained on the standard DiT layout, this script trains the merged-QKV "
+                           "one: continue it with train.py, or convert it first")):
+        code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", lora, *extra, *no_models))
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+    # and in the other script
+    code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", merged, *no_models),
+                merged_qkv=False)
+    assert code == 2 and "this script trains the standard one: continue it with train_merged_qkv.py" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change, message", [
     (["--lora_alpha", "16"], "--lora_alpha: state 4, this run 16"),
     (["--batch_size", "2"], "--batch_size: state 1, this run 2"),

@@ -51,6 +51,31 @@ def check_block_counts(args):
             raise ValueError(f"--{flag} {value}: the DiT has {n} blocks ({where}); give 1 to {n}")
 
 
+def check_lora_checkpoint(args):
+    """--lora_checkpoint fits the adapters this run injects: its type (--lora_type), DiT layout and, for a plain
+    LoRA, --lora_rank, read from the file before the DiT loads (a mismatch found after loading costs minutes)."""
+    from ..lora.adapters import adapter_type, read_adapters
+    from ..lora.reader import MERGED_PARTS, PART_OF, lora_modules, read_lora
+
+    path, want = args.lora_checkpoint, args.lora_type
+    kind = adapter_type(path)
+    if kind != want:
+        raise LoraError(f"--lora_checkpoint {path} is a {kind}, not a {want}: continue it with --lora_type {kind}")
+    modules = lora_modules(read_lora(path)) if kind == "lora" else read_adapters(path)[0]
+    leaves = {name.rsplit(".", 1)[-1] for name in modules}
+    layout = "merged_qkv" if leaves & set(MERGED_PARTS) else "standard" if leaves & set(PART_OF) else None
+    if layout and layout != ("merged_qkv" if args.merged_qkv else "standard"):
+        ours, script, direction = (("merged-QKV", "train.py", "to_merged") if layout == "standard" else
+                                   ("standard", "train_merged_qkv.py", "to_standard"))
+        raise LoraError(f"--lora_checkpoint {path} was trained on the {layout.replace('_qkv', '-QKV')} DiT layout, "
+                        f"this script trains the {ours} one: continue it with {script}, or convert it first "
+                        f"(convert_merged_qkv_checkpoint.py --direction {direction})")
+    ranks = sorted({A.shape[0] for A, _ in modules.values()}) if kind == "lora" else [args.lora_rank]
+    if ranks != [args.lora_rank]:
+        raise LoraError(f"--lora_checkpoint {path} has rank {', '.join(map(str, ranks))}, this run --lora_rank "
+                        f"{args.lora_rank}: continue it with the rank it was trained with")
+
+
 def preflight(args, dataset=True):
     """Raise the first user-fixable problem (a ValueError naming the flag and file): output path, LoRA files,
     validation images and, with `dataset`, every row and file of the training data."""
@@ -69,6 +94,8 @@ def preflight(args, dataset=True):
                 check_any(path)  # exists, is a Qwen-Image LoRA (or LoHa / LoKr / DoRA), holds no NaN/inf
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
+    if args.lora_checkpoint and args.lora_base_model:
+        check_lora_checkpoint(args)
     for path in args.validation_edit_image or []:
         open_image(path)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
