@@ -386,6 +386,21 @@ def test_resume_with_other_settings_is_refused(tiny_models, shared, tmp_path, ca
     assert said in capsys.readouterr().err
 
 
+def test_fp16_overflow_skips_the_update_and_resumes_exactly(tiny_models, shared, tmp_path, monkeypatch, capsys):
+    """--mixed_precision fp16 on a GPU: accelerate's GradScaler overflows the gradients in the first steps and skips
+    those updates while it lowers its scale. The run goes on (it stopped with 'the gradient norm is nan'), and the
+    scale is part of the training state. On the CPU accelerate makes no scaler: the test gives the run one."""
+    real = Trainer.setup
+
+    def setup_with_scaler(self):
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -8)
+        real(self)
+
+    monkeypatch.setattr(Trainer, "setup", setup_with_scaler)
+    assert_resumes_exactly(tiny_models, shared, tmp_path, "--mixed_precision", "fp16")
+    assert "step 3: fp16 gradients overflowed at loss scale 1.67772e+07; the update is skipped" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("fp8", ["--enable_fp8_training", "--fp8_compute"])
 def test_fp8_runs_resume_exactly(tiny_models, shared, tmp_path, fp8):
     """The training state holds the trained weights only, not the fp8 scales of the frozen layers (which made the

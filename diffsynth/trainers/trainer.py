@@ -363,6 +363,8 @@ class Trainer:
         if args.ema_decay:
             self.ema = create_ema(self.params, args.ema_decay)
             self.checkpointed["ema"] = self.ema
+        if acc.scaler is not None:  # fp16's loss scale: an exact resume continues with it
+            self.checkpointed["grad_scaler"] = acc.scaler
 
     def _check_weights_finite(self, lr):
         """After an update: any NaN/inf in the trainable weights (on any process) stops the run unsaved."""
@@ -612,7 +614,12 @@ class Trainer:
                         # The norm is measured even with clipping off (inf scales by exactly 1): a NaN/inf gradient
                         # stops the run before the update touches the weights.
                         norm = acc.clip_grad_norm_(self.params, args.max_grad_norm or math.inf)
-                        if norm is not None and not torch.isfinite(norm):
+                        if norm is not None and not torch.isfinite(norm) and acc.scaler is not None:
+                            # fp16: the loss scale overflowed the gradients; GradScaler skips this update and
+                            # lowers the scale (its normal way to find a scale, in the first steps above all)
+                            self._write(f"step {self.state.step + 1}: fp16 gradients overflowed at loss scale "
+                                        f"{acc.scaler.get_scale():g}; the update is skipped and the scale lowered")
+                        elif norm is not None and not torch.isfinite(norm):
                             raise NonFiniteError(
                                 f"the gradient norm is {norm.item()} at step {self.state.step + 1} (the loss was "
                                 f"finite: {loss.item():.6g}); stopped before the update. The weights overflow in the "
