@@ -3,6 +3,7 @@ good checkpoint, the standard-layout copy of every checkpoint."""
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -240,6 +241,12 @@ def test_lora_checkpoint_that_does_not_fit_is_refused_before_loading(tiny_models
         code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", lora, *extra, *no_models))
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, err
+    # the same LoRA (here a copy) as --lora_fused too would apply it twice
+    twin = str(tmp_path / "copy.safetensors")
+    shutil.copy(merged, twin)
+    code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", merged, "--lora_fused", twin,
+                      *no_models))
+    assert code == 2 and f"--lora_checkpoint and --lora_fused are the same LoRA ({merged})" in capsys.readouterr().err
     # and in the other script
     code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", merged, *no_models),
                 merged_qkv=False)

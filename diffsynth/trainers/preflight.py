@@ -1,4 +1,5 @@
 """Checks of a training run's inputs that need no model: run before anything loads (and by --dry_run)."""
+import filecmp
 import os
 import re
 
@@ -58,6 +59,10 @@ def check_lora_checkpoint(args):
     from ..lora.reader import MERGED_PARTS, PART_OF, lora_modules, read_lora
 
     path, want = args.lora_checkpoint, args.lora_type
+    if args.lora_fused and filecmp.cmp(path, args.lora_fused, shallow=False):
+        raise LoraError(f"--lora_checkpoint and --lora_fused are the same LoRA ({path}): the run would apply it twice "
+                        "(fused into the DiT, and again as the adapter's start). To continue training it, give it as "
+                        "--lora_checkpoint only; to train a new LoRA on top of it, as --lora_fused only")
     kind = adapter_type(path)
     if kind != want:
         raise LoraError(f"--lora_checkpoint {path} is a {kind}, not a {want}: continue it with --lora_type {kind}")
