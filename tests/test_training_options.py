@@ -206,6 +206,8 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--optimizer", "adamw_schedulefree", "--lr_scheduler", "cosine"], "replaces the lr schedule"),
     (["--lr_min_ratio", "2"], "--lr_min_ratio must be in [0, 1]"),
     (["--min_timestep", "600", "--max_timestep", "500"], "must be below --max_timestep"),
+    (["--min_timestep", "1000"], "--min_timestep 1000.0 must be below --max_timestep 1000"),  # the default maximum
+    (["--max_timestep", "0"], "--min_timestep 0 must be below --max_timestep 0.0"),
     (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1)"),
     (["--report_to", "wandb,comet"], "--report_to comet: choose from"),
     (["--optimizer", "adafactor", "--optimizer_args", "relative_step=True"], "relative_step=True: Adafactor's own"),

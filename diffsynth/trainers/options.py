@@ -173,8 +173,10 @@ def check_training_options(args) -> list[str]:
     for name, value in (("min_timestep", low), ("max_timestep", high)):
         if value is not None and not 0 <= value <= 1000:
             problems.append(f"--{name} must be in [0, 1000] (got {value})")
-    if low is not None and high is not None and low >= high:
-        problems.append(f"--min_timestep {low} must be below --max_timestep {high}")
+    if (low is not None or high is not None) and (low or 0) >= (1000 if high is None else high):
+        # one bound alone meets the other's default (0, 1000): an empty range draws one noise level only
+        problems.append(f"--min_timestep {0 if low is None else low} must be below --max_timestep "
+                        f"{1000 if high is None else high}")
     for flag, (default, user, used) in SHAPE_OPTIONS.items():
         if getattr(args, flag) != default and not used(args):
             problems.append(f"--{flag} {getattr(args, flag)} would do nothing here: it shapes {user} only (add "
