@@ -272,6 +272,9 @@ def test_max_steps_alone_sets_the_length(tiny_models, shared, tmp_path, capsys):
     diffusers' and kohya's --max_train_steps do; with --num_epochs, whichever ends first, and the run says so."""
     assert len(losses(run(tiny_models, shared, tmp_path / "steps", steps=6))) == 6
     assert len(losses(run(tiny_models, shared, tmp_path / "epochs", "--num_epochs", "1", steps=6))) == 4
+    # a run counted in steps saves by --save_steps, not at the end of each pass
+    assert not os.path.exists(tmp_path / "steps" / "epoch-1.safetensors")
+    assert os.path.exists(tmp_path / "epochs" / "epoch-1.safetensors")
     assert "--num_epochs 1 ends this run after 4 steps, before --max_steps 6" in capsys.readouterr().out
 
 
@@ -338,7 +341,7 @@ def test_timestep_options_change_the_losses_not_the_data(tiny_models, shared, tm
 def test_ema_is_the_moving_average_of_the_saved_weights(tiny_models, shared, tmp_path):
     decay = 0.5
     out = run(tiny_models, shared, tmp_path / "out", "--ema_decay", str(decay), "--save_steps", "1",
-              "--learning_rate", "1e-2")
+              "--learning_rate", "1e-2", "--num_epochs", "1")  # an epoch-1 checkpoint too
     names = sorted(os.listdir(out))
     for step in (1, 2, 3, 4):
         assert f"step-{step}.safetensors" in names and f"step-{step}-ema.safetensors" in names
