@@ -204,6 +204,8 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--optimizer", "adam"], "use one of adamw, adamw8bit"),
     (["--optimizer_args", "betas"], "expected key=value"),
     (["--optimizer", "adamw_schedulefree", "--lr_scheduler", "cosine"], "replaces the lr schedule"),
+    (["--optimizer", "schedulefree.SGDScheduleFree", "--lr_scheduler", "linear"],
+     "--optimizer schedulefree.SGDScheduleFree replaces the lr schedule"),
     (["--lr_min_ratio", "2"], "--lr_min_ratio must be in [0, 1]"),
     (["--min_timestep", "600", "--max_timestep", "500"], "must be below --max_timestep"),
     (["--min_timestep", "1000"], "--min_timestep 1000.0 must be below --max_timestep 1000"),  # the default maximum

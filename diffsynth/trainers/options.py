@@ -160,8 +160,10 @@ def check_training_options(args) -> list[str]:
         problems.append("--optimizer_args relative_step=True: Adafactor's own time-dependent rate has no learning rate "
                         "for the lr schedule to drive or the log to show; leave it out (a fixed --learning_rate, "
                         "as in diffusers', ai-toolkit's and musubi-tuner's Adafactor recipes)")
-    if args.lr_scheduler != "constant" and args.optimizer == "adamw_schedulefree":
-        problems.append("--optimizer adamw_schedulefree replaces the lr schedule (that is its point): use "
+    # the schedule-free optimizers, by name or by import path (schedulefree.SGDScheduleFree, ...)
+    schedule_free = args.optimizer == "adamw_schedulefree" or args.optimizer.startswith("schedulefree.")
+    if args.lr_scheduler != "constant" and schedule_free:
+        problems.append(f"--optimizer {args.optimizer} replaces the lr schedule (that is its point): use "
                         "--lr_scheduler constant, with --lr_warmup_steps if you want a warm-up")
     if not 0.0 <= args.lr_min_ratio <= 1.0:
         problems.append(f"--lr_min_ratio must be in [0, 1] (got {args.lr_min_ratio})")
