@@ -102,12 +102,21 @@ def test_bad_dataset_rows_fail_before_models_load(tiny_models, tmp_path, capsys)
     assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
 
 
-def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, capsys):
+def test_wrong_lora_targets_stop_before_any_model_loads(tiny_models, data, tmp_path, capsys, monkeypatch):
+    """Checked against the DiT's file headers, in each script's q/k/v layout: the DiT never loads."""
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(QwenImagePipeline, "from_pretrained", no_loading)
     out = str(tmp_path / "out")
-    code = main(flags(tiny_models, data, out, "--lora_target_modules", "to_q,to_k,to_v"))
-    err = capsys.readouterr().err
-    assert code == 2  # a user-fixable error
-    assert "Module to_q, to_k, to_v not found in LoRA target modules" in err and "to_q -> to_qkv" in err
+    for merged, targets, fix in ((True, "to_q,to_k,to_v", "to_q -> to_qkv"),
+                                 (False, "to_qkv,to_out.0", "to_qkv -> to_q,to_k,to_v")):
+        code = main(flags(tiny_models, data, out, "--lora_target_modules", targets), merged_qkv=merged)
+        err = capsys.readouterr().err
+        assert code == 2, err  # a user-fixable error
+        assert f"--lora_target_modules {targets}: Module" in err and fix in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(out, "train_log.csv"))
 
 

@@ -6,14 +6,15 @@ import re
 from ..lora import LoraError
 from ..utils.image import open_image
 from ..utils.vram_planner import QWEN_IMAGE_DIT
+from .args import build_parser
 from .output_dir import check_output_path
 
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
-def dit_blocks(args):
-    """The DiT's block count from the tensor names in its local files' headers (nothing loads), or None when no
-    DiT file is here yet (a download brings it). A file that cannot be read is left to the loader to report."""
+def dit_keys(args) -> dict | None:
+    """The tensor names and shapes in the headers of the DiT's local files (nothing loads), or None when no DiT file
+    is here yet (a download brings it). A file that cannot be read is left to the loader to report."""
     from ..utils.io import WeightFileError, read_keys_and_shapes, resolve_safetensors_files
     from ..utils.model_files import parse_model_paths, resolve_model_files
 
@@ -32,10 +33,43 @@ def dit_blocks(args):
             keys = read_keys_and_shapes(resolve_safetensors_files(files))
         except (WeightFileError, ValueError, OSError):
             continue
-        blocks = [int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m]
-        if blocks:
-            return max(blocks) + 1
+        if any(map(_BLOCK_KEY.match, keys)):
+            return keys
     return None
+
+
+def dit_blocks(args):
+    """The DiT's block count from its files' tensor names, or None when no DiT file is here yet."""
+    keys = dit_keys(args)
+    return None if keys is None else max(int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m) + 1
+
+
+def check_lora_targets(args):
+    """--lora_target_modules against the DiT's linear layers, named from its files' headers in this script's q/k/v
+    layout, before the DiT loads (inject_lora found a wrong name only after loading)."""
+    from ..lora.inject import check_target_modules
+    from ..lora.reader import MERGED_PARTS, PART_OF
+
+    keys = dit_keys(args)
+    if keys is None:
+        return
+    names = {}
+    for key, shape in keys.items():
+        if key.endswith(".weight") and len(shape) == 2:
+            stem, _, leaf = key[: -len(".weight")].rpartition(".")
+            if args.merged_qkv:  # the loader merges q/k/v (or splits them for the standard DiT)
+                leaves = [PART_OF[leaf][0]] if leaf in PART_OF else [leaf]
+            else:
+                leaves = MERGED_PARTS.get(leaf, [leaf])
+            names.update(dict.fromkeys(f"{stem}.{x}" if stem else x for x in leaves))
+    try:  # names of another key style (the loader converts them): not checked here
+        check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
+    except ValueError:
+        return
+    try:
+        check_target_modules(args.lora_target_modules, names)
+    except ValueError as e:
+        raise ValueError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
 
 
 def check_block_counts(args):
@@ -99,6 +133,8 @@ def preflight(args, dataset=True):
                 check_any(path)  # exists, is a Qwen-Image LoRA (or LoHa / LoKr / DoRA), holds no NaN/inf
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
+    if args.lora_base_model:
+        check_lora_targets(args)
     if args.lora_checkpoint and args.lora_base_model:
         check_lora_checkpoint(args)
     for path in args.validation_edit_image or []:
