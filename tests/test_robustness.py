@@ -270,6 +270,23 @@ def test_resume_with_other_settings_is_refused_before_loading(tiny_models, data,
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
+def test_resume_without_the_lora_fused_of_its_state_is_refused(tiny_models, data, tmp_path, capsys):
+    """The state's LoRA was trained on the DiT with --lora_fused in it: resumed without it (or with another file), the
+    run would continue on other weights."""
+    first = str(tmp_path / "first")
+    assert main(flags(tiny_models, data, first, "--max_steps", "1", "--cache_conditioning")) == 0
+    fused = os.path.join(first, "checkpoint-final.safetensors")
+    out = str(tmp_path / "out")
+    common = ["--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1"]
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "1", "--lora_fused", fused)) == 0
+    code = main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                      "--models_dir", str(tmp_path / "no-models")))  # refused before any model loads
+    err = capsys.readouterr().err
+    assert code == 2 and "--lora_fused (content id; None: not given): state '" in err and "this run None" in err, err
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                      "--lora_fused", fused)) == 0
+
+
 def test_resume_refuses_another_process_count_and_a_damaged_state(tiny_models, data, tmp_path, capsys):
     out = str(tmp_path / "out")
     common = ["--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1", "--models_dir",

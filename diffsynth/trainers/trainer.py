@@ -19,7 +19,7 @@ from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
-from .conditioning import ConditionCache, collate_conditions, condition_sample
+from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
 from .distributed import (
@@ -502,7 +502,9 @@ class Trainer:
                 "seed": args.seed,  # the epoch's shuffle and every sample's noise: another seed skips other samples
                 # the optimizer's state restores its hyperparameters: other values here would be silently ignored
                 "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-                "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str)}
+                "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str),
+                # the base the LoRA trains on: resumed without it (or with another), it would fit other weights
+                "lora_fused": content_id(args.lora_fused) if args.lora_fused else None}
 
     def _resume_path(self):
         args = self.args
