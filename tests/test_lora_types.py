@@ -126,6 +126,12 @@ def test_continue_an_adapter_with_lora_checkpoint(tiny_models, shared, tmp_path,
                       "--cache_conditioning", cache, "--lora_type", "lokr", "--models_dir", str(tmp_path / "no"))) == 2
     assert f"--lora_checkpoint {trained} is a loha, not a lokr: continue it with --lora_type loha" in \
         capsys.readouterr().err
+    # another alpha: peft's LoHa weights would load as they are and act at the new alpha / rank (twice the delta
+    # here), unlike a LoRA's, whose B load_lora_weights rescales
+    assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
+                      "--lora_alpha", "8", *common, "--models_dir", str(tmp_path / "no"))) == 2
+    assert f"--lora_checkpoint {trained} is a loha trained with --lora_alpha 4, this run has --lora_alpha 8" in \
+        capsys.readouterr().err
 
 
 def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys):

@@ -87,10 +87,12 @@ def check_block_counts(args):
 
 
 def check_lora_checkpoint(args):
-    """--lora_checkpoint fits the adapters this run injects: its type (--lora_type), DiT layout and, for a plain
-    LoRA, --lora_rank, read from the file before the DiT loads (a mismatch found after loading costs minutes)."""
+    """--lora_checkpoint fits the adapters this run injects: its type (--lora_type), DiT layout, --lora_rank and, for
+    LoHa/LoKr/DoRA, --lora_alpha, read from the file before the DiT loads (a mismatch found after loading costs
+    minutes; another alpha was not found at all)."""
     from ..lora.adapters import adapter_type, read_adapters
     from ..lora.reader import MERGED_PARTS, PART_OF, lora_modules, read_lora
+    from ..utils.io import read_metadata
 
     path, want = args.lora_checkpoint, args.lora_type
     if args.lora_fused and filecmp.cmp(path, args.lora_fused, shallow=False):
@@ -109,10 +111,19 @@ def check_lora_checkpoint(args):
         raise LoraError(f"--lora_checkpoint {path} was trained on the {layout.replace('_qkv', '-QKV')} DiT layout, "
                         f"this script trains the {ours} one: continue it with {script}, or convert it first "
                         f"(convert_merged_qkv_checkpoint.py --direction {direction})")
-    ranks = sorted({A.shape[0] for A, _ in modules.values()}) if kind == "lora" else [args.lora_rank]
+    # A LoRA's rank is in its shapes (and load_lora_weights rescales B to another alpha); peft's LoHa/LoKr/DoRA
+    # weights load as they are, at this run's alpha / rank: the trainer's metadata says what they were trained with
+    meta = read_metadata(path) if kind != "lora" else {}
+    ranks = sorted({A.shape[0] for A, _ in modules.values()}) if kind == "lora" else [int(meta.get("rank",
+                                                                                                   args.lora_rank))]
     if ranks != [args.lora_rank]:
         raise LoraError(f"--lora_checkpoint {path} has rank {', '.join(map(str, ranks))}, this run --lora_rank "
                         f"{args.lora_rank}: continue it with the rank it was trained with")
+    alpha, ours = float(meta.get("alpha", 0)) or None, args.lora_alpha or args.lora_rank
+    if alpha is not None and alpha != ours:
+        raise LoraError(f"--lora_checkpoint {path} is a {kind} trained with --lora_alpha {alpha:g}, this run has "
+                        f"--lora_alpha {ours:g}: its weights would act at another scale (alpha / rank), not as "
+                        f"trained; continue it with --lora_alpha {alpha:g}")
 
 
 def preflight(args, dataset=True):
