@@ -14,6 +14,9 @@ DEFAULT_TARGETS = {  # merged_qkv -> the LoRA targets of that DiT
 }
 
 
+MAX_PIXELS = 1024 * 1024  # --max_pixels' default
+
+
 class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
 
@@ -31,7 +34,8 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     d.add_argument("--data_file_keys", default="image,edit_image", help="columns that hold image files")
     d.add_argument("--extra_inputs", default="edit_image",
                    help="inputs besides the prompt that condition the model (edit_image for Qwen-Image-Edit)")
-    d.add_argument("--max_pixels", type=int, default=1024 * 1024, help="target images scaled down to this area")
+    d.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
+                   help="target images scaled down to this area (unless --height/--width fix their size)")
     d.add_argument("--height", type=int, default=None, help="fixed target height (with --width)")
     d.add_argument("--width", type=int, default=None, help="fixed target width (with --height)")
     d.add_argument("--edit_image_area", type=int, default=1024 * 1024,
@@ -157,6 +161,9 @@ def check_args(args):
     problems = []
     if (args.height is None) != (args.width is None):
         problems.append("--height and --width go together (or neither, to size by --max_pixels)")
+    elif args.height is not None and args.max_pixels != MAX_PIXELS:
+        problems.append(f"--max_pixels {args.max_pixels} would do nothing: --height {args.height} --width "
+                        f"{args.width} fix every target's size; leave out one or the other")
     for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps",
                  "max_pixels", "edit_image_area"):
         if getattr(args, name) < 1:
