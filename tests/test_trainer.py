@@ -124,6 +124,10 @@ def test_wrong_lora_targets_stop_before_any_model_loads(tiny_models, data, tmp_p
     (["--unknown_flag", "1"], "unrecognized arguments: --unknown_flag"),
     (["--lora_rank"], "expected one argument"),
     (["--height", "64"], "--height and --width go together"),
+    # without a validation prompt nothing validates: the validation flags would do nothing
+    (["--validation_inference_steps", "8"], "--validation_inference_steps needs --validation_prompt"),
+    (["--validation_steps", "2", "--validation_inference_steps", "8"],
+     "--validation_steps / --validation_inference_steps need --validation_prompt"),
     # flags() passes --max_pixels 4096: a fixed size leaves it nothing to do
     (["--height", "64", "--width", "32"], "--max_pixels 4096 would do nothing: --height 64 --width 32 fix every"),
     (["--use_gradient_checkpointing_offload"], "needs --use_gradient_checkpointing"),

@@ -15,6 +15,7 @@ DEFAULT_TARGETS = {  # merged_qkv -> the LoRA targets of that DiT
 
 
 MAX_PIXELS = 1024 * 1024  # --max_pixels' default
+VALIDATION_INFERENCE_STEPS = 20  # --validation_inference_steps' default
 
 
 class ArgumentError(ValueError):
@@ -135,7 +136,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     v.add_argument("--validation_edit_image", action="append", default=None,
                    help="image to edit for validation (repeat for several)")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
-    v.add_argument("--validation_inference_steps", type=int, default=20)
+    v.add_argument("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
     add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
                    help="check the flags, print the resolved settings (stdout, json) and the predicted peak GPU "
@@ -256,8 +257,11 @@ def check_args(args):
     if args.checkpoints_total_limit and not args.save_steps:
         problems.append("--checkpoints_total_limit needs --save_steps (training states are written only every "
                         "--save_steps; without it there are none to limit)")
-    if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
-        problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
+    if not args.validation_prompt:  # without it nothing validates: the other validation flags would do nothing
+        given = [f"--{flag}" for flag in ("validation_steps", "validation_edit_image") if getattr(args, flag)]
+        given += ["--validation_inference_steps"] * (args.validation_inference_steps != VALIDATION_INFERENCE_STEPS)
+        if given:
+            problems.append(f"{' / '.join(given)} need{'s' * (len(given) == 1)} --validation_prompt")
     if args.vram_budget is not None:
         from ..utils.vram_planner import parse_vram
 
