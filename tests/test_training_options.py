@@ -219,6 +219,8 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--lr_scheduler", "cosine", "--lr_power", "2"], "--lr_power 2.0 would do nothing here"),
     (["--timestep_sampling", "qwen_shift", "--discrete_flow_shift", "5"], "--discrete_flow_shift 5.0 would do nothing"),
     (["--timestep_sampling", "uniform", "--logit_std", "0.5"], "--logit_std 0.5 would do nothing here"),
+    (["--tracker_project_name", "mine"], "--tracker_project_name mine would do nothing: it names the project of"),
+    (["--report_to", "csv", "--tracker_project_name", "mine"], "--tracker_project_name mine would do nothing"),
 ])
 def test_bad_option_flags(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:

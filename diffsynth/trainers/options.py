@@ -72,6 +72,7 @@ WEIGHTINGS = ("bell", "none", "logit_normal")
 TRACKERS = {"csv": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "swanlab": ("swanlab", "swanlab")}  # name -> (module, pip extra); csv is always written
 LORA_TYPES = ("lora", "loha", "lokr", "dora")
+TRACKER_PROJECT = "qwen-image-edit-lora"  # --tracker_project_name's default
 # Options that shape one lr schedule or timestep draw: flag -> (default, what uses it, whether these flags use it).
 # Given with other flags, they would do nothing, so they are refused.
 _LOGIT = ("--timestep_sampling logit_normal, shift or qwen_shift, or --weighting_scheme logit_normal",
@@ -124,7 +125,7 @@ def add_training_options(p):
     g.add_argument("--report_to", action="append", default=None, metavar="TRACKER",
                    help="csv (always written), tensorboard, wandb, swanlab; comma list or repeat the flag. "
                         "Offline: WANDB_MODE=offline, SWANLAB_MODE=local")
-    g.add_argument("--tracker_project_name", default="qwen-image-edit-lora",
+    g.add_argument("--tracker_project_name", default=TRACKER_PROJECT,
                    help="project name for tensorboard / wandb / swanlab")
 
 
@@ -208,6 +209,9 @@ def check_training_options(args) -> list[str]:
             problems.append(f"--report_to {tracker}: choose from {', '.join(TRACKERS)} (several: a comma list)")
         elif TRACKERS[tracker] and importlib.util.find_spec(TRACKERS[tracker][0]) is None:
             problems.append(missing_package_message(f"--report_to {tracker}", *TRACKERS[tracker]))
+    if args.tracker_project_name != TRACKER_PROJECT and not trackers(args):
+        problems.append(f"--tracker_project_name {args.tracker_project_name} would do nothing: it names the project "
+                        "of --report_to tensorboard, wandb or swanlab (the csv log has none); add one of them")
     return problems
 
 
