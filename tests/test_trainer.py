@@ -126,6 +126,8 @@ def test_wrong_lora_targets_stop_before_any_model_loads(tiny_models, data, tmp_p
     (["--height", "64"], "--height and --width go together"),
     # without a validation prompt nothing validates: the validation flags would do nothing
     (["--validation_inference_steps", "8"], "--validation_inference_steps needs --validation_prompt"),
+    # flags() passes --edit_image_area 4096: a run without edit images has nothing for it to size
+    (["--extra_inputs", ""], "--edit_image_area 4096 would do nothing: it sizes edit images, and this run has none"),
     (["--validation_steps", "2", "--validation_inference_steps", "8"],
      "--validation_steps / --validation_inference_steps need --validation_prompt"),
     # flags() passes --max_pixels 4096: a fixed size leaves it nothing to do

@@ -16,6 +16,7 @@ DEFAULT_TARGETS = {  # merged_qkv -> the LoRA targets of that DiT
 
 MAX_PIXELS = 1024 * 1024  # --max_pixels' default
 VALIDATION_INFERENCE_STEPS = 20  # --validation_inference_steps' default
+EDIT_IMAGE_AREA = 1024 * 1024  # --edit_image_area's default (the pipeline's)
 
 
 class ArgumentError(ValueError):
@@ -39,7 +40,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                    help="target images scaled down to this area (unless --height/--width fix their size)")
     d.add_argument("--height", type=int, default=None, help="fixed target height (with --width)")
     d.add_argument("--width", type=int, default=None, help="fixed target width (with --height)")
-    d.add_argument("--edit_image_area", type=int, default=1024 * 1024,
+    d.add_argument("--edit_image_area", type=int, default=EDIT_IMAGE_AREA,
                    help="area edit images are resized to for the VAE (the pipeline's default: 1024*1024)")
     d.add_argument("--edit_plus", action="store_true",
                    help="Qwen-Image-Edit-2509: the Edit-Plus prompt template ('Picture 1: ...') even for one edit "
@@ -208,6 +209,9 @@ def check_args(args):
     if args.edit_plus and "edit_image" not in extra:  # no edit images: the prompt has no template to choose
         problems.append("--edit_plus picks the prompt template of edit images, and without --extra_inputs edit_image "
                         "this run has none: leave it out")
+    if args.edit_image_area != EDIT_IMAGE_AREA and "edit_image" not in extra and not args.validation_edit_image:
+        problems.append(f"--edit_image_area {args.edit_image_area} would do nothing: it sizes edit images, and this "
+                        "run has none (no --extra_inputs edit_image, no --validation_edit_image); leave it out")
     if args.lora_base_model is None:  # a LoRA's flags without it would do nothing: the whole DiT is fine-tuned
         given = [f for f in ("lora_rank", "lora_alpha", "lora_checkpoint", "export_format") if getattr(args, f)]
         given += ["lora_target_modules"] if args.lora_target_modules not in DEFAULT_TARGETS.values() else []
