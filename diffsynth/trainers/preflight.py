@@ -113,9 +113,11 @@ def check_lora_checkpoint(args):
                         f"(convert_merged_qkv_checkpoint.py --direction {direction})")
     # A LoRA's rank is in its shapes (and load_lora_weights rescales B to another alpha); peft's LoHa/LoKr/DoRA
     # weights load as they are, at this run's alpha / rank: the trainer's metadata says what they were trained with
-    meta = read_metadata(path) if kind != "lora" else {}
-    ranks = sorted({A.shape[0] for A, _ in modules.values()}) if kind == "lora" else [int(meta.get("rank",
-                                                                                                   args.lora_rank))]
+    meta = {} if kind == "lora" else read_metadata(path)
+    if kind == "lora":
+        ranks = sorted({A.shape[0] for A, _ in modules.values()})
+    else:
+        ranks = [int(meta.get("rank", args.lora_rank))]
     if ranks != [args.lora_rank]:
         raise LoraError(f"--lora_checkpoint {path} has rank {', '.join(map(str, ranks))}, this run --lora_rank "
                         f"{args.lora_rank}: continue it with the rank it was trained with")
