@@ -225,8 +225,8 @@ def check_args(args):
     if args.compile and args.lora_type != "lora":
         # peft's LoHa/LoKr layers branch on a torch.rand draw in every training call, DoRA's write a norm cache: each
         # breaks dynamo's graph, and inside a checkpointed block the whole block falls back to eager (0 graphs)
-        problems.append(f"--compile does not compile a --lora_type {args.lora_type} DiT: peft's {args.lora_type} layers "
-                        "break torch.compile's graph (with --use_gradient_checkpointing no block compiles at all, "
+        problems.append(f"--compile does not compile a --lora_type {args.lora_type} DiT: peft's {args.lora_type} "
+                        "layers break torch.compile's graph (with --use_gradient_checkpointing no block compiles at all, "
                         "without it each block splits into pieces): leave out --compile, or train --lora_type lora")
     if args.blocks_to_checkpoint not in (None, "auto"):
         try:

@@ -639,8 +639,9 @@ class Trainer:
                     self.optimizer.zero_grad()
                 # The step's logged loss is the mean over its window (what the update followed), not its last batch's.
                 # A window never spans a resume: states are saved after a step.
-                first = self.state.batch_in_epoch == start_of_window
-                window_loss = loss.detach().float() + (0 if first else window_loss)
+                if self.state.batch_in_epoch == start_of_window:
+                    window_loss = 0.0
+                window_loss = window_loss + loss.detach().float()
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
