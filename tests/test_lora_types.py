@@ -121,10 +121,17 @@ def test_continue_an_adapter_with_lora_checkpoint(tiny_models, shared, tmp_path,
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-12)
-    # another type or rank does not fit: one message, exit 2
+    # another type does not fit: one message naming the fix, exit 2, before any model loads
     assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
-                      "--cache_conditioning", cache, "--lora_type", "lokr")) == 2
-    assert "does not match the model's adapters" in capsys.readouterr().err
+                      "--cache_conditioning", cache, "--lora_type", "lokr", "--models_dir", str(tmp_path / "no"))) == 2
+    assert f"--lora_checkpoint {trained} is a loha, not a lokr: continue it with --lora_type loha" in \
+        capsys.readouterr().err
+    # another alpha: peft's LoHa weights would load as they are and act at the new alpha / rank (twice the delta
+    # here), unlike a LoRA's, whose B load_lora_weights rescales
+    assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
+                      "--lora_alpha", "8", *common, "--models_dir", str(tmp_path / "no"))) == 2
+    assert f"--lora_checkpoint {trained} is a loha trained with --lora_alpha 4, this run has --lora_alpha 8" in \
+        capsys.readouterr().err
 
 
 def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys):
@@ -133,9 +140,19 @@ def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys)
         with pytest.raises(SystemExit):
             parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", lora_type, "--export_format", fmt))
         assert f"--export_format {fmt} cannot hold a {lora_type}" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", "dora", "--enable_fp8_training"))
-    assert "does not work with the fp8" in capsys.readouterr().err
+    for fp8 in ("--enable_fp8_training", "--fp8_compute"):  # fp8 compute stores the weights in fp8 as well
+        with pytest.raises(SystemExit):
+            parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", "dora", fp8))
+        assert f"does not work with the fp8 weights of {fp8}" in capsys.readouterr().err
+    # peft's LoHa/LoKr/DoRA layers break dynamo's graph: with checkpointing not one block compiled (the run said
+    # "0 graph(s)" and trained eager), so --compile would do nothing it says
+    for lora_type in ("loha", "lokr", "dora"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--lora_type", lora_type, "--compile",
+                             "--use_gradient_checkpointing"))
+        assert e.value.code == 2
+        assert f"--compile does not compile a --lora_type {lora_type} DiT" in capsys.readouterr().err
+    assert parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--compile")).compile
     # a merged LoKr whose row factor does not divide by 3 has no standard-layout form
     w = torch.randn(8, 4)
     lokr = Adapter("lokr", {"lokr_w1": w, "lokr_w2_a": torch.randn(24, 2), "lokr_w2_b": torch.randn(2, 16)})

@@ -122,11 +122,13 @@ def doc_world(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     write_edit_dataset("data", num_samples=2)
-    lora = {"transformer_blocks.0.attn.to_out.0.lora_A.weight": __import__("torch").zeros(4, 64),
-            "transformer_blocks.0.attn.to_out.0.lora_B.weight": __import__("torch").zeros(64, 4)}
     for doc in DOCS:
         for tokens in doc_commands(doc):
-            for flag, value in given_flags(tokens).items():
+            given = given_flags(tokens)
+            rank = int(given.get("lora_rank", 32))  # the recipes' rank: a --lora_checkpoint must have the run's
+            lora = {"transformer_blocks.0.attn.to_out.0.lora_A.weight": __import__("torch").zeros(rank, 64),
+                    "transformer_blocks.0.attn.to_out.0.lora_B.weight": __import__("torch").zeros(64, rank)}
+            for flag, value in given.items():
                 if flag in ("lora_fused", "lora_checkpoint") and not os.path.exists(value):
                     save_safetensors(lora, value)
     return tmp_path

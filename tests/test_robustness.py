@@ -3,6 +3,7 @@ good checkpoint, the standard-layout copy of every checkpoint."""
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -224,6 +225,35 @@ def test_a_state_from_elsewhere_needs_a_free_folder(tiny_models, data, tmp_path,
     assert steps_logged(c) == [2]
 
 
+def test_lora_checkpoint_that_does_not_fit_is_refused_before_loading(tiny_models, data, tmp_path, capsys):
+    """Another --lora_type, DiT layout or --lora_rank than the --lora_checkpoint's: one message naming the fix,
+    read from the file before any model loads (it was found only after the DiT had loaded)."""
+    first = str(tmp_path / "first")
+    assert main(flags(tiny_models, data, first, "--max_steps", "1", "--cache_conditioning")) == 0
+    merged = os.path.join(first, "checkpoint-final.safetensors")
+    standard = os.path.join(first, "checkpoint-final-standard.safetensors")
+    no_models = ["--models_dir", str(tmp_path / "no-models")]
+    for lora, extra, message in (
+            (merged, ["--lora_type", "loha"], f"{merged} is a lora, not a loha: continue it with --lora_type lora"),
+            (merged, ["--lora_rank", "8"], f"{merged} has rank 4, this run --lora_rank 8"),
+            (standard, [], f"{standard} was trained on the standard DiT layout, this script trains the merged-QKV "
+                           "one: continue it with train.py, or convert it first")):
+        code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", lora, *extra, *no_models))
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+    # the same LoRA (here a copy) as --lora_fused too would apply it twice
+    twin = str(tmp_path / "copy.safetensors")
+    shutil.copy(merged, twin)
+    code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", merged, "--lora_fused", twin,
+                      *no_models))
+    assert code == 2 and f"--lora_checkpoint and --lora_fused are the same LoRA ({merged})" in capsys.readouterr().err
+    # and in the other script
+    code = main(flags(tiny_models, data, str(tmp_path / "second"), "--lora_checkpoint", merged, *no_models),
+                merged_qkv=False)
+    assert code == 2 and "this script trains the standard one: continue it with train_merged_qkv.py" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change, message", [
     (["--lora_alpha", "16"], "--lora_alpha: state 4, this run 16"),
     (["--batch_size", "2"], "--batch_size: state 1, this run 2"),
@@ -238,6 +268,23 @@ def test_resume_with_other_settings_is_refused_before_loading(tiny_models, data,
                       *change, "--models_dir", str(tmp_path / "no-models")))  # refused before any model loads
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_resume_without_the_lora_fused_of_its_state_is_refused(tiny_models, data, tmp_path, capsys):
+    """The state's LoRA was trained on the DiT with --lora_fused in it: resumed without it (or with another file), the
+    run would continue on other weights."""
+    first = str(tmp_path / "first")
+    assert main(flags(tiny_models, data, first, "--max_steps", "1", "--cache_conditioning")) == 0
+    fused = os.path.join(first, "checkpoint-final.safetensors")
+    out = str(tmp_path / "out")
+    common = ["--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1"]
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "1", "--lora_fused", fused)) == 0
+    code = main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                      "--models_dir", str(tmp_path / "no-models")))  # refused before any model loads
+    err = capsys.readouterr().err
+    assert code == 2 and "--lora_fused (content id; None: not given): state '" in err and "this run None" in err, err
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                      "--lora_fused", fused)) == 0
 
 
 def test_resume_refuses_another_process_count_and_a_damaged_state(tiny_models, data, tmp_path, capsys):
@@ -268,6 +315,28 @@ def test_gradient_accumulation_steps_at_each_epochs_end(tiny_models, data, tmp_p
         rows = list(csv.DictReader(f))
     assert [(int(r["step"]), int(r["epoch"])) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]
     assert float(rows[-1]["lr"]) == pytest.approx(2e-3 * 1 / 4)  # linear: the last of 4 steps uses 1/4 of the peak
+
+
+def test_accumulated_step_logs_the_mean_loss_of_its_window(tiny_models, data, tmp_path, monkeypatch):
+    """With --gradient_accumulation_steps 3 and 4 batches an epoch, a step logs the mean loss of its 3 (or, at the
+    epoch's end, 1) batches: the loss its update followed, not only its last batch's."""
+    import diffsynth.trainers.trainer as trainer_module
+
+    real, seen = trainer_module.flow_matching_loss, []
+
+    def recorded(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        seen.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(trainer_module, "flow_matching_loss", recorded)
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--cache_conditioning", "--dataset_repeat", "2",
+                      "--gradient_accumulation_steps", "3")) == 0
+    with open(os.path.join(out, "train_log.csv")) as f:
+        logged = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert len(seen) == 4 and len(set(seen)) == 4
+    assert logged == pytest.approx([sum(seen[:3]) / 3, seen[3]], abs=1e-6)
 
 
 def test_interrupt_says_how_to_go_on(tiny_models, data, tmp_path, monkeypatch, capsys):

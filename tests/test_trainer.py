@@ -103,12 +103,21 @@ def test_bad_dataset_rows_fail_before_models_load(tiny_models, tmp_path, capsys)
     assert not os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
 
 
-def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, capsys):
+def test_wrong_lora_targets_stop_before_any_model_loads(tiny_models, data, tmp_path, capsys, monkeypatch):
+    """Checked against the DiT's file headers, in each script's q/k/v layout: the DiT never loads."""
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(QwenImagePipeline, "from_pretrained", no_loading)
     out = str(tmp_path / "out")
-    code = main(flags(tiny_models, data, out, "--lora_target_modules", "to_q,to_k,to_v"))
-    err = capsys.readouterr().err
-    assert code == 2  # a user-fixable error
-    assert "Module to_q, to_k, to_v not found in LoRA target modules" in err and "to_q -> to_qkv" in err
+    for merged, targets, fix in ((True, "to_q,to_k,to_v", "to_q -> to_qkv"),
+                                 (False, "to_qkv,to_out.0", "to_qkv -> to_q,to_k,to_v")):
+        code = main(flags(tiny_models, data, out, "--lora_target_modules", targets), merged_qkv=merged)
+        err = capsys.readouterr().err
+        assert code == 2, err  # a user-fixable error
+        assert f"--lora_target_modules {targets}: Module" in err and fix in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(out, "train_log.csv"))
 
 
@@ -116,6 +125,14 @@ def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, ca
     (["--unknown_flag", "1"], "unrecognized arguments: --unknown_flag"),
     (["--lora_rank"], "expected one argument"),
     (["--height", "64"], "--height and --width go together"),
+    # without a validation prompt nothing validates: the validation flags would do nothing
+    (["--validation_inference_steps", "8"], "--validation_inference_steps needs --validation_prompt"),
+    # flags() passes --edit_image_area 4096: a run without edit images has nothing for it to size
+    (["--extra_inputs", ""], "--edit_image_area 4096 would do nothing: it sizes edit images, and this run has none"),
+    (["--validation_steps", "2", "--validation_inference_steps", "8"],
+     "--validation_steps / --validation_inference_steps need --validation_prompt"),
+    # flags() passes --max_pixels 4096: a fixed size leaves it nothing to do
+    (["--height", "64", "--width", "32"], "--max_pixels 4096 would do nothing: --height 64 --width 32 fix every"),
     (["--use_gradient_checkpointing_offload"], "needs --use_gradient_checkpointing"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--blocks_to_checkpoint", "1"], "--blocks_to_checkpoint needs --use_gradient_checkpointing"),
@@ -125,6 +142,8 @@ def test_wrong_lora_targets_stop_before_any_step(tiny_models, data, tmp_path, ca
     (["--blocks_to_checkpoint", "auto"], "--blocks_to_checkpoint needs --use_gradient_checkpointing"),
     (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "1", "--blocks_to_swap", "2"],
      "--blocks_to_checkpoint 1 is fewer than --blocks_to_swap 2: a swapped block must be checkpointed"),
+    (["--checkpoints_total_limit", "2"], "--checkpoints_total_limit needs --save_steps"),
+    (["--edit_plus", "--extra_inputs", "", "--data_file_keys", "image"], "--edit_plus picks the prompt template of edit"),
 ])
 def test_bad_flags_exit_with_a_message(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:
@@ -161,6 +180,19 @@ def test_auto_checkpointing_needs_a_lora_run(tiny_models, data, tmp_path, capsys
         parse_args(argv)
     assert e.value.code == 2
     assert "--blocks_to_checkpoint auto asks the VRAM planner, which plans LoRA runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, flag", [([], "--lora_rank"), (["--lora_alpha", "8"], "--lora_alpha"),
+                                         (["--lora_target_modules", "to_qkv"], "--lora_target_modules")])
+def test_lora_flags_without_a_lora_are_refused(tiny_models, data, tmp_path, capsys, extra, flag):
+    """Without --lora_base_model the whole DiT is fine-tuned: a LoRA's rank, alpha or targets would do nothing."""
+    argv = [a for a in flags(tiny_models, data, str(tmp_path / "out"), *extra) if a not in ("--lora_base_model", "dit")]
+    if flag != "--lora_rank":
+        argv.remove("--lora_rank"), argv.remove("4")
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert f"{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)" in capsys.readouterr().err
 
 
 def test_full_fine_tuning_writes_a_loadable_dit(tiny_models, data, tmp_path):

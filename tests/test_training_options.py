@@ -204,10 +204,23 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--optimizer", "adam"], "use one of adamw, adamw8bit"),
     (["--optimizer_args", "betas"], "expected key=value"),
     (["--optimizer", "adamw_schedulefree", "--lr_scheduler", "cosine"], "replaces the lr schedule"),
+    (["--optimizer", "schedulefree.SGDScheduleFree", "--lr_scheduler", "linear"],
+     "--optimizer schedulefree.SGDScheduleFree replaces the lr schedule"),
     (["--lr_min_ratio", "2"], "--lr_min_ratio must be in [0, 1]"),
     (["--min_timestep", "600", "--max_timestep", "500"], "must be below --max_timestep"),
+    (["--min_timestep", "1000"], "--min_timestep 1000.0 must be below --max_timestep 1000"),  # the default maximum
+    (["--max_timestep", "0"], "--min_timestep 0 must be below --max_timestep 0.0"),
     (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1)"),
     (["--report_to", "wandb,comet"], "--report_to comet: choose from"),
+    (["--optimizer", "adafactor", "--optimizer_args", "relative_step=True"], "relative_step=True: Adafactor's own"),
+    # an option of another schedule or sampler would do nothing
+    (["--lr_min_ratio", "0.1"], "--lr_min_ratio 0.1 would do nothing here: it shapes a decaying --lr_scheduler"),
+    (["--lr_scheduler", "cosine", "--lr_num_cycles", "3"], "--lr_num_cycles 3 would do nothing here"),
+    (["--lr_scheduler", "cosine", "--lr_power", "2"], "--lr_power 2.0 would do nothing here"),
+    (["--timestep_sampling", "qwen_shift", "--discrete_flow_shift", "5"], "--discrete_flow_shift 5.0 would do nothing"),
+    (["--timestep_sampling", "uniform", "--logit_std", "0.5"], "--logit_std 0.5 would do nothing here"),
+    (["--tracker_project_name", "mine"], "--tracker_project_name mine would do nothing: it names the project of"),
+    (["--report_to", "csv", "--tracker_project_name", "mine"], "--tracker_project_name mine would do nothing"),
 ])
 def test_bad_option_flags(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:
@@ -221,6 +234,13 @@ def test_an_import_path_that_is_no_optimizer_stops_before_models_load(tiny_model
                       "--models_dir", str(tmp_path / "nothing-here")))
     assert code == 2  # a user-fixable error
     assert "torch.nn.Linear is not a torch.optim.Optimizer subclass" in capsys.readouterr().err
+
+
+def test_an_optimizer_that_needs_a_closure_stops_before_models_load(tiny_models, data, tmp_path, capsys):
+    code = main(flags(tiny_models, data, str(tmp_path / "out"), "--optimizer", "torch.optim.LBFGS",
+                      "--models_dir", str(tmp_path / "nothing-here")))
+    assert code == 2
+    assert "torch.optim.LBFGS.step needs a closure" in capsys.readouterr().err
 
 
 def test_optimizer_args_are_typed():
@@ -249,6 +269,17 @@ def test_lr_schedules():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     state = create_lr_scheduler(opt, "cosine", 1, 10).state_dict()
     assert state["lr_lambdas"] == [None]
+
+
+def test_max_steps_alone_sets_the_length(tiny_models, shared, tmp_path, capsys):
+    """--max_steps without --num_epochs runs all its steps (4 per epoch here: two epochs, the second cut short), as
+    diffusers' and kohya's --max_train_steps do; with --num_epochs, whichever ends first, and the run says so."""
+    assert len(losses(run(tiny_models, shared, tmp_path / "steps", steps=6))) == 6
+    assert len(losses(run(tiny_models, shared, tmp_path / "epochs", "--num_epochs", "1", steps=6))) == 4
+    # a run counted in steps saves by --save_steps, not at the end of each pass
+    assert not os.path.exists(tmp_path / "steps" / "epoch-1.safetensors")
+    assert os.path.exists(tmp_path / "epochs" / "epoch-1.safetensors")
+    assert "--num_epochs 1 ends this run after 4 steps, before --max_steps 6" in capsys.readouterr().out
 
 
 def test_cosine_schedule_is_logged_per_optimizer_step(tiny_models, shared, tmp_path):
@@ -314,7 +345,7 @@ def test_timestep_options_change_the_losses_not_the_data(tiny_models, shared, tm
 def test_ema_is_the_moving_average_of_the_saved_weights(tiny_models, shared, tmp_path):
     decay = 0.5
     out = run(tiny_models, shared, tmp_path / "out", "--ema_decay", str(decay), "--save_steps", "1",
-              "--learning_rate", "1e-2")
+              "--learning_rate", "1e-2", "--num_epochs", "1")  # an epoch-1 checkpoint too
     names = sorted(os.listdir(out))
     for step in (1, 2, 3, 4):
         assert f"step-{step}.safetensors" in names and f"step-{step}-ema.safetensors" in names
@@ -345,6 +376,47 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
                            "2", "--lr_warmup_steps", "1", "--lr_min_ratio", "0.1", "--timestep_sampling",
                            "qwen_shift", "--weighting_scheme", "logit_normal", "--min_timestep", "50",
                            "--ema_decay", "0.8", names=("checkpoint-final", "checkpoint-final-ema"))
+
+
+@pytest.mark.parametrize("extra, said", [
+    # the seed shuffles each epoch: resumed with another, the run would skip batches of another order
+    (["--seed", "5"], "--seed: state 0, this run 5"),
+    # the optimizer's state restores these: the run would keep the state's values, saying nothing
+    (["--learning_rate", "1e-5"], "--learning_rate: state 0.002, this run 1e-05"),
+    (["--weight_decay", "0.5"], "--weight_decay: state 0.01, this run 0.5"),
+    (["--optimizer_args", "betas=(0.5,0.6)"], "--optimizer_args: state '{}', this run '{\"betas\": [0.5, 0.6]}'"),
+])
+def test_resume_with_other_settings_is_refused(tiny_models, shared, tmp_path, capsys, extra, said):
+    out = run(tiny_models, shared, tmp_path / "out", "--save_steps", "2", "--num_epochs", "1", steps=2)
+    data, cache = shared
+    argv = flags(tiny_models, data, out, "--dataset_repeat", "2", "--cache_conditioning", cache,
+                 "--resume_from_checkpoint", "latest", *extra)
+    assert main(argv) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_fp16_overflow_skips_the_update_and_resumes_exactly(tiny_models, shared, tmp_path, monkeypatch, capsys):
+    """--mixed_precision fp16 on a GPU: accelerate's GradScaler overflows the gradients in the first steps and skips
+    those updates while it lowers its scale. The run goes on (it stopped with 'the gradient norm is nan'), and the
+    scale is part of the training state. On the CPU accelerate makes no scaler: the test gives the run one."""
+    real = Trainer.setup
+
+    def setup_with_scaler(self):
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -8)
+        real(self)
+
+    monkeypatch.setattr(Trainer, "setup", setup_with_scaler)
+    assert_resumes_exactly(tiny_models, shared, tmp_path, "--mixed_precision", "fp16")
+    assert "step 3: fp16 gradients overflowed at loss scale 1.67772e+07; the update is skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fp8", ["--enable_fp8_training", "--fp8_compute"])
+def test_fp8_runs_resume_exactly(tiny_models, shared, tmp_path, fp8):
+    """The training state holds the trained weights only, not the fp8 scales of the frozen layers (which made the
+    resume refuse the state as another setup's)."""
+    assert_resumes_exactly(tiny_models, shared, tmp_path, fp8)
+    assert not [k for k in load_file(str(tmp_path / "full" / "checkpoints" / "step-2" / "model.safetensors"))
+                if k.endswith("weight_scale")]
 
 
 # ---- trackers and --dry_run ----------------------------------------------------------------------------------

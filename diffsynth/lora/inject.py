@@ -50,6 +50,16 @@ def _not_found_message(missing, names) -> str:
     return message
 
 
+def check_target_modules(target_modules, names) -> list[str]:
+    """The targets, each matching at least one of the linear layers `names`; a ValueError naming the fix otherwise
+    (before any model changes: the trainer checks them against the DiT's file headers before it loads)."""
+    targets = parse_target_modules(target_modules)
+    missing = [t for t in targets if not any(_matches(n, t) for n in names)]
+    if missing:
+        raise ValueError(_not_found_message(missing, names))
+    return targets
+
+
 def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None = None,
                 adapter_name: str = "default", lora_type: str = "lora") -> nn.Module:
     """Add LoRA adapters (peft; plain LoRA layers get the forward of `fused_linear.py`) to the linear layers named
@@ -59,11 +69,7 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
     Targets match like peft matches a list of names: a module whose path equals a target or ends with
     "." + target. Every target must match at least one nn.Linear, checked before anything is changed.
     """
-    targets = parse_target_modules(target_modules)
-    names = list(linear_layers(model))
-    missing = [t for t in targets if not any(_matches(n, t) for n in names)]
-    if missing:
-        raise ValueError(_not_found_message(missing, names))
+    targets = check_target_modules(target_modules, list(linear_layers(model)))
     from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
     alpha = rank if alpha is None else alpha

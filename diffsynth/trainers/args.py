@@ -6,6 +6,19 @@ from ..utils.cli import ArgumentParser
 from .options import add_training_options, check_training_options
 
 
+DEFAULT_RANK = 32
+DEFAULT_TARGETS = {  # merged_qkv -> the LoRA targets of that DiT
+    True: "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2",
+    False: "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,"
+           "txt_mlp.net.0.proj,txt_mlp.net.2",
+}
+
+
+MAX_PIXELS = 1024 * 1024  # --max_pixels' default
+VALIDATION_INFERENCE_STEPS = 20  # --validation_inference_steps' default
+EDIT_IMAGE_AREA = 1024 * 1024  # --edit_image_area's default (the pipeline's)
+
+
 class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
 
@@ -23,10 +36,11 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     d.add_argument("--data_file_keys", default="image,edit_image", help="columns that hold image files")
     d.add_argument("--extra_inputs", default="edit_image",
                    help="inputs besides the prompt that condition the model (edit_image for Qwen-Image-Edit)")
-    d.add_argument("--max_pixels", type=int, default=1024 * 1024, help="target images scaled down to this area")
+    d.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
+                   help="target images scaled down to this area (unless --height/--width fix their size)")
     d.add_argument("--height", type=int, default=None, help="fixed target height (with --width)")
     d.add_argument("--width", type=int, default=None, help="fixed target width (with --height)")
-    d.add_argument("--edit_image_area", type=int, default=1024 * 1024,
+    d.add_argument("--edit_image_area", type=int, default=EDIT_IMAGE_AREA,
                    help="area edit images are resized to for the VAE (the pipeline's default: 1024*1024)")
     d.add_argument("--edit_plus", action="store_true",
                    help="Qwen-Image-Edit-2509: the Edit-Plus prompt template ('Picture 1: ...') even for one edit "
@@ -50,8 +64,11 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     o.add_argument("--lr_warmup_steps", type=int, default=0)
     o.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient norm to this (0: no clipping, as in kohya/musubi-tuner)")
-    o.add_argument("--num_epochs", type=int, default=1)
-    o.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    o.add_argument("--num_epochs", type=int, default=None,
+                   help="passes over the data (default: 1, or as many as --max_steps needs)")
+    o.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (alone, it sets the run's length; with --num_epochs "
+                        "the run ends at whichever comes first)")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--mixed_precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
@@ -76,12 +93,8 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")
-    lo.add_argument("--lora_target_modules",
-                    default="to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,"
-                            "txt_mlp.net.0.proj,txt_mlp.net.2" if merged_qkv else
-                    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,"
-                    "img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2")
-    lo.add_argument("--lora_rank", type=int, default=32)
+    lo.add_argument("--lora_target_modules", default=DEFAULT_TARGETS[merged_qkv])
+    lo.add_argument("--lora_rank", type=int, default=None, help=f"default {DEFAULT_RANK}")
     lo.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1)")
     lo.add_argument("--lora_checkpoint", default=None, help="continue training this LoRA")
     lo.add_argument("--lora_fused", default=None, help="fuse this pretrained LoRA (any format) into the DiT first")
@@ -124,7 +137,7 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     v.add_argument("--validation_edit_image", action="append", default=None,
                    help="image to edit for validation (repeat for several)")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
-    v.add_argument("--validation_inference_steps", type=int, default=20)
+    v.add_argument("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
     add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
                    help="check the flags, print the resolved settings (stdout, json) and the predicted peak GPU "
@@ -150,11 +163,14 @@ def check_args(args):
     problems = []
     if (args.height is None) != (args.width is None):
         problems.append("--height and --width go together (or neither, to size by --max_pixels)")
-    for name in ("batch_size", "dataset_repeat", "num_epochs", "gradient_accumulation_steps", "lora_rank",
+    elif args.height is not None and args.max_pixels != MAX_PIXELS:
+        problems.append(f"--max_pixels {args.max_pixels} would do nothing: --height {args.height} --width "
+                        f"{args.width} fix every target's size; leave out one or the other")
+    for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps",
                  "max_pixels", "edit_image_area"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
+    for name in ("lora_rank", "num_epochs", "max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
@@ -190,15 +206,28 @@ def check_args(args):
         problems.append(f"--extra_inputs {args.extra_inputs!r}: Qwen-Image-Edit takes only 'edit_image'")
     if "edit_image" in extra and "edit_image" not in args.data_file_keys.split(","):
         problems.append("--extra_inputs edit_image needs edit_image in --data_file_keys")
-    if args.lora_base_model is None:
-        for flag in ("lora_checkpoint", "export_format"):
-            if getattr(args, flag):
-                problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
+    if args.edit_plus and "edit_image" not in extra:  # no edit images: the prompt has no template to choose
+        problems.append("--edit_plus picks the prompt template of edit images, and without --extra_inputs edit_image "
+                        "this run has none: leave it out")
+    if args.edit_image_area != EDIT_IMAGE_AREA and "edit_image" not in extra and not args.validation_edit_image:
+        problems.append(f"--edit_image_area {args.edit_image_area} would do nothing: it sizes edit images, and this "
+                        "run has none (no --extra_inputs edit_image, no --validation_edit_image); leave it out")
+    if args.lora_base_model is None:  # a LoRA's flags without it would do nothing: the whole DiT is fine-tuned
+        given = [f for f in ("lora_rank", "lora_alpha", "lora_checkpoint", "export_format") if getattr(args, f)]
+        given += ["lora_target_modules"] if args.lora_target_modules not in DEFAULT_TARGETS.values() else []
+        for flag in given:
+            problems.append(f"--{flag} needs --lora_base_model dit (without it the whole DiT is fine-tuned)")
     if args.use_gradient_checkpointing_offload and not args.use_gradient_checkpointing:
         problems.append("--use_gradient_checkpointing_offload needs --use_gradient_checkpointing")
     for flag in ("enable_fp8_training", "fp8_compute"):
         if getattr(args, flag) and args.lora_base_model is None:
             problems.append(f"--{flag} stores frozen weights in fp8: it needs LoRA training (--lora_base_model dit)")
+    if args.compile and args.lora_type != "lora":
+        # peft's LoHa/LoKr layers branch on a torch.rand draw in every training call, DoRA's write a norm cache: each
+        # breaks dynamo's graph, and inside a checkpointed block the whole block falls back to eager (0 graphs)
+        problems.append(f"--compile does not compile a --lora_type {args.lora_type} DiT: peft's {args.lora_type} "
+                        "layers break torch.compile's graph (with --use_gradient_checkpointing no block compiles at all, "
+                        "without it each block splits into pieces): leave out --compile, or train --lora_type lora")
     if args.blocks_to_checkpoint not in (None, "auto"):
         try:
             args.blocks_to_checkpoint = int(args.blocks_to_checkpoint)
@@ -229,8 +258,14 @@ def check_args(args):
     if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:
         problems.append("--blocks_to_swap needs --use_gradient_checkpointing: without it the backward pass keeps every "
                         "swapped block's weights on the GPU, so swapping would save nothing")
-    if (args.validation_steps or args.validation_edit_image) and not args.validation_prompt:
-        problems.append("--validation_steps / --validation_edit_image need --validation_prompt")
+    if args.checkpoints_total_limit and not args.save_steps:
+        problems.append("--checkpoints_total_limit needs --save_steps (training states are written only every "
+                        "--save_steps; without it there are none to limit)")
+    if not args.validation_prompt:  # without it nothing validates: the other validation flags would do nothing
+        given = [f"--{flag}" for flag in ("validation_steps", "validation_edit_image") if getattr(args, flag)]
+        given += ["--validation_inference_steps"] * (args.validation_inference_steps != VALIDATION_INFERENCE_STEPS)
+        if given:
+            problems.append(f"{' / '.join(given)} need{'s' * (len(given) == 1)} --validation_prompt")
     if args.vram_budget is not None:
         from ..utils.vram_planner import parse_vram
 
@@ -241,5 +276,7 @@ def check_args(args):
     if args.model_paths is None and args.model_id_with_origin_paths is None:
         problems.append("give the models with --model_id_with_origin_paths or --model_paths")
     problems += check_training_options(args)
+    if args.lora_rank is None:
+        args.lora_rank = DEFAULT_RANK
     if problems:
         raise ArgumentError("; ".join(problems))

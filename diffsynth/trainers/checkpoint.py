@@ -187,7 +187,10 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     """Full (gathered) trainable weights on the CPU; a collective under FSDP (every process calls it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options(cpu_offload=True, ignore_frozen_params=True))
+    state = get_model_state_dict(model, options=_options(cpu_offload=True, ignore_frozen_params=True))
+    # ignore_frozen_params keeps the buffers (fp8's weight scales): they are the frozen model's, not trained
+    trainable = _trainable_shapes(model)
+    return {k: v for k, v in state.items() if k in trainable}
 
 
 _WRAPPER_NAMES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -275,7 +278,8 @@ def check_setup(folder, setup: dict, num_processes: int = 1):
     another number of processes."""
     manifest = read_manifest(folder)
     saved = manifest.get("setup", {})
-    label = {"samples": "training samples (rows x --dataset_repeat)"}
+    label = {"samples": "training samples (rows x --dataset_repeat)",
+             "lora_fused": "--lora_fused (content id; None: not given)"}
     differ = [f"{label.get(k, '--' + k)}: state {saved[k]!r}, this run {v!r}" for k, v in setup.items()
               if k in saved and saved[k] != v]
     if differ:
@@ -317,6 +321,8 @@ def load_training_state(folder, model, objects: dict, process_index=0) -> dict:
     except Exception as e:
         raise StateError(f"{path}: cannot read the trainable weights ({type(e).__name__}: {e})") from e
     want = _trainable_shapes(model)
+    buffers = {_clean_name(name) for name, _ in model.named_buffers()}  # fp8 scales that older states hold
+    weights = {k: v for k, v in weights.items() if k not in buffers}
     have = {k: tuple(v.shape) for k, v in weights.items()}
     if want != have:
         extra, absent = sorted(set(have) - set(want)), sorted(set(want) - set(have))

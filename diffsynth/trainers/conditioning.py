@@ -87,7 +87,7 @@ def check_cache_path(path):
                          "another folder")
 
 
-def _content_id(file) -> str:
+def content_id(file) -> str:
     """A safetensors file's header and the first 4 KiB of each tensor: a retrained or replaced model differs there in
     every tensor it changed, and reading it costs milliseconds where hashing 16 GB would take minutes. From the
     content, not the mtime, so machines with their own copies of the same model agree on the cache's names."""
@@ -104,7 +104,7 @@ def _content_id(file) -> str:
 
 def conditioning_model_files(models: dict) -> list:
     """What the cached tensors were computed from, by content: the text encoder's and VAE's weight files (see
-    `_content_id`), the tokenizer's and processor's files (hashed whole, they are small) and whether the DiT is an
+    `content_id`), the tokenizer's and processor's files (hashed whole, they are small) and whether the DiT is an
     Edit-2511 one (its prompt template). `models` holds the trainer's model flags. Raises (WeightFileError,
     ValueError) while the files are not on disk."""
     from ..models.dit_loader import infer_dit_config  # the model code loads when used: preflight imports this module
@@ -117,7 +117,7 @@ def conditioning_model_files(models: dict) -> list:
     ids = [["zero_cond_t", infer_dit_config(resolve_safetensors_files(dit[0]))["zero_cond_t"]]] if dit else []
     for kind in ("text_encoder", "vae"):
         for file in resolve_safetensors_files(found[kind]):  # a folder or index json: its files; checked complete
-            ids.append([kind, os.path.basename(file), _content_id(file)])
+            ids.append([kind, os.path.basename(file), content_id(file)])
     for kind in ("tokenizer", "processor"):
         for file in sorted(glob.glob(os.path.join(found[kind], "**", "*"), recursive=True)):
             if os.path.isfile(file):

@@ -24,6 +24,10 @@ def resolve_optimizer(name: str):
         raise OptimizerError(f"--optimizer {name}: cannot import {module}.{attr} ({e})") from e
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise OptimizerError(f"--optimizer {name}: {module}.{attr} is not a torch.optim.Optimizer subclass")
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise OptimizerError(f"--optimizer {name}: {module}.{attr}.step needs a closure that re-evaluates the loss "
+                             "(as L-BFGS does); the trainer steps once per batch without one: choose another optimizer")
     return cls
 
 
@@ -36,11 +40,8 @@ def create_optimizer(name: str, params, lr: float, weight_decay: float, optimize
     if "weight_decay" in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
         kwargs["weight_decay"] = weight_decay
     if name == "adafactor":
-        # A fixed learning rate (the schedule drives it), as diffusers', ai-toolkit's and musubi's recipes use it;
-        # relative_step=True in --optimizer_args switches to Adafactor's own time-dependent rate (lr must be None).
+        # A fixed learning rate (the schedule drives it), as diffusers', ai-toolkit's and musubi's recipes use it
         kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
-        if (optimizer_args or {}).get("relative_step"):
-            kwargs["lr"] = None
     kwargs.update(optimizer_args or {})
     try:
         optimizer = cls(params, **kwargs)

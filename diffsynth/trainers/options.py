@@ -72,6 +72,21 @@ WEIGHTINGS = ("bell", "none", "logit_normal")
 TRACKERS = {"csv": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "swanlab": ("swanlab", "swanlab")}  # name -> (module, pip extra); csv is always written
 LORA_TYPES = ("lora", "loha", "lokr", "dora")
+TRACKER_PROJECT = "qwen-image-edit-lora"  # --tracker_project_name's default
+# Options that shape one lr schedule or timestep draw: flag -> (default, what uses it, whether these flags use it).
+# Given with other flags, they would do nothing, so they are refused.
+_LOGIT = ("--timestep_sampling logit_normal, shift or qwen_shift, or --weighting_scheme logit_normal",
+          lambda a: a.timestep_sampling in ("logit_normal", "shift", "qwen_shift")
+          or a.weighting_scheme == "logit_normal")
+SHAPE_OPTIONS = {
+    "lr_min_ratio": (0.0, "a decaying --lr_scheduler (linear, cosine, cosine_with_restarts, polynomial)",
+                     lambda a: a.lr_scheduler != "constant"),
+    "lr_num_cycles": (1, "--lr_scheduler cosine_with_restarts", lambda a: a.lr_scheduler == "cosine_with_restarts"),
+    "lr_power": (1.0, "--lr_scheduler polynomial", lambda a: a.lr_scheduler == "polynomial"),
+    "logit_mean": (0.0, *_LOGIT),
+    "logit_std": (1.0, *_LOGIT),
+    "discrete_flow_shift": (3.0, "--timestep_sampling shift", lambda a: a.timestep_sampling == "shift"),
+}
 
 
 def add_training_options(p):
@@ -83,17 +98,22 @@ def add_training_options(p):
                         "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay)")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                    help="decay after --lr_warmup_steps, counted in optimizer steps")
-    g.add_argument("--lr_min_ratio", type=float, default=0.0,
+    g.add_argument("--lr_min_ratio", type=float, default=SHAPE_OPTIONS["lr_min_ratio"][0],
                    help="the decaying schedules end at this fraction of --learning_rate (default 0)")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts: number of cosine cycles")
-    g.add_argument("--lr_power", type=float, default=1.0, help="polynomial: the decay's power")
+    g.add_argument("--lr_num_cycles", type=int, default=SHAPE_OPTIONS["lr_num_cycles"][0],
+                   help="cosine_with_restarts: number of cosine cycles")
+    g.add_argument("--lr_power", type=float, default=SHAPE_OPTIONS["lr_power"][0],
+                   help="polynomial: the decay's power")
     g.add_argument("--timestep_sampling", choices=SAMPLERS, default="diffsynth",
                    help="how noise levels are drawn (default diffsynth: uniform over the 1000 shifted steps)")
     g.add_argument("--weighting_scheme", choices=WEIGHTINGS, default="bell",
                    help="loss weight per noise level (default bell, DiffSynth's)")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / shift / qwen_shift: mean")
-    g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / shift / qwen_shift: std")
-    g.add_argument("--discrete_flow_shift", type=float, default=3.0, help="--timestep_sampling shift: the shift")
+    g.add_argument("--logit_mean", type=float, default=SHAPE_OPTIONS["logit_mean"][0],
+                   help="logit_normal / shift / qwen_shift: mean")
+    g.add_argument("--logit_std", type=float, default=SHAPE_OPTIONS["logit_std"][0],
+                   help="logit_normal / shift / qwen_shift: std")
+    g.add_argument("--discrete_flow_shift", type=float, default=SHAPE_OPTIONS["discrete_flow_shift"][0],
+                   help="--timestep_sampling shift: the shift")
     g.add_argument("--min_timestep", type=float, default=None, help="lowest timestep drawn, 0..1000")
     g.add_argument("--max_timestep", type=float, default=None, help="highest timestep drawn, 0..1000")
     g.add_argument("--ema_decay", type=float, default=None,
@@ -105,7 +125,7 @@ def add_training_options(p):
     g.add_argument("--report_to", action="append", default=None, metavar="TRACKER",
                    help="csv (always written), tensorboard, wandb, swanlab; comma list or repeat the flag. "
                         "Offline: WANDB_MODE=offline, SWANLAB_MODE=local")
-    g.add_argument("--tracker_project_name", default="qwen-image-edit-lora",
+    g.add_argument("--tracker_project_name", default=TRACKER_PROJECT,
                    help="project name for tensorboard / wandb / swanlab")
 
 
@@ -137,8 +157,14 @@ def check_training_options(args) -> list[str]:
         check_optimizer_installed(args.optimizer)
     except OptimizerError as e:
         problems.append(str(e))
-    if args.lr_scheduler != "constant" and args.optimizer == "adamw_schedulefree":
-        problems.append("--optimizer adamw_schedulefree replaces the lr schedule (that is its point): use "
+    if isinstance(args.optimizer_args, dict) and args.optimizer_args.get("relative_step"):
+        problems.append("--optimizer_args relative_step=True: Adafactor's own time-dependent rate has no learning rate "
+                        "for the lr schedule to drive or the log to show; leave it out (a fixed --learning_rate, "
+                        "as in diffusers', ai-toolkit's and musubi-tuner's Adafactor recipes)")
+    # the schedule-free optimizers, by name or by import path (schedulefree.SGDScheduleFree, ...)
+    schedule_free = args.optimizer == "adamw_schedulefree" or args.optimizer.startswith("schedulefree.")
+    if args.lr_scheduler != "constant" and schedule_free:
+        problems.append(f"--optimizer {args.optimizer} replaces the lr schedule (that is its point): use "
                         "--lr_scheduler constant, with --lr_warmup_steps if you want a warm-up")
     if not 0.0 <= args.lr_min_ratio <= 1.0:
         problems.append(f"--lr_min_ratio must be in [0, 1] (got {args.lr_min_ratio})")
@@ -150,17 +176,24 @@ def check_training_options(args) -> list[str]:
     for name, value in (("min_timestep", low), ("max_timestep", high)):
         if value is not None and not 0 <= value <= 1000:
             problems.append(f"--{name} must be in [0, 1000] (got {value})")
-    if low is not None and high is not None and low >= high:
-        problems.append(f"--min_timestep {low} must be below --max_timestep {high}")
+    if (low is not None or high is not None) and (low or 0) >= (1000 if high is None else high):
+        # one bound alone meets the other's default (0, 1000): an empty range draws one noise level only
+        problems.append(f"--min_timestep {0 if low is None else low} must be below --max_timestep "
+                        f"{1000 if high is None else high}")
+    for flag, (default, user, used) in SHAPE_OPTIONS.items():
+        if getattr(args, flag) != default and not used(args):
+            problems.append(f"--{flag} {getattr(args, flag)} would do nothing here: it shapes {user} only (add "
+                            f"that, or leave --{flag} out)")
     if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
         problems.append(f"--ema_decay must be in (0, 1), e.g. 0.999 (got {args.ema_decay})")
     if not 0.0 <= args.caption_dropout_rate <= 1.0:
         problems.append(f"--caption_dropout_rate must be in [0, 1] (got {args.caption_dropout_rate})")
     if args.lora_type != "lora" and args.lora_base_model is None:
         problems.append(f"--lora_type {args.lora_type} needs --lora_base_model dit")
-    if args.lora_type == "dora" and args.enable_fp8_training:
-        problems.append("--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "
-                        "weights of --enable_fp8_training (use lora, loha or lokr with fp8)")
+    fp8 = [f"--{flag}" for flag in ("enable_fp8_training", "fp8_compute") if getattr(args, flag)]
+    if args.lora_type == "dora" and fp8:  # --fp8_compute stores the weights in fp8 too
+        problems.append(f"--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "
+                        f"weights of {' and '.join(fp8)} (use lora, loha or lokr with fp8)")
     if args.lora_type != "lora" and args.export_format:
         from ..lora.adapters import FORMATS_BY_TYPE
 
@@ -176,6 +209,9 @@ def check_training_options(args) -> list[str]:
             problems.append(f"--report_to {tracker}: choose from {', '.join(TRACKERS)} (several: a comma list)")
         elif TRACKERS[tracker] and importlib.util.find_spec(TRACKERS[tracker][0]) is None:
             problems.append(missing_package_message(f"--report_to {tracker}", *TRACKERS[tracker]))
+    if args.tracker_project_name != TRACKER_PROJECT and not trackers(args):
+        problems.append(f"--tracker_project_name {args.tracker_project_name} would do nothing: it names the project "
+                        "of --report_to tensorboard, wandb or swanlab (the csv log has none); add one of them")
     return problems
 
 

@@ -1,18 +1,20 @@
 """Checks of a training run's inputs that need no model: run before anything loads (and by --dry_run)."""
+import filecmp
 import os
 import re
 
 from ..lora import LoraError
 from ..utils.image import check_edit_size, open_image
 from ..utils.vram_planner import QWEN_IMAGE_DIT
+from .args import build_parser
 from .output_dir import check_output_path
 
 _BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
-def dit_blocks(args):
-    """The DiT's block count from the tensor names in its local files' headers (nothing loads), or None when no
-    DiT file is here yet (a download brings it). A file that cannot be read is left to the loader to report."""
+def dit_keys(args) -> dict | None:
+    """The tensor names and shapes in the headers of the DiT's local files (nothing loads), or None when no DiT file
+    is here yet (a download brings it). A file that cannot be read is left to the loader to report."""
     from ..utils.io import WeightFileError, read_keys_and_shapes, resolve_safetensors_files
     from ..utils.model_files import parse_model_paths, resolve_model_files
 
@@ -31,10 +33,43 @@ def dit_blocks(args):
             keys = read_keys_and_shapes(resolve_safetensors_files(files))
         except (WeightFileError, ValueError, OSError):
             continue
-        blocks = [int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m]
-        if blocks:
-            return max(blocks) + 1
+        if any(map(_BLOCK_KEY.match, keys)):
+            return keys
     return None
+
+
+def dit_blocks(args):
+    """The DiT's block count from its files' tensor names, or None when no DiT file is here yet."""
+    keys = dit_keys(args)
+    return None if keys is None else max(int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m) + 1
+
+
+def check_lora_targets(args):
+    """--lora_target_modules against the DiT's linear layers, named from its files' headers in this script's q/k/v
+    layout, before the DiT loads (inject_lora found a wrong name only after loading)."""
+    from ..lora.inject import check_target_modules
+    from ..lora.reader import MERGED_PARTS, PART_OF
+
+    keys = dit_keys(args)
+    if keys is None:
+        return
+    names = {}
+    for key, shape in keys.items():
+        if key.endswith(".weight") and len(shape) == 2:
+            stem, _, leaf = key[: -len(".weight")].rpartition(".")
+            if args.merged_qkv:  # the loader merges q/k/v (or splits them for the standard DiT)
+                leaves = [PART_OF[leaf][0]] if leaf in PART_OF else [leaf]
+            else:
+                leaves = MERGED_PARTS.get(leaf, [leaf])
+            names.update(dict.fromkeys(f"{stem}.{x}" if stem else x for x in leaves))
+    try:  # names of another key style (the loader converts them): not checked here
+        check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
+    except ValueError:
+        return
+    try:
+        check_target_modules(args.lora_target_modules, names)
+    except ValueError as e:
+        raise ValueError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
 
 
 def check_block_counts(args):
@@ -49,6 +84,48 @@ def check_block_counts(args):
     for flag, value in asked:
         if value > n:
             raise ValueError(f"--{flag} {value}: the DiT has {n} blocks ({where}); give 1 to {n}")
+
+
+def check_lora_checkpoint(args):
+    """--lora_checkpoint fits the adapters this run injects: its type (--lora_type), DiT layout, --lora_rank and, for
+    LoHa/LoKr/DoRA, --lora_alpha, read from the file before the DiT loads (a mismatch found after loading costs
+    minutes; another alpha was not found at all)."""
+    from ..lora.adapters import adapter_type, read_adapters
+    from ..lora.reader import MERGED_PARTS, PART_OF, lora_modules, read_lora
+    from ..utils.io import read_metadata
+
+    path, want = args.lora_checkpoint, args.lora_type
+    if args.lora_fused and filecmp.cmp(path, args.lora_fused, shallow=False):
+        raise LoraError(f"--lora_checkpoint and --lora_fused are the same LoRA ({path}): the run would apply it twice "
+                        "(fused into the DiT, and again as the adapter's start). To continue training it, give it as "
+                        "--lora_checkpoint only; to train a new LoRA on top of it, as --lora_fused only")
+    kind = adapter_type(path)
+    if kind != want:
+        raise LoraError(f"--lora_checkpoint {path} is a {kind}, not a {want}: continue it with --lora_type {kind}")
+    modules = lora_modules(read_lora(path)) if kind == "lora" else read_adapters(path)[0]
+    leaves = {name.rsplit(".", 1)[-1] for name in modules}
+    layout = "merged_qkv" if leaves & set(MERGED_PARTS) else "standard" if leaves & set(PART_OF) else None
+    if layout and layout != ("merged_qkv" if args.merged_qkv else "standard"):
+        ours, script, direction = (("merged-QKV", "train.py", "to_merged") if layout == "standard" else
+                                   ("standard", "train_merged_qkv.py", "to_standard"))
+        raise LoraError(f"--lora_checkpoint {path} was trained on the {layout.replace('_qkv', '-QKV')} DiT layout, "
+                        f"this script trains the {ours} one: continue it with {script}, or convert it first "
+                        f"(convert_merged_qkv_checkpoint.py --direction {direction})")
+    # A LoRA's rank is in its shapes (and load_lora_weights rescales B to another alpha); peft's LoHa/LoKr/DoRA
+    # weights load as they are, at this run's alpha / rank: the trainer's metadata says what they were trained with
+    meta = {} if kind == "lora" else read_metadata(path)
+    if kind == "lora":
+        ranks = sorted({A.shape[0] for A, _ in modules.values()})
+    else:
+        ranks = [int(meta.get("rank", args.lora_rank))]
+    if ranks != [args.lora_rank]:
+        raise LoraError(f"--lora_checkpoint {path} has rank {', '.join(map(str, ranks))}, this run --lora_rank "
+                        f"{args.lora_rank}: continue it with the rank it was trained with")
+    alpha, ours = float(meta.get("alpha", 0)) or None, args.lora_alpha or args.lora_rank
+    if alpha is not None and alpha != ours:
+        raise LoraError(f"--lora_checkpoint {path} is a {kind} trained with --lora_alpha {alpha:g}, this run has "
+                        f"--lora_alpha {ours:g}: its weights would act at another scale (alpha / rank), not as "
+                        f"trained; continue it with --lora_alpha {alpha:g}")
 
 
 def preflight(args, dataset=True):
@@ -69,6 +146,10 @@ def preflight(args, dataset=True):
                 check_any(path)  # exists, is a Qwen-Image LoRA (or LoHa / LoKr / DoRA), holds no NaN/inf
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
+    if args.lora_base_model:
+        check_lora_targets(args)
+    if args.lora_checkpoint and args.lora_base_model:
+        check_lora_checkpoint(args)
     for path in args.validation_edit_image or []:
         check_edit_size(f"--validation_edit_image {path}", open_image(path).size, args.edit_image_area)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):

@@ -19,7 +19,7 @@ from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
-from .conditioning import ConditionCache, collate_conditions, condition_sample
+from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
 from .distributed import (
@@ -332,7 +332,15 @@ class Trainer:
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
+        # --max_steps alone sets the length, as in diffusers' and kohya's scripts; such a run saves by --save_steps,
+        # not at the end of each pass (a LoRA file per pass: hundreds on a small dataset)
+        self.epoch_checkpoints = not (args.max_steps and args.num_epochs is None)
+        if args.num_epochs is None:
+            args.num_epochs = math.ceil(args.max_steps / self.steps_per_epoch) if args.max_steps else 1
         self.total_steps = args.num_epochs * self.steps_per_epoch
+        if args.max_steps and args.max_steps > self.total_steps:
+            self.log(f"note: --num_epochs {args.num_epochs} ends this run after {self.total_steps} steps, before "
+                     f"--max_steps {args.max_steps} (leave out --num_epochs to run all {args.max_steps})")
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         if args.lr_warmup_steps > self.total_steps:
@@ -358,6 +366,8 @@ class Trainer:
         if args.ema_decay:
             self.ema = create_ema(self.params, args.ema_decay)
             self.checkpointed["ema"] = self.ema
+        if acc.scaler is not None:  # fp16's loss scale: an exact resume continues with it
+            self.checkpointed["grad_scaler"] = acc.scaler
 
     def _check_weights_finite(self, lr):
         """After an update: any NaN/inf in the trainable weights (on any process) stops the run unsaved."""
@@ -489,7 +499,13 @@ class Trainer:
                 "samples": len(self.dataset),
                 "lora_target_modules": args.lora_target_modules if lora else None,
                 "lora_type": args.lora_type if lora else None, "optimizer": args.optimizer,
-                "ema": args.ema_decay is not None}
+                "ema": args.ema_decay is not None,
+                "seed": args.seed,  # the epoch's shuffle and every sample's noise: another seed skips other samples
+                # the optimizer's state restores its hyperparameters: other values here would be silently ignored
+                "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str),
+                # the base the LoRA trains on: resumed without it (or with another), it would fit other weights
+                "lora_fused": content_id(args.lora_fused) if args.lora_fused else None}
 
     def _resume_path(self):
         args = self.args
@@ -604,7 +620,12 @@ class Trainer:
                         # The norm is measured even with clipping off (inf scales by exactly 1): a NaN/inf gradient
                         # stops the run before the update touches the weights.
                         norm = acc.clip_grad_norm_(self.params, args.max_grad_norm or math.inf)
-                        if norm is not None and not torch.isfinite(norm):
+                        if norm is not None and not torch.isfinite(norm) and acc.scaler is not None:
+                            # fp16: the loss scale overflowed the gradients; GradScaler skips this update and
+                            # lowers the scale (its normal way to find a scale, in the first steps above all)
+                            self._write(f"step {self.state.step + 1}: fp16 gradients overflowed at loss scale "
+                                        f"{acc.scaler.get_scale():g}; the update is skipped and the scale lowered")
+                        elif norm is not None and not torch.isfinite(norm):
                             raise NonFiniteError(
                                 f"the gradient norm is {norm.item()} at step {self.state.step + 1} (the loss was "
                                 f"finite: {loss.item():.6g}); stopped before the update. The weights overflow in the "
@@ -617,12 +638,17 @@ class Trainer:
                         if self.ema is not None:
                             self.ema.step(self.params)
                     self.optimizer.zero_grad()
+                # The step's logged loss is the mean over its window (what the update followed), not its last batch's.
+                # A window never spans a resume: states are saved after a step.
+                if self.state.batch_in_epoch == start_of_window:
+                    window_loss = 0.0
+                window_loss = window_loss + loss.detach().float()
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
                 self._check_weights_finite(lr)
                 self.state.step += 1
-                loss_value = acc.reduce(loss.detach().float(), reduction="mean").item()
+                loss_value = acc.reduce(window_loss / window, reduction="mean").item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if acc.is_main_process:
@@ -643,7 +669,8 @@ class Trainer:
             if self.state.batch_in_epoch >= self.sampler.num_batches_per_rank():
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-                self.save_model(f"epoch-{self.state.epoch}")
+                if self.epoch_checkpoints:
+                    self.save_model(f"epoch-{self.state.epoch}")
         bar.close()
         if torch.cuda.is_available():
             from ..utils.vram_planner import predicted_training_peak

@@ -61,7 +61,7 @@ def main(argv=None):
         "--data_file_keys", "image,edit_image", "--extra_inputs", "edit_image",
         "--max_pixels", str(SIZE * SIZE), "--edit_image_area", str(EDIT_AREA),
         "--model_id_with_origin_paths", TINY_MODELS, "--models_dir", models,
-        "--learning_rate", "1e-2", "--max_steps", str(args.steps), "--num_epochs", "1000",
+        "--learning_rate", "1e-2", "--max_steps", str(args.steps),
         "--batch_size", "4", "--cache_conditioning", "--output_path", lora_dir,
         "--lora_base_model", "dit", "--lora_rank", "16", "--save_steps", str(max(1, args.steps // 2)),
         "--overwrite",
