@@ -1,7 +1,6 @@
 """Images read the same way everywhere: EXIF rotation in every format, transparency, animation, aspect ratios
 the VL text encoder refuses, and the pipeline's own conversion of PIL images passed to it."""
 import os
-import types
 
 import numpy as np
 import torch
@@ -94,10 +93,12 @@ def test_a_too_narrow_validation_edit_image_is_refused_by_preflight(tmp_path):
     from diffsynth.trainers.preflight import preflight
 
     Image.new("RGB", (2000, 8)).save(tmp_path / "wide.png")
-    args = types.SimpleNamespace(output_path=str(tmp_path / "out"), cache_conditioning=None, blocks_to_checkpoint=0,
-                                 blocks_to_swap=0, lora_checkpoint=None, lora_fused=None,
-                                 validation_edit_image=[str(tmp_path / "wide.png")], resume_from_checkpoint=None,
-                                 edit_image_area=1024 * 1024)
+    from conftest import TINY_MODEL_IDS
+    from diffsynth.trainers.args import parse_args
+
+    args = parse_args(["--dataset_base_path", str(tmp_path), "--dataset_metadata_path", str(tmp_path / "m.csv"),
+                       "--output_path", str(tmp_path / "out"), "--model_id_with_origin_paths", TINY_MODEL_IDS,
+                       "--models_dir", str(tmp_path / "models"), "--validation_prompt", "x", "--validation_edit_image", str(tmp_path / "wide.png")])
     with pytest.raises(ImageError, match=r"--validation_edit_image .*wide.png: its 2000x8 px aspect ratio"):
         preflight(args, dataset=False)
 
