@@ -301,6 +301,18 @@ def test_repository_paths_named_in_the_docs_exist(doc):
     assert not missing, f"{doc} names files that do not exist: {missing}"
 
 
+@pytest.mark.parametrize("script", ["examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py",
+                                    "examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py"])
+def test_help_example_keeps_its_line_breaks(script, monkeypatch, capsys):
+    """The example command in --help is printed as written, one ' \\'-continued line per row: a bare backslash in
+    the docstring joined it into one line with a run of spaces."""
+    text = script_help(script, monkeypatch, capsys)
+    lines = [line for line in text.splitlines() if line.lstrip().startswith("python examples/")]
+    assert lines, f"{script} --help shows no example command"
+    for line in lines:
+        assert line.endswith(" \\") and not re.search(r"\S {2,}--", line), f"{script} --help: {line!r}"
+
+
 def test_quickstart_makes_no_unmeasured_speed_claim():
     text = (ROOT / "QUICKSTART.md").read_text()
     assert "BENCHMARKS.md" in text

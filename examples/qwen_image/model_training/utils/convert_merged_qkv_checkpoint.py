@@ -1,6 +1,6 @@
 """Convert Qwen-Image DiT checkpoints and LoRAs between the standard and the merged-QKV layouts.
 
-    python examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py \
+    python examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py \\
         --input standard_checkpoint.safetensors --output merged_checkpoint.safetensors --direction to_merged
 
 --input: a .safetensors file, a directory (e.g. transformer/) or a *.safetensors.index.json. A LoRA is recognised
