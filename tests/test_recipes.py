@@ -313,6 +313,18 @@ def test_help_example_keeps_its_line_breaks(script, monkeypatch, capsys):
         assert line.endswith(" \\") and not re.search(r"\S {2,}--", line), f"{script} --help: {line!r}"
 
 
+def test_inference_help_states_the_defaults_it_applies(monkeypatch, capsys):
+    """--output and --seed have defaults the run uses without being asked; --help says them."""
+    import argparse
+
+    script = "examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py"
+    text = " ".join(script_help(script, monkeypatch, capsys).split())
+    args = runpy.run_path(str(ROOT / script))["parse_args"](["--prompt", "p", "--edit_image", "e.png"])
+    for flag in ("output", "seed"):
+        default = getattr(args, flag)
+        assert f"default {default}" in text, f"--help does not state --{flag}'s default {default!r}"
+
+
 def test_quickstart_makes_no_unmeasured_speed_claim():
     text = (ROOT / "QUICKSTART.md").read_text()
     assert "BENCHMARKS.md" in text

@@ -38,7 +38,7 @@ def parse_args(argv=None):
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
     parser.add_argument("--cfg_scale", type=float, default=None,
                         help="1 turns CFG off (half the DiT passes); default 4, or 1 with --scheduler_preset lightning")
-    parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...)")
+    parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...; default output.png in the current folder)")
     parser.add_argument("--lora_path", action="append", default=[],
                         help="LoRA .safetensors to fuse into the DiT; repeat to stack several (e.g. yours and a "
                              "Lightning LoRA)")
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                              "anyway for several images and for Edit-2511 models)")
     parser.add_argument("--edit_image_area", type=int, default=1024 * 1024,
                         help="pixel area of each edit image for the VAE (default 1024*1024, as trained)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="default: bf16 on GPU, fp32 on CPU")
