@@ -325,6 +325,46 @@ def test_inference_help_states_the_defaults_it_applies(monkeypatch, capsys):
         assert f"default {default}" in text, f"--help does not state --{flag}'s default {default!r}"
 
 
+def help_blocks(text):
+    """{flag: its --help entry as one line}."""
+    blocks = re.split(r"\n  (?=--)", text.split("\noptions:", 1)[1])
+    return {block.split()[0]: " ".join(block.split()) for block in blocks if block.startswith("--")}
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_trainer_help_states_every_default(script, monkeypatch, capsys):
+    """Each flag whose default is a value (--batch_size 1, --dataset_num_workers 0, --lora_rank 32, ...) says it in
+    --help; it was silent on most of them. No entry ends in a cut-off sentence (--selective_checkpointing did)."""
+    from diffsynth.trainers.args import build_parser
+
+    blocks = help_blocks(script_help(script, monkeypatch, capsys))
+    parser = build_parser(TRAIN_SCRIPTS[script])
+    valued = [a for a in parser._actions if a.option_strings and a.default not in (None, False, True, [])
+              and a.default is not __import__("argparse").SUPPRESS]
+    assert len(valued) > 15
+    for action in valued:
+        entry = blocks[action.option_strings[0]]
+        assert "default" in entry.lower(), f"{script} --help: {entry!r} does not state the default {action.default!r}"
+    assert "default 1" in blocks["--batch_size"] and "default 0" in blocks["--dataset_num_workers"]
+    assert not any(entry.endswith("The same numbers") for entry in blocks.values())
+
+
+def test_help_default_is_appended_once_and_not_over_a_stated_one():
+    from diffsynth.utils.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="x")
+    parser.add_argument("--n", type=int, default=3, help="count")
+    parser.add_argument("--name", default="a b")
+    parser.add_argument("--mode", default="fast", help="how (default fast)")
+    parser.add_argument("--flag", action="store_true", help="switch")
+    parser.format_help()
+    blocks = help_blocks(parser.format_help())
+    assert blocks["--n"] == "--n N count (default 3)"
+    assert blocks["--name"] == "--name NAME default 'a b'"
+    assert blocks["--mode"] == "--mode MODE how (default fast)"
+    assert blocks["--flag"] == "--flag switch"
+
+
 def test_quickstart_makes_no_unmeasured_speed_claim():
     text = (ROOT / "QUICKSTART.md").read_text()
     assert "BENCHMARKS.md" in text
