@@ -106,8 +106,9 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
     mem.add_argument("--fp8_compute", action="store_true",
                      help="fp8 storage (as --enable_fp8_training) AND fp8 matmuls for the frozen base linears (activations "
-                          "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); elsewhere "
-                          "it says so and falls back to fp8 storage")
+                          "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); on older "
+                          "GPUs it says so and falls back to fp8 storage; a CPU runs the fp8 matmuls emulated "
+                          "(slow: for tests)")
     mem.add_argument("--compile", action="store_true",
                      help="torch.compile each DiT block (the identical blocks share their graphs: 2 in training, as the "
                           "first block's inputs carry no gradient): faster steps after a first step that compiles "

@@ -86,8 +86,9 @@ def parse_args(argv=None):
                         help="torch.compile the DiT blocks: the first step compiles (about a minute), the others run "
                              "faster; worth it from a few images on")
     parser.add_argument("--fp8_compute", action="store_true",
-                        help="DiT weights in fp8 and fp8 matmuls on GPUs with compute capability 8.9+ (Ada, Hopper); "
-                             "elsewhere fp8 storage only (half the DiT's weight memory)")
+                        help="DiT weights in fp8 (half the DiT's weight memory) and fp8 matmuls: fast on GPUs with "
+                             "compute capability 8.9+ (Ada, Hopper); older GPUs get fp8 storage only (it says "
+                             "so); a CPU runs the fp8 matmuls emulated (slow: for tests)")
     args = parser.parse_args(argv)
     if args.blocks_to_swap < 0:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
