@@ -89,6 +89,9 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
                  "--offload", "sequential", *FAST)
     assert result.returncode == 0, result.stderr
     assert "no effect" not in result.stderr
+    # on the CPU the two GPU-memory flags run but change nothing: said in one line
+    assert ("note: --offload and --blocks_to_swap keep data in host memory for a GPU; on the CPU everything is in "
+            "host memory already, so this run is the same without them") in result.stderr
     assert f"saved {out} (32x48; replaced the existing file)" in result.stdout
     # the peak is printed; without a GPU it says so and gives the process's RSS instead
     assert "peak memory: GPU not used (cpu); peak RSS of this process" in result.stdout

@@ -214,12 +214,15 @@ def main(argv=None):
 
         import torch
 
-        from diffsynth.pipelines.qwen_image import QwenImagePipeline, parse_dtype
+        from diffsynth.pipelines.qwen_image import QwenImagePipeline, host_memory_note, parse_dtype
         from diffsynth.schedulers import FlowMatchScheduler
         from diffsynth.utils.io import atomic_path
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = parse_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
+        note = host_memory_note(device, offload=args.offload, blocks_to_swap=args.blocks_to_swap)
+        if note:
+            print(note, file=sys.stderr)
         pipe = QwenImagePipeline.from_pretrained(
             model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
             models_dir=args.models_dir, tokenizer_path=args.tokenizer_path, processor_path=args.processor_path,
