@@ -21,7 +21,7 @@ TRAINING = "examples/qwen_image/model_training"
 MERGED_RECIPE = f"{TRAINING}/lora/Qwen-Image-Edit-Ghost-qkv-merged-efficient.sh"
 STANDARD_RECIPE = f"{TRAINING}/lora/Qwen-Image-Edit.sh"
 TRAIN_SCRIPTS = {f"{TRAINING}/train_merged_qkv.py": True, f"{TRAINING}/train.py": False}
-DOCS = ("QUICKSTART.md", "README_MERGED_QKV.md")
+DOCS = ("QUICKSTART.md", "README_MERGED_QKV.md", "README.md")
 
 MERGED_TARGETS = "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2"
 STANDARD_TARGETS = ("to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,"
@@ -363,6 +363,49 @@ def test_help_default_is_appended_once_and_not_over_a_stated_one():
     assert blocks["--name"] == "--name NAME default 'a b'"
     assert blocks["--mode"] == "--mode MODE how (default fast)"
     assert blocks["--flag"] == "--flag switch"
+
+
+SPEC = next((p for p in (ROOT.parent / "shared/spec/merged-qkv-quickstart.md",
+                          Path("/work/shared/spec/merged-qkv-quickstart.md")) if p.is_file()), None)
+
+
+@pytest.mark.skipif(SPEC is None, reason="the user's quickstart (shared/spec) is not on this machine")
+def test_the_users_quickstart_commands_run_as_written(monkeypatch, capsys):
+    """The contract: every command of the user's merged-QKV quickstart. Training commands pass --dry_run ('... other
+    params ...' stands for Option 2's flags), the other scripts know every flag, flag fragments are trainer flags."""
+    from diffsynth.trainers.args import build_parser
+    from diffsynth.utils.io import save_safetensors
+
+    trainer_flags = set(build_parser(True)._option_string_actions)
+    commands = [list(map(str, c)) for c in doc_commands(SPEC)]
+    option_2 = next(args for kind, _, _, args in map(parse_command, commands)
+                    if kind == "train" and "--dataset_metadata_path" in args)
+    kinds = []
+    for tokens in commands:
+        if "..." in tokens:  # "... other params ..." -> Option 2's flags
+            i, j = tokens.index("..."), len(tokens) - 1 - tokens[::-1].index("...")
+            tokens = tokens[:i] + option_2 + tokens[j + 1:]
+        kind, _, target, args = parse_command(tokens)
+        kinds.append(kind)
+        for flag, value in given_flags(args).items():
+            if flag in ("lora_fused", "lora_checkpoint") and not os.path.exists(value):
+                save_safetensors({"transformer_blocks.0.attn.to_out.0.lora_A.weight": __import__("torch").ones(4, 64),
+                                  "transformer_blocks.0.attn.to_out.0.lora_B.weight": __import__("torch").ones(64, 4)},
+                                 value)
+        if kind == "recipe":
+            script, recipe_args = recipe_command(target)
+            resolved = dry_run(script, recipe_args + args, monkeypatch, capsys)
+            assert resolved["merged_qkv"] is True
+        elif kind == "train":
+            assert_resolved(args, dry_run(target, args, monkeypatch, capsys), f"{SPEC}: {shlex.join(tokens)}")
+        elif kind == "script":
+            text = script_help(target, monkeypatch, capsys)
+            for flag in given_flags(args):
+                assert re.search(rf"--{flag}\b", text), f"{SPEC}: {target} has no --{flag}"
+        elif kind == "flags":
+            unknown = [a for a in args if a.startswith("--") and a.split("=")[0] not in trainer_flags]
+            assert not unknown, f"{SPEC}: {unknown} are not trainer flags"
+    assert {"recipe", "train", "script", "flags"} <= set(kinds), kinds
 
 
 def test_quickstart_makes_no_unmeasured_speed_claim():
