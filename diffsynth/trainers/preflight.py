@@ -51,6 +51,26 @@ def check_block_counts(args):
             raise ValueError(f"--{flag} {value}: the DiT has {n} blocks ({where}); give 1 to {n}")
 
 
+def check_lora_targets(args):
+    """--lora_target_modules against the linear layers of the DiT this script trains (merged or standard), on a
+    one-block copy on the meta device (nothing loads): a name of the other layout is the same error inject_lora
+    gives, but before the models load and the conditioning cache fills, and under --dry_run too."""
+    if getattr(args, "lora_base_model", None) != "dit" or not getattr(args, "lora_target_modules", None):
+        return
+    import torch
+
+    from ..lora.inject import _matches, _not_found_message, parse_target_modules
+    from ..models.qwen_image_dit import QwenImageDiT
+    from ..models.qwen_image_dit_merged_qkv import QwenImageDiTMergedQKV
+
+    with torch.device("meta"):
+        dit = (QwenImageDiTMergedQKV if args.merged_qkv else QwenImageDiT)(num_layers=1)
+    names = [name for name, module in dit.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in parse_target_modules(args.lora_target_modules) if not any(_matches(n, t) for n in names)]
+    if missing:
+        raise ValueError(f"--lora_target_modules: {_not_found_message(missing, names)}")
+
+
 def preflight(args, dataset=True):
     """Raise the first user-fixable problem (a ValueError naming the flag and file): output path, LoRA files,
     validation images and, with `dataset`, every row and file of the training data."""
@@ -60,6 +80,7 @@ def preflight(args, dataset=True):
 
         check_cache_path(args.cache_conditioning or os.path.join(args.output_path, "cache"))
     check_block_counts(args)
+    check_lora_targets(args)
     for flag in ("lora_checkpoint", "lora_fused"):
         path = getattr(args, flag)
         if path:
