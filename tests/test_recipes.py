@@ -382,9 +382,11 @@ def test_the_users_quickstart_commands_run_as_written(monkeypatch, capsys):
                     if kind == "train" and "--dataset_metadata_path" in args)
     kinds = []
     for tokens in commands:
-        if "..." in tokens:  # "... other params ..." -> Option 2's flags
+        if "..." in tokens:  # "... other params ..." -> Option 2's flags (train.py: with the standard targets)
             i, j = tokens.index("..."), len(tokens) - 1 - tokens[::-1].index("...")
-            tokens = tokens[:i] + option_2 + tokens[j + 1:]
+            standard = any(t.endswith("/train.py") for t in tokens[:i])
+            filled = [STANDARD_TARGETS if standard and t == MERGED_TARGETS else t for t in option_2]
+            tokens = tokens[:i] + filled + tokens[j + 1:]
         kind, _, target, args = parse_command(tokens)
         kinds.append(kind)
         for flag, value in given_flags(args).items():
@@ -397,7 +399,9 @@ def test_the_users_quickstart_commands_run_as_written(monkeypatch, capsys):
             resolved = dry_run(script, recipe_args + args, monkeypatch, capsys)
             assert resolved["merged_qkv"] is True
         elif kind == "train":
-            assert_resolved(args, dry_run(target, args, monkeypatch, capsys), f"{SPEC}: {shlex.join(tokens)}")
+            resolved = dry_run(target, args, monkeypatch, capsys)
+            assert_resolved(args, resolved, f"{SPEC}: {shlex.join(tokens)}")
+            assert resolved["merged_qkv"] is TRAIN_SCRIPTS[target]
         elif kind == "script":
             text = script_help(target, monkeypatch, capsys)
             for flag in given_flags(args):
