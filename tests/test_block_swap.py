@@ -206,6 +206,7 @@ def test_trainer_steps_with_swap_equal_resident(tiny_models, data, tmp_path, cap
         runs[name] = (losses(str(tmp_path / name)), load_file(str(tmp_path / name / "checkpoint-final.safetensors")))
     printed = capsys.readouterr().out
     assert "block swap: the frozen weights of the last 1 of 2 blocks" in printed
+    assert printed.count("note: --blocks_to_swap keeps data in host memory for a GPU; on the CPU") == 1
     assert "VRAM plan" in printed and "--vram_budget 16GB: 16 GiB" in printed  # a real run logs the plan too
     assert runs["resident"][0] == runs["swapped"][0] and len(runs["resident"][0]) == 3
     a, b = runs["resident"][1], runs["swapped"][1]

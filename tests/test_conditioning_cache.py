@@ -97,7 +97,7 @@ def test_check_cache_path(tmp_path):
     assert not (tmp_path / "new").exists()
     if os.geteuid() != 0:  # root writes anywhere
         (tmp_path / "ro").mkdir(mode=0o500)
-        with pytest.raises(ValueError, match="cannot write in .*ro \\(permission denied\\)"):
+        with pytest.raises(ValueError, match="cannot write in .*ro \\(Permission denied\\)"):
             check_cache_path(str(tmp_path / "ro" / "cache"))
 
 

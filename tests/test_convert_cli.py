@@ -143,3 +143,18 @@ def test_adapter_conversion_never_overwrites_its_input(tmp_path):
     r = convert("--input", path, "--output", path, "--direction", "to_standard")
     assert r.returncode == 2 and "is one of the input files" in r.stderr
     assert path.read_bytes() == before
+
+
+def test_missing_input_is_named_whatever_the_flags(tmp_path):
+    """With --format or --rank a mistyped LoRA path was called 'a full DiT checkpoint' (exit 2, no word of the
+    missing file); it is named as not found, as without those flags."""
+    missing = tmp_path / "checkpoint-final.safetensors"
+    for extra in ([], ["--format", "comfyui"], ["--rank", "4"]):
+        r = convert("--input", missing, "--output", tmp_path / "out.safetensors", "--direction", "to_standard", *extra)
+        assert r.returncode == 2 and f"{missing}: file not found" in r.stderr, (extra, r.stderr)
+        assert "full DiT checkpoint" not in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = convert("--input", empty, "--output", tmp_path / "out.safetensors", "--direction", "to_merged", "--rank", "4")
+    assert r.returncode == 2 and "holds no .safetensors file" in r.stderr, r.stderr
+    assert not (tmp_path / "out.safetensors").exists()

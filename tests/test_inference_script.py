@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,9 @@ def test_standard_dit_model_paths_and_init_image(tiny_models, images, merged_lor
                  "--offload", "sequential", *FAST)
     assert result.returncode == 0, result.stderr
     assert "no effect" not in result.stderr
+    # on the CPU the two GPU-memory flags run but change nothing: said in one line
+    assert ("note: --offload and --blocks_to_swap keep data in host memory for a GPU; on the CPU everything is in "
+            "host memory already, so this run is the same without them") in result.stderr
     assert f"saved {out} (32x48; replaced the existing file)" in result.stdout
     # the peak is printed; without a GPU it says so and gives the process's RSS instead
     assert "peak memory: GPU not used (cpu); peak RSS of this process" in result.stdout
@@ -230,3 +234,23 @@ def test_inputs_refused_before_models_load(images, tmp_path, capsys):
         assert script.main([*base, *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err  # one line, before any model (none exist) is looked up
+
+
+@pytest.mark.slow
+def test_fp8_compute_on_the_cpu_does_what_help_says(tiny_models, images, merged_lora, tmp_path):
+    """--help: older GPUs fall back to fp8 storage (saying so), a CPU runs the fp8 matmuls emulated. The earlier
+    help said 'elsewhere fp8 storage only', while the CPU ran fp8 matmuls."""
+    from diffsynth.utils.fp8 import fp8_compute_problem
+
+    help_text = " ".join(run("--help").stdout.split())
+    assert "a CPU runs the fp8 matmuls emulated" in help_text
+    result = run("--edit_image", images["edit"], "--prompt", "p", "--output", str(tmp_path / "o.png"),
+                 "--lora_path", merged_lora, "--fp8_compute",
+                 "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models, *FAST)
+    assert result.returncode == 0, result.stderr
+    problem = fp8_compute_problem("cpu")
+    if problem is None:
+        assert re.search(r"fp8 compute: (\d+) frozen linear layers stored in float8_e4m3fn, \1 of them with fp8 "
+                         r"matmuls", result.stdout), result.stdout
+    else:
+        assert problem in result.stdout + result.stderr

@@ -21,7 +21,7 @@ TRAINING = "examples/qwen_image/model_training"
 MERGED_RECIPE = f"{TRAINING}/lora/Qwen-Image-Edit-Ghost-qkv-merged-efficient.sh"
 STANDARD_RECIPE = f"{TRAINING}/lora/Qwen-Image-Edit.sh"
 TRAIN_SCRIPTS = {f"{TRAINING}/train_merged_qkv.py": True, f"{TRAINING}/train.py": False}
-DOCS = ("QUICKSTART.md", "README_MERGED_QKV.md")
+DOCS = ("QUICKSTART.md", "README_MERGED_QKV.md", "README.md")
 
 MERGED_TARGETS = "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2"
 STANDARD_TARGETS = ("to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.0.proj,"
@@ -301,6 +301,117 @@ def test_repository_paths_named_in_the_docs_exist(doc):
     assert paths, f"{doc} names no repository files"
     missing = sorted(p for p in paths if not (ROOT / p).is_file())
     assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("script", ["examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py",
+                                    "examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py"])
+def test_help_example_keeps_its_line_breaks(script, monkeypatch, capsys):
+    """The example command in --help is printed as written, one ' \\'-continued line per row: a bare backslash in
+    the docstring joined it into one line with a run of spaces."""
+    text = script_help(script, monkeypatch, capsys)
+    lines = [line for line in text.splitlines() if line.lstrip().startswith("python examples/")]
+    assert lines, f"{script} --help shows no example command"
+    for line in lines:
+        assert line.endswith(" \\") and not re.search(r"\S {2,}--", line), f"{script} --help: {line!r}"
+
+
+def test_inference_help_states_the_defaults_it_applies(monkeypatch, capsys):
+    """--output and --seed have defaults the run uses without being asked; --help says them."""
+    import argparse
+
+    script = "examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py"
+    text = " ".join(script_help(script, monkeypatch, capsys).split())
+    args = runpy.run_path(str(ROOT / script))["parse_args"](["--prompt", "p", "--edit_image", "e.png"])
+    for flag in ("output", "seed"):
+        default = getattr(args, flag)
+        assert f"default {default}" in text, f"--help does not state --{flag}'s default {default!r}"
+
+
+def help_blocks(text):
+    """{flag: its --help entry as one line}."""
+    blocks = re.split(r"\n  (?=--)", text.split("\noptions:", 1)[1])
+    return {block.split()[0]: " ".join(block.split()) for block in blocks if block.startswith("--")}
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_trainer_help_states_every_default(script, monkeypatch, capsys):
+    """Each flag whose default is a value (--batch_size 1, --dataset_num_workers 0, --lora_rank 32, ...) says it in
+    --help; it was silent on most of them. No entry ends in a cut-off sentence (--selective_checkpointing did)."""
+    from diffsynth.trainers.args import build_parser
+
+    blocks = help_blocks(script_help(script, monkeypatch, capsys))
+    parser = build_parser(TRAIN_SCRIPTS[script])
+    valued = [a for a in parser._actions if a.option_strings and a.default not in (None, False, True, [])
+              and a.default is not __import__("argparse").SUPPRESS]
+    assert len(valued) > 15
+    for action in valued:
+        entry = blocks[action.option_strings[0]]
+        assert "default" in entry.lower(), f"{script} --help: {entry!r} does not state the default {action.default!r}"
+    assert "default 1" in blocks["--batch_size"] and "default 0" in blocks["--dataset_num_workers"]
+    assert not any(entry.endswith("The same numbers") for entry in blocks.values())
+
+
+def test_help_default_is_appended_once_and_not_over_a_stated_one():
+    from diffsynth.utils.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="x")
+    parser.add_argument("--n", type=int, default=3, help="count")
+    parser.add_argument("--name", default="a b")
+    parser.add_argument("--mode", default="fast", help="how (default fast)")
+    parser.add_argument("--flag", action="store_true", help="switch")
+    parser.format_help()
+    blocks = help_blocks(parser.format_help())
+    assert blocks["--n"] == "--n N count (default 3)"
+    assert blocks["--name"] == "--name NAME default 'a b'"
+    assert blocks["--mode"] == "--mode MODE how (default fast)"
+    assert blocks["--flag"] == "--flag switch"
+
+
+SPEC = next((p for p in (ROOT.parent / "shared/spec/merged-qkv-quickstart.md",
+                          Path("/work/shared/spec/merged-qkv-quickstart.md")) if p.is_file()), None)
+
+
+@pytest.mark.skipif(SPEC is None, reason="the user's quickstart (shared/spec) is not on this machine")
+def test_the_users_quickstart_commands_run_as_written(monkeypatch, capsys):
+    """The contract: every command of the user's merged-QKV quickstart. Training commands pass --dry_run ('... other
+    params ...' stands for Option 2's flags), the other scripts know every flag, flag fragments are trainer flags."""
+    from diffsynth.trainers.args import build_parser
+    from diffsynth.utils.io import save_safetensors
+
+    trainer_flags = set(build_parser(True)._option_string_actions)
+    commands = [list(map(str, c)) for c in doc_commands(SPEC)]
+    option_2 = next(args for kind, _, _, args in map(parse_command, commands)
+                    if kind == "train" and "--dataset_metadata_path" in args)
+    kinds = []
+    for tokens in commands:
+        if "..." in tokens:  # "... other params ..." -> Option 2's flags (train.py: with the standard targets)
+            i, j = tokens.index("..."), len(tokens) - 1 - tokens[::-1].index("...")
+            standard = any(t.endswith("/train.py") for t in tokens[:i])
+            filled = [STANDARD_TARGETS if standard and t == MERGED_TARGETS else t for t in option_2]
+            tokens = tokens[:i] + filled + tokens[j + 1:]
+        kind, _, target, args = parse_command(tokens)
+        kinds.append(kind)
+        for flag, value in given_flags(args).items():
+            if flag in ("lora_fused", "lora_checkpoint") and not os.path.exists(value):
+                save_safetensors({"transformer_blocks.0.attn.to_out.0.lora_A.weight": __import__("torch").ones(4, 64),
+                                  "transformer_blocks.0.attn.to_out.0.lora_B.weight": __import__("torch").ones(64, 4)},
+                                 value)
+        if kind == "recipe":
+            script, recipe_args = recipe_command(target)
+            resolved = dry_run(script, recipe_args + args, monkeypatch, capsys)
+            assert resolved["merged_qkv"] is True
+        elif kind == "train":
+            resolved = dry_run(target, args, monkeypatch, capsys)
+            assert_resolved(args, resolved, f"{SPEC}: {shlex.join(tokens)}")
+            assert resolved["merged_qkv"] is TRAIN_SCRIPTS[target]
+        elif kind == "script":
+            text = script_help(target, monkeypatch, capsys)
+            for flag in given_flags(args):
+                assert re.search(rf"--{flag}\b", text), f"{SPEC}: {target} has no --{flag}"
+        elif kind == "flags":
+            unknown = [a for a in args if a.startswith("--") and a.split("=")[0] not in trainer_flags]
+            assert not unknown, f"{SPEC}: {unknown} are not trainer flags"
+    assert {"recipe", "train", "script", "flags"} <= set(kinds), kinds
 
 
 def test_quickstart_makes_no_unmeasured_speed_claim():

@@ -126,6 +126,20 @@ def test_dry_run_checks_the_dataset_and_output(tiny_models, data, tmp_path, caps
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_dry_run_probes_the_output_folder_as_root_too(tiny_models, data, tmp_path, capsys):
+    """A folder where no file can be created fails the dry run, as it fails the run; os.access said yes to root
+    there (/proc stands in for a read-only mount), so the dry run passed what the run then refused."""
+    argv = flags(tiny_models, data, "/proc/diffsynth-out", "--dry_run")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--output_path /proc/diffsynth-out: cannot create files in /proc (" in err and "Traceback" not in err
+    assert main(flags(tiny_models, data, str(tmp_path / "out"), "--dry_run", "--cache_conditioning",
+                      "/proc/diffsynth-cache")) == 2
+    assert "--cache_conditioning /proc/diffsynth-cache: cannot write in /proc (" in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/.tmp-probe-*"))
+
+
 def test_non_finite_lora_files_are_refused_by_name_before_loading(tiny_models, data, tmp_path, capsys):
     bad = str(tmp_path / "nan_lora.safetensors")
     save_file({"transformer_blocks.0.attn.to_out.0.lora_A.weight": torch.full((4, 64), float("nan")),

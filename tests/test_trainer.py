@@ -121,6 +121,23 @@ def test_wrong_lora_targets_stop_before_any_model_loads(tiny_models, data, tmp_p
     assert not os.path.exists(os.path.join(out, "train_log.csv"))
 
 
+@pytest.mark.parametrize("merged, targets, hint", [(True, "to_q,to_k,to_v", "to_q -> to_qkv"),
+                                                   (False, "to_qkv", "to_qkv -> to_q,to_k,to_v")])
+def test_wrong_lora_targets_fail_the_dry_run_before_models_load(tiny_models, data, tmp_path, capsys, merged, targets,
+                                                                hint):
+    """The dry run said 'the flags ... check out' (planning a 0.0M-parameter LoRA), and the run found the names wrong
+    only after every model had loaded and the conditioning cache had filled."""
+    argv = flags(tiny_models, data, str(tmp_path / "out"), "--lora_target_modules", targets,
+                 "--cache_conditioning", "--models_dir", str(tmp_path / "no-models"))
+    for extra in (["--dry_run"], []):  # no models in --models_dir: an error from loading would say so instead
+        code = main(argv + extra, merged_qkv=merged)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"--lora_target_modules {targets}: Module" in err and "not found in LoRA target modules" in err \
+            and hint in err
+        assert not os.path.exists(tmp_path / "out" / "cache")
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--unknown_flag", "1"], "unrecognized arguments: --unknown_flag"),
     (["--lora_rank"], "expected one argument"),

@@ -74,6 +74,17 @@ def locate_model_files(model_id_with_origin_paths=None, model_paths=None, models
     return found
 
 
+def host_memory_note(device, **flags) -> str | None:
+    """A line for flags that keep weights in host memory for a GPU (e.g. offload=..., blocks_to_swap=...,
+    use_gradient_checkpointing_offload=...) when `device` is the CPU, where they change nothing; None otherwise."""
+    given = [f"--{name}" for name, value in flags.items() if value]
+    if not given or torch.device(device).type != "cpu":
+        return None
+    return (f"note: {' and '.join(given)} {'keeps' if len(given) == 1 else 'keep'} data in host memory for a GPU; on "
+            "the CPU everything is in host memory already, so this run is the same without "
+            f"{'it' if len(given) == 1 else 'them'}")
+
+
 OFFLOAD_MODES = {False: None, None: None, True: "model", "model": "model", "sequential": "sequential"}
 
 

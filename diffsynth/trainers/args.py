@@ -31,7 +31,8 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
         allow_abbrev=False,  # an abbreviated or misspelt flag is an error, never a silent match
     )
     d = p.add_argument_group("dataset")
-    d.add_argument("--dataset_base_path", default="", help="folder the metadata's file paths are relative to")
+    d.add_argument("--dataset_base_path", default="",
+                   help="folder the metadata's file paths are relative to (default: the working directory)")
     d.add_argument("--dataset_metadata_path", required=True, help=".csv, .json or .jsonl with image,edit_image,prompt")
     d.add_argument("--data_file_keys", default="image,edit_image", help="columns that hold image files")
     d.add_argument("--extra_inputs", default="edit_image",
@@ -113,13 +114,14 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                      help="with --use_gradient_checkpointing: the checkpointed blocks keep their attention outputs "
                           "(torch's selective activation checkpointing), so the backward pass does not run attention's "
                           "forward a second time; costs one hidden state per checkpointed block (about 56 MiB at a "
-                          "1024x1024 edit, 3.4 GiB for 60 blocks, on the GPU even with the offload). The same numbers")
+                          "1024x1024 edit, 3.4 GiB for 60 blocks, on the GPU even with the offload)")
     mem.add_argument("--enable_fp8_training", action="store_true",
                      help="keep the frozen base linear weights in float8_e4m3fn (upcast per op)")
     mem.add_argument("--fp8_compute", action="store_true",
                      help="fp8 storage (as --enable_fp8_training) AND fp8 matmuls for the frozen base linears (activations "
-                          "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); elsewhere "
-                          "it says so and falls back to fp8 storage")
+                          "scaled per token): faster on GPUs with compute capability 8.9+ (Ada, Hopper); on older "
+                          "GPUs it says so and falls back to fp8 storage; a CPU runs the fp8 matmuls emulated "
+                          "(slow: for tests)")
     mem.add_argument("--compile", action="store_true",
                      help="torch.compile each DiT block (the identical blocks share their graphs: 2 in training, as the "
                           "first block's inputs carry no gradient): faster steps after a first step that compiles "

@@ -82,9 +82,11 @@ def check_cache_path(path):
     if not os.path.isdir(existing):
         raise ValueError(f"--cache_conditioning {path}: {existing} is a file, so the folder cannot be made there; "
                          "choose another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--cache_conditioning {path}: cannot write in {existing} (permission denied); choose "
-                         "another folder")
+    from .output_dir import cannot_create_in
+
+    why = cannot_create_in(existing)
+    if why:
+        raise ValueError(f"--cache_conditioning {path}: cannot write in {existing} ({why}); choose another folder")
 
 
 def content_id(file) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 LOCK = ".lock"
@@ -43,6 +44,17 @@ def previous_run_files(folder) -> list[str]:
     return sorted(found)
 
 
+def cannot_create_in(folder):
+    """Why no file can be created in the existing `folder` (its strerror), or None. A file is created and removed:
+    os.access answers yes to root everywhere, also on a read-only mount or in /proc, where the run would fail."""
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def check_output_path(path):
     """An output path that can never work (a file, or under a file) is an error before anything loads."""
     path = os.path.abspath(path)
@@ -53,8 +65,9 @@ def check_output_path(path):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise OutputDirError(f"--output_path {path}: {parent} is a file, so the folder cannot be created there")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputDirError(f"--output_path {path}: {parent} is not writable by this user; choose another folder")
+    why = cannot_create_in(parent)
+    if why:
+        raise OutputDirError(f"--output_path {path}: cannot create files in {parent} ({why}); choose another folder")
 
 
 class OutputDir:

@@ -44,15 +44,21 @@ def dit_blocks(args):
     return None if keys is None else max(int(m.group(1)) for m in map(_BLOCK_KEY.match, keys) if m) + 1
 
 
-def check_lora_targets(args):
-    """--lora_target_modules against the DiT's linear layers, named from its files' headers in this script's q/k/v
-    layout, before the DiT loads (inject_lora found a wrong name only after loading)."""
-    from ..lora.inject import check_target_modules
+def _dit_linear_names(args) -> dict:
+    """The DiT's linear layer names in this script's q/k/v layout: from its files' headers, or, when its files are
+    not here yet, from the Qwen-Image DiT the model ids download, built on the meta device (nothing allocated)."""
     from ..lora.reader import MERGED_PARTS, PART_OF
 
     keys = dit_keys(args)
     if keys is None:
-        return
+        import torch
+
+        from ..models.qwen_image_dit import QwenImageDiT
+        from ..models.qwen_image_dit_merged_qkv import QwenImageDiTMergedQKV
+
+        with torch.device("meta"):
+            dit = (QwenImageDiTMergedQKV if args.merged_qkv else QwenImageDiT)()
+        return dict.fromkeys(name for name, module in dit.named_modules() if isinstance(module, torch.nn.Linear))
     names = {}
     for key, shape in keys.items():
         if key.endswith(".weight") and len(shape) == 2:
@@ -62,6 +68,16 @@ def check_lora_targets(args):
             else:
                 leaves = MERGED_PARTS.get(leaf, [leaf])
             names.update(dict.fromkeys(f"{stem}.{x}" if stem else x for x in leaves))
+    return names
+
+
+def check_lora_targets(args):
+    """--lora_target_modules against the DiT's linear layers in this script's q/k/v layout, before anything loads
+    and under --dry_run too (inject_lora found a wrong name only after the models had loaded and the conditioning
+    cache had filled)."""
+    from ..lora.inject import check_target_modules
+
+    names = _dit_linear_names(args)
     try:  # names of another key style (the loader converts them): not checked here
         check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
     except ValueError:

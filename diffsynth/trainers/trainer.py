@@ -310,6 +310,12 @@ class Trainer:
             if args.selective_checkpointing:
                 self.log("selective checkpointing: the checkpointed blocks keep their attention outputs (attention's "
                          "forward is not recomputed)")
+        from ..pipelines.qwen_image import host_memory_note
+
+        note = host_memory_note(acc.device, blocks_to_swap=args.blocks_to_swap,
+                                use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload)
+        if note:
+            self.log(note)
         if args.blocks_to_swap:
             dit.enable_block_swap(args.blocks_to_swap, acc.device)
             self.log(f"block swap: the frozen weights of the last {args.blocks_to_swap} of "

@@ -38,7 +38,7 @@ def parse_args(argv=None):
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
     parser.add_argument("--cfg_scale", type=float, default=None,
                         help="1 turns CFG off (half the DiT passes); default 4, or 1 with --scheduler_preset lightning")
-    parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...)")
+    parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...; default output.png in the current folder)")
     parser.add_argument("--lora_path", action="append", default=[],
                         help="LoRA .safetensors to fuse into the DiT; repeat to stack several (e.g. yours and a "
                              "Lightning LoRA)")
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--edit_image_area", type=int, default=None,
                         help="pixel area of each edit image for the VAE (default: the area the --lora_path was trained "
                              "at, which this project's trainer records in its metadata, else 1024*1024)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="default: bf16 on GPU, fp32 on CPU")
@@ -87,8 +87,9 @@ def parse_args(argv=None):
                         help="torch.compile the DiT blocks: the first step compiles (about a minute), the others run "
                              "faster; worth it from a few images on")
     parser.add_argument("--fp8_compute", action="store_true",
-                        help="DiT weights in fp8 and fp8 matmuls on GPUs with compute capability 8.9+ (Ada, Hopper); "
-                             "elsewhere fp8 storage only (half the DiT's weight memory)")
+                        help="DiT weights in fp8 (half the DiT's weight memory) and fp8 matmuls: fast on GPUs with "
+                             "compute capability 8.9+ (Ada, Hopper); older GPUs get fp8 storage only (it says "
+                             "so); a CPU runs the fp8 matmuls emulated (slow: for tests)")
     args = parser.parse_args(argv)
     if args.blocks_to_swap < 0:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: must be >= 0")
@@ -247,12 +248,15 @@ def main(argv=None):
 
         import torch
 
-        from diffsynth.pipelines.qwen_image import QwenImagePipeline, parse_dtype
+        from diffsynth.pipelines.qwen_image import QwenImagePipeline, host_memory_note, parse_dtype
         from diffsynth.schedulers import FlowMatchScheduler
         from diffsynth.utils.io import atomic_path
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = parse_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
+        note = host_memory_note(device, offload=args.offload, blocks_to_swap=args.blocks_to_swap)
+        if note:
+            print(note, file=sys.stderr)
         pipe = QwenImagePipeline.from_pretrained(
             model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
             models_dir=args.models_dir, tokenizer_path=args.tokenizer_path, processor_path=args.processor_path,

@@ -1,6 +1,6 @@
 """Convert Qwen-Image DiT checkpoints and LoRAs between the standard and the merged-QKV layouts.
 
-    python examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py \
+    python examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py \\
         --input standard_checkpoint.safetensors --output merged_checkpoint.safetensors --direction to_merged
 
 --input: a .safetensors file, a directory (e.g. transformer/) or a *.safetensors.index.json. A LoRA is recognised
@@ -16,6 +16,7 @@ import sys
 from diffsynth.lora import LoraError, convert_lora_file, is_lora_file
 from diffsynth.models.dit_loader import convert_dit_checkpoint
 from diffsynth.utils.cli import ArgumentParser
+from diffsynth.utils.io import resolve_safetensors_files
 
 
 def main(argv=None):
@@ -46,6 +47,8 @@ def main(argv=None):
             if loras:
                 raise LoraError(f"--input {args.input} is a folder holding the LoRA {loras[0]}; pass that file as "
                                 "--input")
+        # A missing or empty --input is named as such, not called 'a full DiT checkpoint' by the next check.
+        resolve_safetensors_files(args.input)
         if args.format is not None or args.rank is not None:
             parser.error("--format and --rank apply to LoRA files only; the input is a full DiT checkpoint")
         if args.output.endswith(".safetensors") and os.path.isdir(args.output):
