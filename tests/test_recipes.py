@@ -317,8 +317,6 @@ def test_help_example_keeps_its_line_breaks(script, monkeypatch, capsys):
 
 def test_inference_help_states_the_defaults_it_applies(monkeypatch, capsys):
     """--output and --seed have defaults the run uses without being asked; --help says them."""
-    import argparse
-
     script = "examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py"
     text = " ".join(script_help(script, monkeypatch, capsys).split())
     args = runpy.run_path(str(ROOT / script))["parse_args"](["--prompt", "p", "--edit_image", "e.png"])
