@@ -11,13 +11,15 @@ from test_trainer import flags
 
 
 def write_prompts(folder, data):
-    """A 2-sample file beside the data: relative edit_image paths are resolved against the file's folder."""
+    """Samples in a folder beside the data (relative edit_image paths are resolved against the file's folder); the
+    third is the first without its seed."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "prompts.json")
+    edit = os.path.relpath(os.path.join(data, "edits", "edit000.png"), folder)
     with open(path, "w") as f:
-        json.dump([{"prompt": "make the red square blue", "edit_image": os.path.relpath(
-                        os.path.join(data, "edits", "edit000.png"), folder), "seed": 7},
-                   {"prompt": "a green square", "width": 32, "height": 48, "steps": 1}], f)
+        json.dump([{"prompt": "make the red square blue", "edit_image": edit, "seed": 7},
+                   {"prompt": "a green square", "width": 32, "height": 48, "steps": 1},
+                   {"prompt": "make the red square blue", "edit_image": edit}], f)
     return path
 
 
@@ -28,19 +30,21 @@ def test_two_samples_write_their_images(tiny_models, data, tmp_path, capsys):
                  "--validation_steps", "1", "--validation_inference_steps", "2")
     assert main(argv + ["--dry_run"]) == 0
     listed = capsys.readouterr().err
-    assert "validation: 2 sample(s), every 1 steps and at the end:" in listed
+    assert "validation: 3 sample(s), every 1 steps and at the end:" in listed
     assert "validation/1/ (row 1): 'make the red square blue'; 1 edit image(s)" in listed
     assert "seed 7, 2 steps" in listed
     assert "validation/2/ (row 2): 'a green square'; 0 edit image(s); seed 0, 1 steps, 32x48" in listed
     assert main(argv) == 0
     folder = os.path.join(out, "validation")
-    assert sorted(os.listdir(folder)) == ["1", "2"]
-    for k in ("1", "2"):
+    assert sorted(os.listdir(folder)) == ["1", "2", "3"]
+    for k in ("1", "2", "3"):
         assert sorted(os.listdir(os.path.join(folder, k))) == ["final.png", "grid.png", "step-1.png"]
     first = Image.open(os.path.join(folder, "1", "step-1.png"))
     assert first.size == (64, 64)  # the edit image's size
     assert first.text == {"step": "step 1", "prompt": "make the red square blue"}
     assert Image.open(os.path.join(folder, "2", "final.png")).size == (32, 48)  # the row's width and height
+    # sample 3 is sample 1 at the run's --seed 0 instead of its seed 7
+    assert Image.open(os.path.join(folder, "3", "step-1.png")).tobytes() != first.tobytes()
     # the grid of sample 1: its input, then step 1 and the final image
     assert Image.open(os.path.join(folder, "1", "grid.png")).width == 3 * 64
 
@@ -98,3 +102,25 @@ def test_validation_prompts_is_a_prompt_source_for_the_other_flags(tiny_models, 
         parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--validation_inference_steps", "4"))
     assert "--validation_inference_steps needs --validation_prompt (or --validation_prompts FILE)" in \
         capsys.readouterr().err
+
+
+def test_every_format_reads_the_same_samples(tmp_path):
+    """.jsonl, .csv (several edit images '|'-separated, empty cells are no value) and musubi-tuner's .txt; relative
+    paths against the file's folder."""
+    from dataclasses import replace
+
+    from diffsynth.trainers.validation import ValidationSample, read_validation_prompts
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 48)).save(tmp_path / name)
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    want = [ValidationSample("blue", (a, b), 5, 64, 48, 3, "1", "?"), ValidationSample("red", (a,), folder="2",
+                                                                                        where="?")]
+    files = {"p.jsonl": '{"prompt": "blue", "edit_image": ["a.png", "b.png"], "seed": 5, "width": 64, "height": 48, '
+                        '"steps": 3}\n\n{"prompt": "red", "edit_image": "a.png"}\n',
+             "p.csv": "prompt,edit_image,seed,width,height,steps\nblue,a.png|b.png,5,64,48,3\nred,a.png,,,,\n",
+             "p.txt": "# samples\nblue --d 5 --ci a.png --ci b.png --w 64 --h 48 --s 3\n\nred --ci a.png\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        got = [replace(s, where="?") for s in read_validation_prompts(str(tmp_path / name), 4096)]
+        assert got == want, name

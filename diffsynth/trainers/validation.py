@@ -92,8 +92,8 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
     try:
         rows = _txt_rows(path) if txt else read_metadata(path)
     except DatasetError as e:  # the dataset's reader: its text names the file already
-        text = str(e).replace("metadata file", "file").replace("use .csv, .json or .jsonl", "use .json, .jsonl, "
-                                                                                          ".csv or .txt")
+        text = (str(e).replace("metadata file", "file").replace("image,edit_image,prompt", "prompt,edit_image")
+                .replace("use .csv, .json or .jsonl", "use .json, .jsonl, .csv or .txt"))
         raise ValidationPromptsError(f"--validation_prompts {text}") from None
     if not rows:
         raise ValidationPromptsError(f"--validation_prompts {path}: the file holds no prompt")
