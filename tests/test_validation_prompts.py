@@ -61,19 +61,21 @@ def test_a_bad_file_names_file_row_and_column_before_models_load(tiny_models, da
     bad.write_text("prompt,edit_image,seed,negative_prompt\n"
                    "blue,missing.png,x,\n"
                    ",wide.png,3,blurry\n"
-                   "red,,,\n")
+                   "red,broken.png,,\n")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
     txt = tmp_path / "musubi.txt"
     txt.write_text("# a comment\nmake it blue --d 5 --w 64 --h 48\nmake it red --n ugly\n")
     out = str(tmp_path / "out")
     for extra in (["--dry_run"], []):
         assert main(flags(tiny_models, data, out, "--validation_prompts", str(bad), *extra)) == 2
         err = capsys.readouterr().err
-        assert f"error: --validation_prompts {bad}: 5 problem(s):" in err and "Traceback" not in err
+        assert f"error: --validation_prompts {bad}: 6 problem(s):" in err and "Traceback" not in err
         assert "row 1 (line 2): unknown column 'negative_prompt' (validation runs without CFG" in err
         assert "row 1 (line 2): seed 'x' must be a whole number >= 0" in err
         assert f"row 1 (line 2): edit_image missing.png file not found (looked at {tmp_path / 'missing.png'})" in err
         assert "row 2 (line 3): no prompt" in err
         assert "row 2 (line 3): edit_image wide.png: its 2000x8 px aspect ratio is too extreme" in err
+        assert "row 3 (line 4): edit_image broken.png is not an image file Pillow can read" in err
         assert main(flags(tiny_models, data, out, "--validation_prompts", str(txt), *extra)) == 2
         err = capsys.readouterr().err
         assert f"--validation_prompts {txt}:\n  line 3: --n is not supported here (a negative prompt needs CFG" in err

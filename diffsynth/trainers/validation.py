@@ -103,7 +103,7 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
         if not isinstance(row, dict):
             problems.append(f"  {where}: expected an object with {', '.join(COLUMNS)}, got {type(row).__name__}")
             continue
-        for column in row.keys() - set(COLUMNS) - unknown:  # named once, at its first row
+        for column in sorted(row.keys() - set(COLUMNS) - unknown):  # named once, at its first row
             unknown.add(column)
             why = (" (validation runs without CFG: a negative prompt would do nothing)" if column == "negative_prompt"
                    else "")
@@ -136,10 +136,13 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
             rels = []
         files = []
         for rel in rels:
+            if not rel:
+                problems.append(f"  {where}: an empty path in {names['edit_image']}; name a file")
+                continue
             path_ = os.path.abspath(os.path.join(base, os.path.expanduser(rel)))  # an absolute path stays as is
-            found = _inspect_file(path_) if rel else "is an empty path; name a file"
-            if isinstance(found, str):  # what the training data check says of such a file
-                found = f"file not found (looked at {path_})" if not os.path.exists(path_) and rel else found
+            found = _inspect_file(path_)  # what the training data check says of such a file, or its size
+            if isinstance(found, str):
+                found = found if os.path.exists(path_) else f"file not found (looked at {path_})"
                 problems.append(f"  {where}: {names['edit_image']} {rel} {found}")
                 continue
             try:
