@@ -46,6 +46,10 @@ def dry_run(args) -> int:
     print(f"dry run: the flags, {len(samples)} training samples and the output path check out; no model was "
           "loaded", file=sys.stderr)
     print(plan_report(args, processes, fsdp), file=sys.stderr)
+    from .validation import describe_samples, validation_samples
+
+    for line in describe_samples(validation_samples(args), args):  # checked by preflight: read again to list
+        print(line, file=sys.stderr)
     return 0
 
 

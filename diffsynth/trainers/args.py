@@ -135,9 +135,16 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                           "training then loads only the DiT")
 
     v = p.add_argument_group("validation")
-    v.add_argument("--validation_prompt", default=None)
+    v.add_argument("--validation_prompt", default=None, help="one validation sample: this prompt")
     v.add_argument("--validation_edit_image", action="append", default=None,
                    help="image to edit for validation (repeat for several)")
+    v.add_argument("--validation_prompts", default=None, metavar="FILE",
+                   help="several validation samples, instead of --validation_prompt: a .json list of objects, .jsonl "
+                        "or .csv with the columns prompt (required), edit_image (one path, or several as in the "
+                        "training metadata), seed (default --seed), width and height (together; default: the last "
+                        "edit image's size), steps (default --validation_inference_steps); or musubi-tuner's .txt "
+                        "(a prompt per line, with --d seed, --ci edit image, --w, --h, --s steps; # comments). "
+                        "Relative paths are relative to FILE's folder. Sample k is written to validation/k/")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
     v.add_argument("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
     add_training_options(p)
@@ -211,7 +218,9 @@ def check_args(args):
     if args.edit_plus and "edit_image" not in extra:  # no edit images: the prompt has no template to choose
         problems.append("--edit_plus picks the prompt template of edit images, and without --extra_inputs edit_image "
                         "this run has none: leave it out")
-    if args.edit_image_area != EDIT_IMAGE_AREA and "edit_image" not in extra and not args.validation_edit_image:
+    # a --validation_prompts file may name edit images: it is read later (preflight), so it counts as having some
+    if (args.edit_image_area != EDIT_IMAGE_AREA and "edit_image" not in extra and not args.validation_edit_image
+            and not args.validation_prompts):
         problems.append(f"--edit_image_area {args.edit_image_area} would do nothing: it sizes edit images, and this "
                         "run has none (no --extra_inputs edit_image, no --validation_edit_image); leave it out")
     if args.lora_base_model is None:  # a LoRA's flags without it would do nothing: the whole DiT is fine-tuned
@@ -263,11 +272,18 @@ def check_args(args):
     if args.checkpoints_total_limit and not args.save_steps:
         problems.append("--checkpoints_total_limit needs --save_steps (training states are written only every "
                         "--save_steps; without it there are none to limit)")
-    if not args.validation_prompt:  # without it nothing validates: the other validation flags would do nothing
+    if args.validation_prompts and (args.validation_prompt or args.validation_edit_image):
+        given = " / ".join(f"--{f}" for f in ("validation_prompt", "validation_edit_image") if getattr(args, f))
+        problems.append(f"--validation_prompts {args.validation_prompts} and {given} are two sources of validation "
+                        "samples: put that prompt (and its edit_image) in the file as a row, or leave out "
+                        "--validation_prompts")
+    elif not args.validation_prompt and not args.validation_prompts:
+        # without a prompt nothing validates: the other validation flags would do nothing
         given = [f"--{flag}" for flag in ("validation_steps", "validation_edit_image") if getattr(args, flag)]
         given += ["--validation_inference_steps"] * (args.validation_inference_steps != VALIDATION_INFERENCE_STEPS)
         if given:
-            problems.append(f"{' / '.join(given)} need{'s' * (len(given) == 1)} --validation_prompt")
+            problems.append(f"{' / '.join(given)} need{'s' * (len(given) == 1)} --validation_prompt (or "
+                            "--validation_prompts FILE)")
     if args.vram_budget is not None:
         from ..utils.vram_planner import parse_vram
 

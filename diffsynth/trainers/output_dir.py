@@ -74,9 +74,9 @@ class OutputDir:
     """Claim `path` for this run (main process only): take the lock, refuse another run's leftovers unless
     resuming or overwriting, clean temp files of killed runs. With --overwrite the leftovers go only when
     `remove_previous_run()` is called (once the run's models have loaded), and never when one of them is an input of
-    this run (`inputs`: {flag: path}). `release()` gives the lock back."""
+    this run (`inputs`: [(flag, path)]). `release()` gives the lock back."""
 
-    def __init__(self, path, resume: bool, overwrite: bool, inputs: dict | None = None):
+    def __init__(self, path, resume: bool, overwrite: bool, inputs: list | None = None):
         self.path = os.path.abspath(path)
         self.lock = os.path.join(self.path, LOCK)
         self.held = False
@@ -96,7 +96,7 @@ class OutputDir:
                         f"--output_path {self.path} holds another run's files ({shown}). Continue that run with "
                         "--resume_from_checkpoint latest, pass --overwrite to delete them and start anew, or choose "
                         "another --output_path")
-                for flag, given in (inputs or {}).items():
+                for flag, given in inputs or ():
                     given = os.path.abspath(given) if given else None
                     if given and any(given == os.path.join(self.path, n.rstrip("/"))
                                      or n.endswith("/") and given.startswith(os.path.join(self.path, n))
@@ -176,7 +176,7 @@ def trim_log(log_path, last_step: int) -> float:
         return 0.0
 
 
-def claim(path, resume: bool, overwrite: bool, accelerator, inputs: dict | None = None) -> OutputDir | None:
+def claim(path, resume: bool, overwrite: bool, accelerator, inputs: list | None = None) -> OutputDir | None:
     """OutputDir on the main process; every process learns whether that worked (so none waits forever)."""
     import torch
 

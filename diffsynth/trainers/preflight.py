@@ -4,7 +4,6 @@ import os
 import re
 
 from ..lora import LoraError
-from ..utils.image import check_edit_size, open_image
 from ..utils.vram_planner import QWEN_IMAGE_DIT
 from .args import build_parser
 from .output_dir import check_output_path
@@ -166,8 +165,9 @@ def preflight(args, dataset=True):
         check_lora_targets(args)
     if args.lora_checkpoint and args.lora_base_model:
         check_lora_checkpoint(args)
-    for path in args.validation_edit_image or []:
-        check_edit_size(f"--validation_edit_image {path}", open_image(path).size, args.edit_image_area)
+    from .validation import validation_samples
+
+    validation_samples(args)  # --validation_edit_image, or every row and image of --validation_prompts
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such training state "
                                 "folder (give a checkpoints/step-N folder, or 'latest')")

@@ -206,8 +206,14 @@ class Trainer:
         # with --overwrite they are deleted once the models have loaded, so a run that stops before that loses none).
         if self.resume_from:
             check_setup(self.resume_from, self.setup_info(), acc.num_processes)
-        inputs = {"--lora_checkpoint": args.lora_checkpoint, "--lora_fused": args.lora_fused,
-                  **{"--validation_edit_image": p for p in args.validation_edit_image or []}}
+        # read again after preflight's check (a few rows): the samples, their resolved edit images
+        from .validation import validation_samples
+
+        self.validation_samples = validation_samples(args)
+        inputs = [("--lora_checkpoint", args.lora_checkpoint), ("--lora_fused", args.lora_fused),
+                  ("--validation_prompts", args.validation_prompts)]
+        inputs += [(f"--validation_prompts {s.where}: edit_image" if s.folder else "--validation_edit_image", path)
+                   for s in self.validation_samples for path in s.edit_images]
         self.output_dir = claim(args.output_path, self._resumes_own_state(), args.overwrite, acc, inputs)
         if self.output_dir is not None and self.output_dir.removed_temp:
             self.log(f"removed {len(self.output_dir.removed_temp)} temporary file(s) of an interrupted run: "
@@ -229,7 +235,7 @@ class Trainer:
         todo = self.cache.missing(self.dataset.samples) if self.cache is not None else []
         acc.wait_for_everyone()
         # Validation encodes its prompt and edit images once, below, even when the cache is complete.
-        need_encoders = self.cache is None or bool(todo) or bool(args.validation_prompt)
+        need_encoders = self.cache is None or bool(todo) or bool(self.validation_samples)
         model_args = dict(model_id_with_origin_paths=args.model_id_with_origin_paths, model_paths=args.model_paths,
                           models_dir=args.models_dir, tokenizer_path=args.tokenizer_path,
                           processor_path=args.processor_path, merged_qkv=args.merged_qkv)
@@ -241,18 +247,20 @@ class Trainer:
             need=("dit", "text_encoder", "vae") if need_encoders else ("dit",), dit_device="cpu" if on_host else None)
         if todo:
             self.fill_cache(todo)
-        if args.validation_prompt:
+        if self.validation_samples:
             from .validation import ValidationInputs
 
-            if not args.validation_edit_image and any(s.edit_images for s in self.dataset.samples):
-                self.log("note: --validation_prompt without --validation_edit_image: the validation images are "
-                         "generated from the prompt alone, not edits like the training samples")
-
-            self.validation_inputs = ValidationInputs(self.pipe, args.validation_prompt, args.validation_edit_image,
-                                                      args.edit_image_area)
+            plain = [s.where for s in self.validation_samples if not s.edit_images]
+            if plain and any(s.edit_images for s in self.dataset.samples):
+                what = ("--validation_prompt without --validation_edit_image" if not self.validation_samples[0].folder
+                        else f"--validation_prompts {', '.join(plain[:5])}{' ...' * (len(plain) > 5)} without "
+                             "edit_image")
+                self.log(f"note: {what}: the validation images are generated from the prompt alone, not edits "
+                         "like the training samples")
+            self.validation_inputs = ValidationInputs(self.pipe, self.validation_samples, args.edit_image_area)
         if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
             self.pipe.text_encoder = None
-            if not args.validation_prompt:  # validation decodes its images with the VAE
+            if not self.validation_samples:  # validation decodes its images with the VAE
                 self.pipe.vae = None
             gc.collect()
             if torch.cuda.is_available():
@@ -686,7 +694,7 @@ class Trainer:
                      f"(torch.cuda.max_memory_allocated; the planner predicted {predicted:.2f} GiB for these flags "
                      "at the largest image size they allow)")
         final = self.save_model("checkpoint-final")
-        if args.validation_prompt:
+        if self.validation_samples:
             self.validate(final=True)
         if acc.is_main_process:
             _write_loss_plot(log_path, os.path.join(args.output_path, "loss.png"))
@@ -719,8 +727,9 @@ class Trainer:
                 tracker.log_images({key: [image]}, step=self.state.step)
 
     def validate(self, final=False):
-        """Edit the validation image(s) with the current weights (a schedule-free optimizer's evaluation
-        weights): `validation/step-N.png` (or final.png) and `validation/grid.png` with every image so far."""
+        """Edit each validation sample's image(s) with the current weights (a schedule-free optimizer's evaluation
+        weights): `validation/step-N.png` (or final.png) and `validation/grid.png` with every image so far; for the
+        samples of --validation_prompts the same in `validation/<k>/`, k the sample's row."""
         # Every process switches the weights, so they stay equal on all of them.
         with evaluation_weights(self.optimizer):
             self._validate(final)
@@ -740,26 +749,30 @@ class Trainer:
         dit.eval()
         self.pipe.dit = dit
         with acc.autocast():
-            image = self.validation_inputs.generate(self.pipe, args.seed, args.validation_inference_steps,
-                                                    args.edit_image_area)
+            images = [self.validation_inputs.generate(self.pipe, k, args.seed, args.validation_inference_steps,
+                                                      args.edit_image_area)
+                      for k in range(len(self.validation_samples))]
         dit.train(was_training)
         if not acc.is_main_process:
             acc.wait_for_everyone()
             return
-        folder = os.path.join(args.output_path, "validation")
-        os.makedirs(folder, exist_ok=True)
         step_label = f"step {self.state.step}" + (" (final)" if final else "")
-        path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
-        image.save(path, pnginfo=png_info(step_label, args.validation_prompt))
-        self._log_image("validation", labelled(image, f"{step_label}: {args.validation_prompt}"))
-        shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
-        tiles = [(f"input {i + 1}", img) for i, img in enumerate(self.validation_inputs.edit_images)]
-        tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
-        if final:
-            tiles.append((step_label, image))
-        header = f"{args.validation_prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {args.seed}, " \
-                 f"{args.validation_inference_steps} steps"
-        grid(tiles, header).save(os.path.join(folder, "grid.png"))
+        for k, (sample, image) in enumerate(zip(self.validation_samples, images)):
+            folder = os.path.join(args.output_path, "validation", sample.folder or "")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
+            image.save(path, pnginfo=png_info(step_label, sample.prompt))
+            self._log_image(f"validation/{sample.folder}" if sample.folder else "validation",
+                            labelled(image, f"{step_label}: {sample.prompt}"))
+            shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
+            tiles = [(f"input {i + 1}", img) for i, img in enumerate(self.validation_inputs.edit_images[k])]
+            tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
+            if final:
+                tiles.append((step_label, image))
+            seed = args.seed if sample.seed is None else sample.seed
+            header = f"{sample.prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {seed}, " \
+                     f"{sample.steps or args.validation_inference_steps} steps"
+            grid(tiles, header).save(os.path.join(folder, "grid.png"))
         acc.wait_for_everyone()
 
 

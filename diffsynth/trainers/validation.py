@@ -1,29 +1,212 @@
-"""Validation during training: the prompt and edit images encoded once at the start (so validation runs with the
-conditioning cache on and the text encoder freed), labelled images and a grid with a header."""
+"""Validation during training: the samples (one --validation_prompt, or the rows of a --validation_prompts file),
+their prompts and edit images encoded once at the start (so validation runs with the conditioning cache on and the
+text encoder freed), labelled images and a grid with a header per sample."""
+import os
+import re
 import textwrap
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from ..utils.image import open_image, resize_edit_image
+from ..utils.image import SIZE_MULTIPLE, check_edit_size, open_image, resize_edit_image
+from .dataset import DatasetError, _check_utf8, _inspect_file, _listed, parse_file_list, read_metadata
+
+COLUMNS = ("prompt", "edit_image", "seed", "width", "height", "steps")
+# musubi-tuner's sample-prompt options (a .txt line: "<prompt> --w 512 --d 42 --ci a.png") -> our column
+TXT_OPTIONS = {"d": "seed", "ci": "edit_image", "w": "width", "h": "height", "s": "steps"}
+# musubi-tuner options with no counterpart here, and why
+TXT_REFUSED = {"n": "a negative prompt needs CFG, which validation does not run",
+               "l": "a CFG scale needs CFG, which validation does not run",
+               "g": "an embedded guidance scale does not exist in Qwen-Image",
+               "fs": "the flow shift follows the scheduler's resolution-dependent shift",
+               "f": "a frame count is for video models", "i": "an I2V start image is for video models",
+               "ei": "an end image is for video models", "cn": "a control video is for video models",
+               "of": "one-frame inference is for video models"}
+
+
+class ValidationPromptsError(ValueError):
+    """A --validation_prompts file that cannot be used; the message names the file, row and column of each problem."""
+
+
+@dataclass(frozen=True)
+class ValidationSample:
+    prompt: str
+    edit_images: tuple[str, ...] = ()  # resolved paths
+    seed: int | None = None  # None: the run's --seed
+    width: int | None = None  # None (both): the last edit image's size
+    height: int | None = None
+    steps: int | None = None  # None: --validation_inference_steps
+    folder: str | None = None  # under validation/: None for --validation_prompt (the flat layout), "k" for row k
+    where: str = "--validation_prompt"  # how the user finds it: "row 2 (line 3)" of the file
+
+
+def _integer(value):
+    """An int from a JSON number or a CSV/.txt text of digits, else None (a bool, a fraction, other text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    text = str(value).strip()
+    return int(text) if re.fullmatch(r"-?\d+", text) else None
+
+
+def _txt_rows(path) -> list[tuple[str, dict]]:
+    """musubi-tuner's sample-prompt file as rows: a prompt per line, options split off at " --" as musubi-tuner
+    splits them; "#" lines are comments. A refused or unknown option raises, naming its line."""
+    _check_utf8(path)
+    rows, problems = [], []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            prompt, *options = line.split(" --")
+            row, where = {"prompt": prompt.strip()}, f"line {line_no}"
+            for option in options:
+                name, _, value = option.strip().partition(" ")
+                column = TXT_OPTIONS.get(name.lower())
+                if column == "edit_image":  # --ci repeats, one image each
+                    row.setdefault("edit_image", []).append(value.strip())
+                elif column:
+                    row[column] = value.strip()
+                else:
+                    why = TXT_REFUSED.get(name.lower(), "not a musubi-tuner option")
+                    problems.append(f"  {where}: --{name} is not supported here ({why}); the options are "
+                                    + ", ".join(f"--{o} ({c})" for o, c in TXT_OPTIONS.items()))
+            rows.append((where, row))
+    if problems:
+        raise ValidationPromptsError(f"--validation_prompts {path}:\n" + _listed(problems))
+    return rows
+
+
+def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
+    """Every sample of a --validation_prompts file, each row and image checked as training checks its data (before
+    any model loads); one ValidationPromptsError lists every problem with its row and column."""
+    if not os.path.isfile(path):
+        raise ValidationPromptsError(f"--validation_prompts {path}: file not found")
+    base = os.path.dirname(os.path.abspath(path))  # relative paths: next to the file, wherever the run starts
+    txt = path.lower().endswith(".txt")
+    try:
+        rows = _txt_rows(path) if txt else read_metadata(path)
+    except DatasetError as e:  # the dataset's reader: its text names the file already
+        text = (str(e).replace("metadata file", "file").replace("image,edit_image,prompt", "prompt,edit_image")
+                .replace("use .csv, .json or .jsonl", "use .json, .jsonl, .csv or .txt"))
+        raise ValidationPromptsError(f"--validation_prompts {text}") from None
+    if not rows:
+        raise ValidationPromptsError(f"--validation_prompts {path}: the file holds no prompt")
+    names = {c: f"--{o}" for o, c in TXT_OPTIONS.items()} if txt else {c: c for c in COLUMNS}
+    problems, samples, unknown = [], [], set()
+    for k, (where, row) in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            problems.append(f"  {where}: expected an object with {', '.join(COLUMNS)}, got {type(row).__name__}")
+            continue
+        for column in sorted(row.keys() - set(COLUMNS) - unknown):  # named once, at its first row
+            unknown.add(column)
+            why = (" (validation runs without CFG: a negative prompt would do nothing)" if column == "negative_prompt"
+                   else "")
+            problems.append(f"  {where}: unknown column {column!r}{why}; the columns are {', '.join(COLUMNS)}")
+        # an empty CSV cell is no value: columns are shared by every row
+        row = {c: v for c, v in row.items() if c in COLUMNS and v is not None and str(v).strip() != ""}
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            problems.append(f"  {where}: no prompt (a text that is not empty); add one")
+        values = {}
+        for column in ("seed", "width", "height", "steps"):
+            if column not in row:
+                continue
+            value = _integer(row[column])
+            low = {"seed": 0, "steps": 1}.get(column, SIZE_MULTIPLE)
+            if value is None or value < low or value >= 2**63 or (column in ("width", "height")
+                                                                 and value % SIZE_MULTIPLE):
+                rule = (f"a multiple of {SIZE_MULTIPLE}, at least {SIZE_MULTIPLE}" if column in ("width", "height")
+                        else f"a whole number >= {low}")
+                problems.append(f"  {where}: {names[column]} {row[column]!r} must be {rule}")
+            else:
+                values[column] = value
+        if ("width" in row) != ("height" in row):
+            problems.append(f"  {where}: {names['width']} and {names['height']} go together (or neither: the size "
+                            "follows the last edit image)")
+        try:
+            rels = parse_file_list(row.get("edit_image"))
+        except ValueError as e:
+            problems.append(f"  {where}: {names['edit_image']} {row['edit_image']!r} is not a JSON list of paths ({e})")
+            rels = []
+        files = []
+        for rel in rels:
+            if not rel:
+                problems.append(f"  {where}: an empty path in {names['edit_image']}; name a file")
+                continue
+            path_ = os.path.abspath(os.path.join(base, os.path.expanduser(rel)))  # an absolute path stays as is
+            found = _inspect_file(path_)  # what the training data check says of such a file, or its size
+            if isinstance(found, str):
+                found = found if os.path.exists(path_) else f"file not found (looked at {path_})"
+                problems.append(f"  {where}: {names['edit_image']} {rel} {found}")
+                continue
+            try:
+                check_edit_size(f"{names['edit_image']} {rel}", found[1], edit_image_area)
+            except ValueError as e:
+                problems.append(f"  {where}: {e}")
+                continue
+            files.append(path_)
+        samples.append(ValidationSample(str(prompt or "").strip(), tuple(files), values.get("seed"),
+                                        values.get("width"), values.get("height"), values.get("steps"), str(k),
+                                        where))
+    if problems:
+        raise ValidationPromptsError(f"--validation_prompts {path}: {len(problems)} problem(s):\n" + _listed(problems))
+    return samples
+
+
+def validation_samples(args) -> list[ValidationSample]:
+    """This run's validation samples (none without a prompt), every file checked: --validation_prompt with its
+    --validation_edit_image, or the rows of --validation_prompts."""
+    if args.validation_prompts:
+        return read_validation_prompts(args.validation_prompts, args.edit_image_area)
+    if not args.validation_prompt:
+        return []
+    for path in args.validation_edit_image or []:
+        check_edit_size(f"--validation_edit_image {path}", open_image(path).size, args.edit_image_area)
+    return [ValidationSample(args.validation_prompt, tuple(args.validation_edit_image or ()))]
+
+
+def describe_samples(samples, args) -> list[str]:
+    """--dry_run's list of the validation samples: where each is written, with its prompt, images, seed and size."""
+    if not samples:
+        return []
+    when = f"every {args.validation_steps} steps and " if args.validation_steps else ""
+    lines = [f"validation: {len(samples)} sample(s), {when}at the end:"]
+    for s in samples:
+        size = f"{s.width}x{s.height}" if s.width else "the last edit image's size" if s.edit_images else "square"
+        lines.append(f"  validation/{s.folder + '/' if s.folder else ''} ({s.where}): {s.prompt!r}; "
+                     f"{len(s.edit_images)} edit image(s){': ' if s.edit_images else ''}{', '.join(s.edit_images)}; "
+                     f"seed {args.seed if s.seed is None else s.seed}, {s.steps or args.validation_inference_steps} "
+                     f"steps, {size}")
+    return lines
 
 
 class ValidationInputs:
-    """The validation prompt's embedding and the edit images' latents, computed once (outside autocast, like the
-    training conditioning); the pipeline then needs only the DiT and the VAE decoder."""
+    """Each sample's prompt embedding and edit images' latents, computed once (outside autocast, like the training
+    conditioning); the pipeline then needs only the DiT and the VAE decoder."""
 
     @torch.no_grad()
-    def __init__(self, pipe, prompt, edit_image_files, edit_image_area):
-        self.prompt, self.files = prompt, list(edit_image_files or [])
-        self.edit_images = [open_image(p) for p in self.files]
-        self.prompt_embeds = pipe.encode_prompt([prompt], [self.edit_images] if self.edit_images else None)
-        resized = [resize_edit_image(img, edit_image_area) for img in self.edit_images]
-        self.edit_latents = pipe.encode_edit_images(resized) if resized else None
+    def __init__(self, pipe, samples, edit_image_area):
+        self.samples, self.edit_images, self.prompt_embeds, self.edit_latents = list(samples), [], [], []
+        for sample in self.samples:
+            images = [open_image(p) for p in sample.edit_images]
+            self.edit_images.append(images)
+            self.prompt_embeds.append(pipe.encode_prompt([sample.prompt], [images] if images else None))
+            resized = [resize_edit_image(img, edit_image_area) for img in images]
+            self.edit_latents.append(pipe.encode_edit_images(resized) if resized else None)
 
-    def generate(self, pipe, seed, num_inference_steps, edit_image_area):
-        return pipe(self.prompt, edit_image=self.edit_images or None, seed=seed,
-                    num_inference_steps=num_inference_steps, edit_image_area=edit_image_area, progress=False,
-                    prompt_embeds=self.prompt_embeds, edit_latents=self.edit_latents)
+    def generate(self, pipe, k, seed, num_inference_steps, edit_image_area):
+        """Sample k's image; its own seed and steps, when the file gives them, before the run's."""
+        s = self.samples[k]
+        return pipe(s.prompt, edit_image=self.edit_images[k] or None, height=s.height, width=s.width,
+                    seed=seed if s.seed is None else s.seed, num_inference_steps=s.steps or num_inference_steps,
+                    edit_image_area=edit_image_area, progress=False, prompt_embeds=self.prompt_embeds[k],
+                    edit_latents=self.edit_latents[k])
 
 
 def _font(height):

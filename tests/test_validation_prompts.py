@@ -1,0 +1,128 @@
+"""--validation_prompts FILE: several validation samples, each in validation/<k>/; bad files refused before models
+load."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from diffsynth.trainers import main, parse_args
+from test_trainer import flags
+
+
+def write_prompts(folder, data):
+    """Samples in a folder beside the data (relative edit_image paths are resolved against the file's folder); the
+    third is the first without its seed."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "prompts.json")
+    edit = os.path.relpath(os.path.join(data, "edits", "edit000.png"), folder)
+    with open(path, "w") as f:
+        json.dump([{"prompt": "make the red square blue", "edit_image": edit, "seed": 7},
+                   {"prompt": "a green square", "width": 32, "height": 48, "steps": 1},
+                   {"prompt": "make the red square blue", "edit_image": edit}], f)
+    return path
+
+
+def test_two_samples_write_their_images(tiny_models, data, tmp_path, capsys):
+    prompts = write_prompts(str(tmp_path / "prompts"), data)
+    out = str(tmp_path / "out")
+    argv = flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--validation_prompts", prompts,
+                 "--validation_steps", "1", "--validation_inference_steps", "2")
+    assert main(argv + ["--dry_run"]) == 0
+    listed = capsys.readouterr().err
+    assert "validation: 3 sample(s), every 1 steps and at the end:" in listed
+    assert "validation/1/ (row 1): 'make the red square blue'; 1 edit image(s)" in listed
+    assert "seed 7, 2 steps" in listed
+    assert "validation/2/ (row 2): 'a green square'; 0 edit image(s); seed 0, 1 steps, 32x48" in listed
+    assert main(argv) == 0
+    folder = os.path.join(out, "validation")
+    assert sorted(os.listdir(folder)) == ["1", "2", "3"]
+    for k in ("1", "2", "3"):
+        assert sorted(os.listdir(os.path.join(folder, k))) == ["final.png", "grid.png", "step-1.png"]
+    first = Image.open(os.path.join(folder, "1", "step-1.png"))
+    assert first.size == (64, 64)  # the edit image's size
+    assert first.text == {"step": "step 1", "prompt": "make the red square blue"}
+    assert Image.open(os.path.join(folder, "2", "final.png")).size == (32, 48)  # the row's width and height
+    # sample 3 is sample 1 at the run's --seed 0 instead of its seed 7
+    assert Image.open(os.path.join(folder, "3", "step-1.png")).tobytes() != first.tobytes()
+    # the grid of sample 1: its input, then step 1 and the final image
+    assert Image.open(os.path.join(folder, "1", "grid.png")).width == 3 * 64
+
+
+def test_a_bad_file_names_file_row_and_column_before_models_load(tiny_models, data, tmp_path, capsys, monkeypatch):
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(QwenImagePipeline, "from_pretrained", no_loading)
+    Image.new("RGB", (2000, 8)).save(tmp_path / "wide.png")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,edit_image,seed,negative_prompt\n"
+                   "blue,missing.png,x,\n"
+                   ",wide.png,3,blurry\n"
+                   "red,broken.png,,\n")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    txt = tmp_path / "musubi.txt"
+    txt.write_text("# a comment\nmake it blue --d 5 --w 64 --h 48\nmake it red --n ugly\n")
+    out = str(tmp_path / "out")
+    for extra in (["--dry_run"], []):
+        assert main(flags(tiny_models, data, out, "--validation_prompts", str(bad), *extra)) == 2
+        err = capsys.readouterr().err
+        assert f"error: --validation_prompts {bad}: 6 problem(s):" in err and "Traceback" not in err
+        assert "row 1 (line 2): unknown column 'negative_prompt' (validation runs without CFG" in err
+        assert "row 1 (line 2): seed 'x' must be a whole number >= 0" in err
+        assert f"row 1 (line 2): edit_image missing.png file not found (looked at {tmp_path / 'missing.png'})" in err
+        assert "row 2 (line 3): no prompt" in err
+        assert "row 2 (line 3): edit_image wide.png: its 2000x8 px aspect ratio is too extreme" in err
+        assert "row 3 (line 4): edit_image broken.png is not an image file Pillow can read" in err
+        assert main(flags(tiny_models, data, out, "--validation_prompts", str(txt), *extra)) == 2
+        err = capsys.readouterr().err
+        assert f"--validation_prompts {txt}:\n  line 3: --n is not supported here (a negative prompt needs CFG" in err
+    assert main(flags(tiny_models, data, out, "--validation_prompts", str(tmp_path / "none.json"))) == 2
+    assert f"error: --validation_prompts {tmp_path / 'none.json'}: file not found" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "train_log.csv"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--validation_prompt", "blue"], "--validation_prompts p.json and --validation_prompt are two sources"),
+    (["--validation_edit_image", "a.png"], "--validation_prompts p.json and --validation_edit_image are two sources"),
+])
+def test_validation_prompts_and_the_single_prompt_flags_exclude_each_other(tiny_models, data, tmp_path, capsys,
+                                                                          extra, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--validation_prompts", "p.json", *extra))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_validation_prompts_is_a_prompt_source_for_the_other_flags(tiny_models, data, tmp_path, capsys):
+    args = parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--validation_prompts", "p.json",
+                            "--validation_steps", "5", "--validation_inference_steps", "4", "--extra_inputs", ""))
+    assert args.validation_steps == 5 and args.validation_inference_steps == 4  # and --edit_image_area: the file
+    with pytest.raises(SystemExit):
+        parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--validation_inference_steps", "4"))
+    assert "--validation_inference_steps needs --validation_prompt (or --validation_prompts FILE)" in \
+        capsys.readouterr().err
+
+
+def test_every_format_reads_the_same_samples(tmp_path):
+    """.jsonl, .csv (several edit images '|'-separated, empty cells are no value) and musubi-tuner's .txt; relative
+    paths against the file's folder."""
+    from dataclasses import replace
+
+    from diffsynth.trainers.validation import ValidationSample, read_validation_prompts
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 48)).save(tmp_path / name)
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    want = [ValidationSample("blue", (a, b), 5, 64, 48, 3, "1", "?"), ValidationSample("red", (a,), folder="2",
+                                                                                        where="?")]
+    files = {"p.jsonl": '{"prompt": "blue", "edit_image": ["a.png", "b.png"], "seed": 5, "width": 64, "height": 48, '
+                        '"steps": 3}\n\n{"prompt": "red", "edit_image": "a.png"}\n',
+             "p.csv": "prompt,edit_image,seed,width,height,steps\nblue,a.png|b.png,5,64,48,3\nred,a.png,,,,\n",
+             "p.txt": "# samples\nblue --d 5 --ci a.png --ci b.png --w 64 --h 48 --s 3\n\nred --ci a.png\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        got = [replace(s, where="?") for s in read_validation_prompts(str(tmp_path / name), 4096)]
+        assert got == want, name
