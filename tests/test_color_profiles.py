@@ -147,6 +147,11 @@ def test_srgb_tagged_and_untagged_images_read_bit_identical(tmp_path):
         Image.fromarray(PIXELS).save(tmp_path / f"{name}.png", icc_profile=profile)
         assert open_image(tmp_path / f"{name}.png").tobytes() == PIXELS.tobytes(), name
     assert open_image(tmp_path / "plain.png").tobytes() == PIXELS.tobytes()
+    # sRGB's primaries in linear light are not sRGB: converted (the picture gets lighter)
+    linear = icc("RGB ", {"desc": desc("sRGB-elle-V2-g10"), "wtpt": xyz(*D50), **{
+        f"{c}XYZ": xyz(*v) for c, v in zip("rgb", SRGB_COLORANTS)}, **{f"{c}TRC": gamma_curve(1) for c in "rgb"}})
+    Image.fromarray(PIXELS).save(tmp_path / "linear.png", icc_profile=linear)
+    assert np.asarray(open_image(tmp_path / "linear.png")).mean() > PIXELS.mean() + 20
     # the v4 description is read too: a P3 profile described in 'mluc' is converted
     p3_file(tmp_path / "p3v4.png", profile=rgb_profile("Display P3", ((0.5151, 0.2412, -0.0011),
                                                                       (0.2920, 0.6922, 0.0419),

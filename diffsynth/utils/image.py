@@ -164,6 +164,9 @@ _SIXTEEN_BIT_I_FORMATS = ("PPM", "PNG")
 
 # A profile's colour space (ICC header bytes 16..20) -> the mode littlecms converts from, and the modes it describes.
 _ICC_SPACES = {b"RGB ": "RGB", b"GRAY": "L", b"CMYK": "CMYK"}
+# sRGB by its description: 'sRGB IEC61966-2.1' (and '-2-1 black scaled', 'sRGB2014', 'sRGB built-in'), GIMP's own;
+# not a linear-light profile with sRGB's primaries ('sRGB-elle-V2-g10', 'Linear sRGB'), which needs converting
+_SRGB_DESCRIPTION = re.compile(r"(GIMP built-in )?sRGB(?!.*(linear|g10))", re.IGNORECASE)
 _ICC_MODES = {"RGB": ("RGB", "RGBA", "RGBa", "P", "PA"), "CMYK": ("CMYK",),
               "L": ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")}
 
@@ -204,7 +207,7 @@ def srgb_transform(img: Image.Image):
     the metadata check calls it before training. Raises ImageError for a profile that cannot be used."""
     data = img.info.get("icc_profile")
     description = _icc_description(data) if data else ""
-    if not data or description.lower().startswith("srgb"):
+    if not data or _SRGB_DESCRIPTION.match(description):
         return None
     mode = next((m for m, modes in _ICC_MODES.items() if img.mode in modes), None)
     space = _ICC_SPACES.get(bytes(data[16:20]))
