@@ -328,3 +328,7 @@ def test_the_pipeline_and_validation_convert_pil_images(tiny_pipe, tmp_path):
     assert torch.equal(seen[0].float(), pil_to_tensor(resize_edit_image(expected, 48 * 32)))
     validation = ValidationInputs(tiny_pipe, "x", [str(path)], 48 * 32)
     assert validation.edit_images[0].tobytes() == expected.tobytes() != PIXELS.tobytes()
+    p3_file(tmp_path / "bad.png", profile=b"not a profile" * 20)
+    with Image.open(tmp_path / "bad.png") as bad, pytest.raises(
+            ImageError, match=r"^edit image 2: has an ICC colour profile that cannot be used"):
+        tiny_pipe("x", edit_image=[expected, bad], num_inference_steps=1, progress=False, output_type="latent")
