@@ -10,7 +10,7 @@ from ..models.qwen_image_vae import decode_latents, encode_latents, load_qwen_im
 from ..schedulers import FlowMatchScheduler
 from ..utils.compile import watch_compile
 from ..utils.image import (
-    SIZE_MULTIPLE, VAE_EDIT_AREA, NonFiniteOutputError, as_rgb, check_cover, check_edit_size, edit_image_size,
+    SIZE_MULTIPLE, VAE_EDIT_AREA, ImageError, NonFiniteOutputError, as_rgb, check_cover, check_edit_size, edit_image_size,
     pil_to_tensor, resize_and_center_crop, resize_edit_image, tensor_to_pil,
 )
 from ..utils.model_files import detect_model_kind, parse_model_paths, resolve_model_dir, resolve_model_files
@@ -86,6 +86,15 @@ def host_memory_note(device, **flags) -> str | None:
 
 
 OFFLOAD_MODES = {False: None, None: None, True: "model", "model": "model", "sequential": "sequential"}
+
+
+def _read(what, img):
+    """as_rgb, as the scripts and training read the image's file; its refusal (a damaged colour profile, a size
+    the decode does not keep) names the argument, as the scripts name the file."""
+    try:
+        return as_rgb(img)
+    except ImageError as e:
+        raise ImageError(f"{what}: {e}") from None
 
 
 class QwenImagePipeline:
@@ -264,7 +273,7 @@ class QwenImagePipeline:
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         originals = [] if edit_image is None else (list(edit_image) if isinstance(edit_image, (list, tuple))
                                                    else [edit_image])
-        originals = [as_rgb(img) for img in originals]  # as the scripts and training read the image's file
+        originals = [_read(f"edit image {i + 1}", img) for i, img in enumerate(originals)]
         for i, img in enumerate(originals):  # as the scripts check files: by name, not PIL's or the processor's error
             check_edit_size(f"edit image {i + 1}", img.size, edit_image_area)
         edit_images = [resize_edit_image(img, edit_image_area) for img in originals]
@@ -278,7 +287,7 @@ class QwenImagePipeline:
         if width == 0 or height == 0:
             raise ValueError(f"output size must be at least {SIZE_MULTIPLE}x{SIZE_MULTIPLE}")
         if input_image is not None and denoising_strength < 1:  # its pixels are cut to width x height: checked first
-            input_image = as_rgb(input_image)
+            input_image = _read("input_image", input_image)
             check_cover("input_image", input_image.size, width, height,
                         fix=f"crop it closer to {width}:{height}, or leave height and width out")
         shape = (1, 16, height // 8, width // 8)

@@ -22,7 +22,7 @@ from PIL import Image
 from diffsynth.utils.image import (
     VAE_EDIT_AREA, ImageError, check_cover, check_decoded_size, check_edit_size, decode_problem, displayed_size,
     edit_image_size, file_problem, has_transparency, is_grey, open_header, open_image, pil_to_tensor,
-    resize_and_center_crop, resize_edit_image, target_size, to_rgb,
+    resize_and_center_crop, resize_edit_image, srgb_transform, target_size, to_rgb,
 )
 
 DEFAULT_FILE_KEYS = "image,edit_image"
@@ -30,8 +30,9 @@ SUPPORTED_FILE_KEYS = ("image", "edit_image", "mask")  # mask: optional loss mas
 MAX_LISTED_PROBLEMS = 100
 # Bump when the pixels a sample yields for the same files change (resampling, cropping), so caches keyed
 # by `cache_key` are recomputed.
-SAMPLE_FORMAT_VERSION = 3  # 2: an RGB PNG's colour key is transparency (composited over white); 3: rotated uncompressed
-# non-RGB TIFFs decoded upright (not scrambled), dark 16-bit PGMs scaled as 16-bit
+SAMPLE_FORMAT_VERSION = 4  # 2: an RGB PNG's colour key is transparency (composited over white); 3: rotated uncompressed
+# non-RGB TIFFs decoded upright (not scrambled), dark 16-bit PGMs scaled as 16-bit; 4: colours converted from an
+# embedded non-sRGB ICC profile to sRGB
 
 
 class DatasetError(ValueError):
@@ -193,7 +194,8 @@ def parse_file_list(value) -> list[str]:
 
 
 def _inspect_file(path):
-    """(sha256, displayed (w, h)) of an image file, or an error text. Reads the bytes once."""
+    """(sha256, displayed (w, h), what makes its ICC profile unusable or None) of an image file, or an error text.
+    Reads the bytes once. The profile is reported apart: a mask, read by its grey level, does not use it."""
     problem = file_problem(path)
     if problem:
         return f"{problem}; re-export or replace it"
@@ -207,6 +209,11 @@ def _inspect_file(path):
             img.verify()  # checks structure and checksums without decoding pixels; must come first
         with open_header(io.BytesIO(data)) as img:
             size = displayed_size(img)
+            try:
+                srgb_transform(img)
+                profile = None
+            except ImageError as e:
+                profile = str(e)
             # verify() checks a PNG's every chunk checksum, but barely looks at other formats: a cut or damaged
             # GIF, TIFF, BMP, WebP or JPEG passes it and fails only when training decodes it. Decode those now (a
             # JPEG at 1/8 scale, cheap; draft() does nothing for formats without reduced decoding).
@@ -217,12 +224,12 @@ def _inspect_file(path):
                 if not drafted:  # decoded at full size: it must be the header's
                     check_decoded_size(img, header)
                 if img.mode in ("I", "F"):
-                    to_rgb(img)
+                    to_rgb(img, icc=False)
     except ImageError as e:  # says what to do itself
         return str(e)
     except Exception as e:  # PIL raises many types for damaged files
         return decode_problem(path, e)
-    return hashlib.sha256(data).hexdigest(), size
+    return hashlib.sha256(data).hexdigest(), size, profile
 
 
 def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_KEYS, max_pixels=1024 * 1024,
@@ -257,8 +264,11 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             return None
         if path not in inspected:
             inspected[path] = _inspect_file(path)
-        if isinstance(inspected[path], str):
-            problems.append(f"  {where}: {column} {rel} {inspected[path]}")
+        problem = inspected[path]
+        if not isinstance(problem, str):  # readable: its ICC profile may still be unusable, except on a mask
+            problem = None if column == "mask" else problem[2]
+        if problem:
+            problems.append(f"  {where}: {column} {rel} {problem}")
             return None
         return path
 
@@ -311,7 +321,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             continue
 
         image, edits = files["image"][0], tuple(files.get("edit_image", []))
-        image_digest, image_wh = inspected[image]
+        image_digest, image_wh = inspected[image][:2]
         try:
             size = target_size(image_wh, max_pixels, height, width)
             if height is not None:  # a fixed size: the target is scaled to cover it, its centre cut
@@ -414,7 +424,7 @@ class EditDataset(torch.utils.data.Dataset):
             edits = [resize_edit_image(open_image(p), self.edit_area) for p in s.edit_images]
             mask = None
             if s.mask is not None:  # white = 1 (train), black = 0, grey in between
-                mask = resize_and_center_crop(open_image(s.mask).convert("L"), *s.target_size)
+                mask = resize_and_center_crop(open_image(s.mask, icc=False).convert("L"), *s.target_size)
                 mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
         except ImageError as e:
             raise DatasetError(f"  {s.where}: {e} (or remove the row)") from None

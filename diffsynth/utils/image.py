@@ -5,14 +5,17 @@ keep the aspect ratio, hit a target area, round sides to 32, then a plain LANCZO
 so a LoRA sees at training time what the pipeline feeds it at inference. Target images follow DiffSynth's
 rule: a fixed --height/--width, or scaled down to at most --max_pixels, sides floored to 16, centre-cropped.
 """
+import functools
+import io
 import math
 import os
 import re
+import struct
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError  # ImageCms imports without littlecms too
 
 # VAE 8x downsampling times the DiT's 2x2 patch: a side must be a multiple of 16 to become whole tokens.
 SIZE_MULTIPLE = 16
@@ -159,10 +162,88 @@ def _gray_to_rgb(values: np.ndarray, scale: float) -> Image.Image:
 _SIXTEEN_BIT_I_FORMATS = ("PPM", "PNG")
 
 
-def to_rgb(img: Image.Image, source_format=None) -> Image.Image:
-    """Any supported mode -> 8-bit RGB as a viewer shows it: 16-bit and integer/float greyscale scaled (not clipped
-    to white), transparency composited over white, CMYK through its ICC profile when it has one. `source_format`:
-    the file's format when `img` is a copy (which has none), e.g. after the EXIF rotation."""
+# A profile's colour space (ICC header bytes 16..20) -> the mode littlecms converts from, and the modes it describes.
+_ICC_SPACES = {b"RGB ": "RGB", b"GRAY": "L", b"CMYK": "CMYK"}
+# sRGB by its description: 'sRGB IEC61966-2.1' (and '-2-1 black scaled', 'sRGB2014', 'sRGB built-in'), GIMP's own;
+# not a linear-light profile with sRGB's primaries ('sRGB-elle-V2-g10', 'Linear sRGB'), which needs converting
+_SRGB_DESCRIPTION = re.compile(r"(GIMP built-in )?sRGB(?!.*(linear|g10))", re.IGNORECASE)
+_ICC_MODES = {"RGB": ("RGB", "RGBA", "RGBa", "P", "PA"), "CMYK": ("CMYK",),
+              "L": ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")}
+
+
+def _icc_description(data: bytes) -> str:
+    """An ICC profile's description tag (v2 'desc' or v4 'mluc', its first text), read from the bytes: '' if none.
+    Read here, not by littlecms, so that an sRGB image needs no parsing (nor littlecms at all)."""
+    try:
+        for i in range(min(struct.unpack(">I", data[128:132])[0], 256)):
+            sig, offset, size = struct.unpack(">4sII", data[132 + 12 * i:144 + 12 * i])
+            if sig == b"desc":
+                tag = data[offset:offset + size]
+                if tag[:4] == b"desc":
+                    return tag[12:12 + struct.unpack(">I", tag[8:12])[0]].split(b"\0")[0].decode("latin-1")
+                if tag[:4] == b"mluc":
+                    length, start = struct.unpack(">II", tag[20:28])
+                    return tag[start:start + length].decode("utf-16-be", "replace")
+    except struct.error:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=8)  # a dataset's photos share a few profiles (every iPhone's Display P3)
+def _build_srgb_transform(data: bytes, mode: str):
+    # Relative colorimetric with black point compensation (Photoshop's default conversion): colours sRGB can show
+    # come out exactly, the rest are clipped, and a CMYK profile's black (its ink limit) becomes sRGB black. Matrix
+    # profiles (Display P3, Adobe RGB, ProPhoto) have no perceptual table: littlecms would do the same for either.
+    return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(data)), ImageCms.createProfile("sRGB"), mode,
+                                   "RGB", renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                   flags=ImageCms.Flags.BLACKPOINTCOMPENSATION)
+
+
+def srgb_transform(img: Image.Image):
+    """The littlecms transform from `img`'s embedded ICC profile to sRGB, or None where there is nothing to convert:
+    no profile; an sRGB one (the sRGB IEC61966 family, 'sRGB built-in': told by its description and skipped, so an
+    sRGB image reads bit-identical to an untagged one); or a profile of another colour space than the pixels' (an
+    RGB profile Pillow's convert("L") kept on a grey copy: viewers ignore it too, and so does this). Header only:
+    the metadata check calls it before training. Raises ImageError for a profile that cannot be used."""
+    data = img.info.get("icc_profile")
+    description = _icc_description(data) if data else ""
+    if not data or _SRGB_DESCRIPTION.match(description):
+        return None
+    mode = next((m for m, modes in _ICC_MODES.items() if img.mode in modes), None)
+    space = _ICC_SPACES.get(bytes(data[16:20]))
+    if mode is None or (space is not None and space != mode):
+        return None
+    what = f"ICC colour profile {description!r}" if description else "ICC colour profile"
+    try:
+        return _build_srgb_transform(bytes(data), mode)
+    except ImportError as e:  # Pillow built without littlecms: ImageCms raises it when used
+        raise ImageError(f"has an {what}, but this Pillow has no littlecms to convert it to sRGB ({e}); install "
+                         "Pillow's wheel (pip install --force-reinstall pillow), or save the image as sRGB") from None
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:  # unreadable bytes, a profile littlecms refuses
+        # Refused, not read as sRGB: its colours are unknown, and guessing sRGB would shift a wide-gamut photo's
+        # silently (as a multi-frame file's picture or a float image's range are refused, not guessed)
+        raise ImageError(f"has an {what} that cannot be used (littlecms: {e}), so its colours are unknown; re-export it (with "
+                         "its profile intact, or converted to sRGB)") from None
+
+
+def to_rgb(img: Image.Image, source_format=None, icc=True) -> Image.Image:
+    """Any supported mode -> 8-bit sRGB as a viewer shows it: 16-bit and integer/float greyscale scaled (not clipped
+    to white), transparency composited over white, colours converted from an embedded ICC profile (`srgb_transform`;
+    icc=False: a mask, read by its grey level). `source_format`: the file's format when `img` is a copy (which has
+    none), e.g. after the EXIF rotation."""
+    transform = srgb_transform(img) if icc else None
+    if transform is None:
+        return _plain_rgb(img, source_format)
+    if img.mode == "CMYK":
+        return transform.apply(img)
+    # after the bit-depth scaling and compositing: the 8-bit result is converted (Pillow decodes a 16-bit RGB PNG to
+    # 8 bits anyway); a grey profile converts the grey values (the plain RGB of a grey picture, exactly)
+    rgb = _plain_rgb(img, source_format)
+    return transform.apply(rgb.convert("L") if transform.input_mode == "L" else rgb)
+
+
+def _plain_rgb(img: Image.Image, source_format=None) -> Image.Image:
+    """to_rgb without colour management: the pixel values as they are, in RGB."""
     mode = img.mode
     if mode == "I" and (source_format or img.format) in _SIXTEEN_BIT_I_FORMATS:
         mode = "I;16"  # values in 0..65535, scaled as such below
@@ -185,16 +266,6 @@ def to_rgb(img: Image.Image, source_format=None) -> Image.Image:
             return _gray_to_rgb(values, 255 / 65535)  # a 16-bit greyscale image decoded as 32-bit
         raise ImageError(f"has {'float' if mode == 'F' else '32-bit integer'} pixels from {lo:g} to {hi:g}, whose "
                          "range is unknown (not 0..1, 0..255 or 0..65535); save it as an 8- or 16-bit image")
-    if mode == "CMYK" and img.info.get("icc_profile"):
-        import io
-
-        from PIL import ImageCms
-
-        try:
-            source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
-            return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
-        except (ImageCms.PyCMSError, OSError, ValueError):
-            pass  # a broken or non-CMYK profile: the plain conversion below
     if mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -218,19 +289,19 @@ def is_grey(img: Image.Image, tolerance=16) -> bool:
     return int((rgb.max(-1) - rgb.min(-1)).max(initial=0)) <= tolerance
 
 
-def as_rgb(img: Image.Image) -> Image.Image:
+def as_rgb(img: Image.Image, icc=True) -> Image.Image:
     """A decoded PIL image as every reader here takes it: the EXIF rotation applied (once: the result carries no
     orientation), then `to_rgb`. The pipeline applies it to the images it is given, `open_image` to files. An image
     not decoded yet is decoded here, and refused if it decodes at another size than its header's (check_decoded_size)."""
     header = img.size
     upright = ImageOps.exif_transpose(img)  # decodes
     check_decoded_size(img, header)
-    return to_rgb(upright, img.format)
+    return to_rgb(upright, img.format, icc)
 
 
-def open_image(path) -> Image.Image:
-    """Decode an image file as RGB (EXIF rotation applied, like diffusers' `load_image`; modes as `to_rgb`), or
-    raise an ImageError naming the file and the problem."""
+def open_image(path, icc=True) -> Image.Image:
+    """Decode an image file as RGB (EXIF rotation applied, like diffusers' `load_image`; modes and colour profiles as
+    `to_rgb`, icc=False for a mask), or raise an ImageError naming the file and the problem."""
     problem = file_problem(path)
     if problem:
         raise ImageError(f"{path}: {problem}")
@@ -241,7 +312,7 @@ def open_image(path) -> Image.Image:
             header = img.size
             img.load()
             check_decoded_size(img, header)
-            return as_rgb(img)
+            return as_rgb(img, icc)
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged files
