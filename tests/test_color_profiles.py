@@ -312,7 +312,7 @@ def tiny_pipe(tmp_path_factory):
 def test_the_pipeline_and_validation_convert_pil_images(tiny_pipe, tmp_path):
     """A P3 PIL image given to the pipeline reaches the VAE converted, as its file does through open_image; the
     trainer's validation inputs (read from files) are the converted ones too."""
-    from diffsynth.trainers.validation import ValidationInputs
+    from diffsynth.trainers.validation import ValidationInputs, ValidationSample
 
     path = p3_file(tmp_path / "e.png")
     expected = open_image(path)
@@ -326,8 +326,8 @@ def test_the_pipeline_and_validation_convert_pil_images(tiny_pipe, tmp_path):
     finally:
         del tiny_pipe.encode_images
     assert torch.equal(seen[0].float(), pil_to_tensor(resize_edit_image(expected, 48 * 32)))
-    validation = ValidationInputs(tiny_pipe, "x", [str(path)], 48 * 32)
-    assert validation.edit_images[0].tobytes() == expected.tobytes() != PIXELS.tobytes()
+    validation = ValidationInputs(tiny_pipe, [ValidationSample("x", (str(path),))], 48 * 32)
+    assert validation.edit_images[0][0].tobytes() == expected.tobytes() != PIXELS.tobytes()
     p3_file(tmp_path / "bad.png", profile=b"not a profile" * 20)
     with Image.open(tmp_path / "bad.png") as bad, pytest.raises(
             ImageError, match=r"^edit image 2: has an ICC colour profile that cannot be used"):
