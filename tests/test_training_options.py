@@ -375,7 +375,8 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
     assert_resumes_exactly(tiny_models, shared, tmp_path, "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles",
                            "2", "--lr_warmup_steps", "1", "--lr_min_ratio", "0.1", "--timestep_sampling",
                            "qwen_shift", "--weighting_scheme", "logit_normal", "--min_timestep", "50",
-                           "--ema_decay", "0.8", names=("checkpoint-final", "checkpoint-final-ema"))
+                           "--ema_decay", "0.8", "--edit_plus", "--caption_dropout_rate", "0.5",
+                           names=("checkpoint-final", "checkpoint-final-ema"))
 
 
 @pytest.mark.parametrize("extra, said", [

@@ -511,7 +511,14 @@ class Trainer:
                 "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
                 "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str),
                 # the base the LoRA trains on: resumed without it (or with another), it would fit other weights
-                "lora_fused": content_id(args.lora_fused) if args.lora_fused else None}
+                "lora_fused": content_id(args.lora_fused) if args.lora_fused else None,
+                # what each step trains on: the prompt template, which samples drop their caption, the target and
+                # edit images' sizes, each sample's timestep and loss weight. Another value would continue another
+                # run than the state's. States written before these keys were recorded are not checked for them.
+                **{k: getattr(args, k) for k in (
+                    "edit_plus", "caption_dropout_rate", "max_pixels", "height", "width", "edit_image_area",
+                    "timestep_sampling", "weighting_scheme", "logit_mean", "logit_std", "discrete_flow_shift",
+                    "min_timestep", "max_timestep")}}
 
     def _resume_path(self):
         args = self.args
