@@ -338,9 +338,10 @@ class Trainer:
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
-        # --max_steps alone sets the length, as in diffusers' and kohya's scripts; such a run saves by --save_steps,
-        # not at the end of each pass (a LoRA file per pass: hundreds on a small dataset)
-        self.epoch_checkpoints = not (args.max_steps and args.num_epochs is None)
+        # Epoch checkpoints every --save_every_n_epochs (0: none). --max_steps alone sets the length, as in diffusers'
+        # and kohya's scripts; such a run saves by --save_steps, not at the end of each pass (a LoRA file per pass:
+        # hundreds on a small dataset)
+        self.save_every_n_epochs = 0 if args.max_steps and args.num_epochs is None else args.save_every_n_epochs
         if args.num_epochs is None:
             args.num_epochs = math.ceil(args.max_steps / self.steps_per_epoch) if args.max_steps else 1
         self.total_steps = args.num_epochs * self.steps_per_epoch
@@ -682,7 +683,7 @@ class Trainer:
             if self.state.batch_in_epoch >= self.sampler.num_batches_per_rank():
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-                if self.epoch_checkpoints:
+                if self.save_every_n_epochs and self.state.epoch % self.save_every_n_epochs == 0:
                     self.save_model(f"epoch-{self.state.epoch}")
         bar.close()
         if torch.cuda.is_available():
