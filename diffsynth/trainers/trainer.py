@@ -462,9 +462,8 @@ class Trainer:
             self.saves.append((self.state.step, path))
             copy = export_copy_name(name, args.export_format, args.merged_qkv) if self.export_copy else None
             if copy:
-                convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",
-                                  format=args.export_format or "native", extra_metadata=meta,
-                                  base_weights=base_weights)
+                convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",  # keeps `meta`
+                                  format=args.export_format or "native", base_weights=base_weights)
                 self.saves.append((self.state.step, os.path.join(args.output_path, copy)))
         else:
             save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
