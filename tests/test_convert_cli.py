@@ -1,8 +1,10 @@
 """convert_merged_qkv_checkpoint.py as users call it: full checkpoints and LoRAs, both directions, errors."""
+import argparse
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -158,3 +160,63 @@ def test_missing_input_is_named_whatever_the_flags(tmp_path):
     r = convert("--input", empty, "--output", tmp_path / "out.safetensors", "--direction", "to_merged", "--rank", "4")
     assert r.returncode == 2 and "holds no .safetensors file" in r.stderr, r.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+TRAINING_KEYS = ("base_model", "steps", "epoch", "dataset_size", "edit_image_area")
+
+
+@pytest.mark.parametrize("lora_type", ["lora", "loha"])
+def test_conversion_keeps_the_training_metadata(tiny_models, data, tmp_path, lora_type):
+    """The converter wrote only its own metadata: a LoRA from the trainer lost its base model, steps, dataset size
+    and the --edit_image_area the inference script defaults to. Those are kept through every conversion; the
+    layout, rank and key format are the output's."""
+    from conftest import load_script
+    from diffsynth.trainers import main as train
+    from diffsynth.utils.io import read_metadata
+    from test_trainer import flags
+
+    out = str(tmp_path / "run")
+    assert train(flags(tiny_models, data, out, "--max_steps", "1", "--cache_conditioning", "--lora_type",
+                       lora_type)) == 0
+    trained = os.path.join(out, "checkpoint-final.safetensors")
+    source = read_metadata(trained)
+    assert source["edit_image_area"] == "4096" and source["steps"] == "1" and source["architecture"] == "merged_qkv"
+    comfy = tmp_path / "comfy.safetensors"
+    r = convert("--input", trained, "--output", comfy, "--direction", "to_standard", "--format", "comfyui")
+    assert r.returncode == 0, r.stderr
+    files = {comfy: ("standard", "comfyui", "to_standard", "checkpoint-final.safetensors"),
+             os.path.join(out, "checkpoint-final-standard.safetensors"):  # the trainer's own copy
+                 ("standard", "native", "to_standard", "checkpoint-final.safetensors")}
+    if lora_type == "lora":  # LoHa converts to the standard layout only
+        back = tmp_path / "back.safetensors"
+        assert convert("--input", comfy, "--output", back, "--direction", "to_merged").returncode == 0
+        files[back] = ("merged_qkv", "native", "to_merged", "comfy.safetensors")
+    for path, (architecture, key_format, direction, converted_from) in files.items():
+        meta = read_metadata(path)
+        assert {k: meta.get(k) for k in TRAINING_KEYS} == {k: source[k] for k in TRAINING_KEYS}, path
+        assert (meta["architecture"], meta["key_format"], meta["direction"], meta["converted_from"]) == (
+            architecture, key_format, direction, converted_from), path
+        assert meta.get("lora_type") == (None if lora_type == "lora" else lora_type), path
+    if lora_type == "lora":
+        assert read_metadata(back)["rank"] == "12"  # the exact merged rank: 3 x 4, not the source's 4
+    # the inference script takes its default edit image area from the converted file
+    infer = load_script(os.path.join(ROOT, "examples/qwen_image/model_inference/"
+                                           "Qwen-Image-Edit-LoRA-MergedQKV-Inference.py"), "infer_convert")
+    args = argparse.Namespace(lora_path=[str(comfy)], edit_image_area=None)
+    infer.resolve_edit_image_area(args)
+    assert args.edit_image_area == 4096
+
+
+def test_conversion_drops_other_tools_metadata(tmp_path):
+    """Another tool's metadata (kohya's rank and alpha fields) would be false once the scale is folded into the
+    weights: it is not carried over."""
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 64),
+            "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 4)}
+    save_file(lora, tmp_path / "kohya.safetensors", {"ss_network_dim": "4", "ss_network_alpha": "1"})
+    r = convert("--input", tmp_path / "kohya.safetensors", "--output", tmp_path / "o.safetensors",
+                "--direction", "to_merged")
+    assert r.returncode == 0, r.stderr
+    from diffsynth.utils.io import read_metadata
+
+    meta = read_metadata(tmp_path / "o.safetensors")
+    assert "ss_network_dim" not in meta and meta["rank"] == "4" and meta["alpha"] == "4.0"

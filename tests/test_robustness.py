@@ -273,6 +273,12 @@ def test_lora_checkpoint_that_does_not_fit_is_refused_before_loading(tiny_models
     (["--batch_size", "2"], "--batch_size: state 1, this run 2"),
     (["--dataset_repeat", "3"], "training samples (rows x --dataset_repeat): state 4, this run 6"),
     (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps: state 1, this run 2"),
+    # what each step trains on: resumed with another value, the run would not continue the state's
+    (["--timestep_sampling", "uniform"], "--timestep_sampling: state 'diffsynth', this run 'uniform'"),
+    (["--caption_dropout_rate", "0.5"], "--caption_dropout_rate: state 0.0, this run 0.5"),
+    (["--edit_plus"], "--edit_plus: state False, this run True"),
+    (["--edit_image_area", "8192"], "--edit_image_area: state 4096, this run 8192"),
+    (["--max_pixels", "8192"], "--max_pixels: state 4096, this run 8192"),
 ])
 def test_resume_with_other_settings_is_refused_before_loading(tiny_models, data, tmp_path, capsys, change, message):
     out = str(tmp_path / "out")
@@ -282,6 +288,25 @@ def test_resume_with_other_settings_is_refused_before_loading(tiny_models, data,
                       *change, "--models_dir", str(tmp_path / "no-models")))  # refused before any model loads
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_state_without_the_training_objective_keys_still_resumes(tiny_models, data, tmp_path, capsys):
+    """States written before the sampling and loss options were recorded hold none of them: like any key a state
+    lacks, they are not checked, and such a state resumes (a refusal would strand every earlier run)."""
+    out = str(tmp_path / "out")
+    common = ["--cache_conditioning", "--dataset_repeat", "2", "--save_steps", "1"]
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "1")) == 0
+    path = os.path.join(out, "checkpoints", "step-1", "state.json")
+    manifest = json.load(open(path))
+    new = ("edit_plus", "caption_dropout_rate", "max_pixels", "height", "width", "edit_image_area",
+           "timestep_sampling", "weighting_scheme", "logit_mean", "logit_std", "discrete_flow_shift",
+           "min_timestep", "max_timestep")
+    assert set(new) <= set(manifest["setup"])
+    manifest["setup"] = {k: v for k, v in manifest["setup"].items() if k not in new}
+    json.dump(manifest, open(path, "w"))
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                      "--timestep_sampling", "uniform")) == 0
+    assert steps_logged(out) == [1, 2]
 
 
 def test_resume_without_the_lora_fused_of_its_state_is_refused(tiny_models, data, tmp_path, capsys):

@@ -160,6 +160,13 @@ def test_wrong_lora_targets_fail_the_dry_run_before_models_load(tiny_models, dat
     (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "1", "--blocks_to_swap", "2"],
      "--blocks_to_checkpoint 1 is fewer than --blocks_to_swap 2: a swapped block must be checkpointed"),
     (["--checkpoints_total_limit", "2"], "--checkpoints_total_limit needs --save_steps"),
+    # a run counted in steps writes no epoch files, and a run of 2 epochs none every 3
+    (["--max_steps", "4", "--save_every_n_epochs", "0"],
+     "--save_every_n_epochs 0 would do nothing: a run whose length is --max_steps alone saves no epochs"),
+    (["--num_epochs", "2", "--save_every_n_epochs", "3"],
+     "--save_every_n_epochs 3 would do nothing: the run has 2 epoch(s)"),
+    (["--save_every_n_epochs", "2"], "--save_every_n_epochs 2 would do nothing: the run has 1 epoch(s)"),
+    (["--num_epochs", "2", "--save_every_n_epochs", "-1"], "--save_every_n_epochs must be >= 0 (got -1"),
     (["--edit_plus", "--extra_inputs", "", "--data_file_keys", "image"], "--edit_plus picks the prompt template of edit"),
 ])
 def test_bad_flags_exit_with_a_message(tiny_models, data, tmp_path, capsys, bad, message):

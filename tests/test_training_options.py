@@ -282,6 +282,18 @@ def test_max_steps_alone_sets_the_length(tiny_models, shared, tmp_path, capsys):
     assert "--num_epochs 1 ends this run after 4 steps, before --max_steps 6" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("every, saved", [("2", ["epoch-2"]), ("0", [])])
+def test_save_every_n_epochs_writes_only_those_epochs(tiny_models, shared, tmp_path, every, saved):
+    """3 epochs of 2 steps: --save_every_n_epochs 2 writes epoch-2 (with its standard copy) and not epoch-1 or
+    epoch-3; 0 writes no epoch file; checkpoint-final is always written."""
+    out = run(tiny_models, shared, tmp_path / "out", "--batch_size", "2", "--num_epochs", "3",
+              "--save_every_n_epochs", every, steps=6)
+    assert len(losses(out)) == 6
+    epochs = sorted(f for f in os.listdir(out) if f.startswith("epoch-"))
+    assert epochs == sorted(f"{name}{s}.safetensors" for name in saved for s in ("", "-standard"))
+    assert os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
+
+
 def test_cosine_schedule_is_logged_per_optimizer_step(tiny_models, shared, tmp_path):
     out = run(tiny_models, shared, tmp_path / "out", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
               "--lr_min_ratio", "0.1", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2",
@@ -375,7 +387,8 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
     assert_resumes_exactly(tiny_models, shared, tmp_path, "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles",
                            "2", "--lr_warmup_steps", "1", "--lr_min_ratio", "0.1", "--timestep_sampling",
                            "qwen_shift", "--weighting_scheme", "logit_normal", "--min_timestep", "50",
-                           "--ema_decay", "0.8", names=("checkpoint-final", "checkpoint-final-ema"))
+                           "--ema_decay", "0.8", "--edit_plus", "--caption_dropout_rate", "0.5",
+                           names=("checkpoint-final", "checkpoint-final-ema"))
 
 
 @pytest.mark.parametrize("extra, said", [

@@ -23,8 +23,8 @@ import os
 import torch
 
 from diffsynth.lora.reader import (
-    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, load_file, lora_metadata, metadata_scale,
-    nonfinite_keys, short_name,
+    MERGED_PARTS, PART_OF, LoraError, _module_name, alpha_value, carried_metadata, load_file, lora_metadata,
+    metadata_scale, nonfinite_keys, short_name,
 )
 from diffsynth.utils.io import load_safetensors, read_keys_and_shapes, save_safetensors
 
@@ -408,8 +408,7 @@ def _peft_magnitude(a: Adapter, base, name):
     return a.t["dora_scale"].float().reshape(-1) * v.norm(dim=1) / (w.norm(dim=1) + _EPS)
 
 
-def convert_adapter_file(input, output, direction, format=None, rank=None, extra_metadata=None,
-                         base_weights=None) -> list[str]:
+def convert_adapter_file(input, output, direction, format=None, rank=None, base_weights=None) -> list[str]:
     """convert_lora_file for LoHa / LoKr / DoRA files (it dispatches here): to_standard only (see the module
     docstring for what is exact), into native, comfyui, kohya or (DoRA) diffusers keys."""
     input = os.fspath(input)
@@ -425,7 +424,7 @@ def convert_adapter_file(input, output, direction, format=None, rank=None, extra
     targets = sorted({short_name(n) for n in converted})
     rank_value = int(metadata.get("rank", 1))  # the scale is folded into the weights: alpha = rank
     meta = lora_metadata({}, "standard", rank_value, rank_value, targets, {
-        **(extra_metadata or {}), "lora_type": kind, "converted_from": os.path.basename(input),
+        **carried_metadata(input), "lora_type": kind, "converted_from": os.path.basename(input),
         "direction": direction, "key_format": fmt})
     save_safetensors(sd, output, meta)
     report.append(f"wrote {output}: {fmt} format, standard layout, {len(converted)} modules")

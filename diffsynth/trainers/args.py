@@ -79,6 +79,9 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     s = p.add_argument_group("output")
     s.add_argument("--output_path", default="./models/train", help="checkpoints, logs, loss.png")
     s.add_argument("--save_steps", type=int, default=None, help="also save every N steps (step-N.safetensors)")
+    s.add_argument("--save_every_n_epochs", type=int, default=1, metavar="N",
+                   help="save the LoRA (or DiT) every N epochs as epoch-K.safetensors; 0: none besides "
+                        "checkpoint-final (default 1). A run whose length is --max_steps alone saves no epochs")
     s.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the last N resumable training states")
     s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
@@ -269,6 +272,16 @@ def check_args(args):
     if args.blocks_to_swap > 0 and not args.use_gradient_checkpointing:
         problems.append("--blocks_to_swap needs --use_gradient_checkpointing: without it the backward pass keeps every "
                         "swapped block's weights on the GPU, so swapping would save nothing")
+    every, epochs = args.save_every_n_epochs, args.num_epochs or (None if args.max_steps else 1)
+    if every < 0:
+        problems.append(f"--save_every_n_epochs must be >= 0 (got {every}; 0 saves no epochs)")
+    elif every != 1 and epochs is None:  # the trainer writes no epoch files in such a run
+        problems.append(f"--save_every_n_epochs {every} would do nothing: a run whose length is --max_steps alone "
+                        "saves no epochs (it saves every --save_steps and at the end); give --num_epochs too, or "
+                        "leave it out")
+    elif epochs is not None and every > epochs:
+        problems.append(f"--save_every_n_epochs {every} would do nothing: the run has {epochs} epoch(s) "
+                        f"(--num_epochs); use 0 to save only checkpoint-final, or at most {epochs}")
     if args.checkpoints_total_limit and not args.save_steps:
         problems.append("--checkpoints_total_limit needs --save_steps (training states are written only every "
                         "--save_steps; without it there are none to limit)")

@@ -346,9 +346,10 @@ class Trainer:
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
-        # --max_steps alone sets the length, as in diffusers' and kohya's scripts; such a run saves by --save_steps,
-        # not at the end of each pass (a LoRA file per pass: hundreds on a small dataset)
-        self.epoch_checkpoints = not (args.max_steps and args.num_epochs is None)
+        # Epoch checkpoints every --save_every_n_epochs (0: none). --max_steps alone sets the length, as in diffusers'
+        # and kohya's scripts; such a run saves by --save_steps, not at the end of each pass (a LoRA file per pass:
+        # hundreds on a small dataset)
+        self.save_every_n_epochs = 0 if args.max_steps and args.num_epochs is None else args.save_every_n_epochs
         if args.num_epochs is None:
             args.num_epochs = math.ceil(args.max_steps / self.steps_per_epoch) if args.max_steps else 1
         self.total_steps = args.num_epochs * self.steps_per_epoch
@@ -469,9 +470,8 @@ class Trainer:
             self.saves.append((self.state.step, path))
             copy = export_copy_name(name, args.export_format, args.merged_qkv) if self.export_copy else None
             if copy:
-                convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",
-                                  format=args.export_format or "native", extra_metadata=meta,
-                                  base_weights=base_weights)
+                convert_lora_file(path, os.path.join(args.output_path, copy), "to_standard",  # keeps `meta`
+                                  format=args.export_format or "native", base_weights=base_weights)
                 self.saves.append((self.state.step, os.path.join(args.output_path, copy)))
         else:
             save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
@@ -519,7 +519,14 @@ class Trainer:
                 "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
                 "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str),
                 # the base the LoRA trains on: resumed without it (or with another), it would fit other weights
-                "lora_fused": content_id(args.lora_fused) if args.lora_fused else None}
+                "lora_fused": content_id(args.lora_fused) if args.lora_fused else None,
+                # what each step trains on: the prompt template, which samples drop their caption, the target and
+                # edit images' sizes, each sample's timestep and loss weight. Another value would continue another
+                # run than the state's. States written before these keys were recorded are not checked for them.
+                **{k: getattr(args, k) for k in (
+                    "edit_plus", "caption_dropout_rate", "max_pixels", "height", "width", "edit_image_area",
+                    "timestep_sampling", "weighting_scheme", "logit_mean", "logit_std", "discrete_flow_shift",
+                    "min_timestep", "max_timestep")}}
 
     def _resume_path(self):
         args = self.args
@@ -683,7 +690,7 @@ class Trainer:
             if self.state.batch_in_epoch >= self.sampler.num_batches_per_rank():
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-                if self.epoch_checkpoints:
+                if self.save_every_n_epochs and self.state.epoch % self.save_every_n_epochs == 0:
                     self.save_model(f"epoch-{self.state.epoch}")
         bar.close()
         if torch.cuda.is_available():
