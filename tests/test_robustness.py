@@ -279,6 +279,10 @@ def test_lora_checkpoint_that_does_not_fit_is_refused_before_loading(tiny_models
     (["--edit_plus"], "--edit_plus: state False, this run True"),
     (["--edit_image_area", "8192"], "--edit_image_area: state 4096, this run 8192"),
     (["--max_pixels", "8192"], "--max_pixels: state 4096, this run 8192"),
+    # how each step updates
+    (["--max_grad_norm", "0.5"], "--max_grad_norm: state 1.0, this run 0.5"),
+    (["--lr_warmup_steps", "2"], "--lr_warmup_steps: state 0, this run 2"),
+    (["--lr_scheduler", "cosine"], "--lr_scheduler: state 'constant', this run 'cosine'"),
 ])
 def test_resume_with_other_settings_is_refused_before_loading(tiny_models, data, tmp_path, capsys, change, message):
     out = str(tmp_path / "out")

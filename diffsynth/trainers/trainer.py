@@ -21,7 +21,7 @@ from ..utils.image import SIZE_MULTIPLE
 from ..utils.io import save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
-from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn
+from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn, parse_file_keys
 from .distributed import (
     check_launch_environment, describe_sharding, ignore_frozen_in_ddp, is_fsdp, reports_errors, setup_distributed,
 )
@@ -526,7 +526,14 @@ class Trainer:
                 **{k: getattr(args, k) for k in (
                     "edit_plus", "caption_dropout_rate", "max_pixels", "height", "width", "edit_image_area",
                     "timestep_sampling", "weighting_scheme", "logit_mean", "logit_std", "discrete_flow_shift",
-                    "min_timestep", "max_timestep")}}
+                    "min_timestep", "max_timestep")},
+                # how each step updates: the loss's columns (a mask weights it), the precision the forward runs
+                # in (as resolved from --mixed_precision or accelerate's config), clipping, the lr schedule's shape
+                # (its length follows --max_steps / --num_epochs, which a resume may extend)
+                "data_file_keys": ",".join(parse_file_keys(args.data_file_keys)),
+                "mixed_precision": self.accelerator.mixed_precision,
+                **{k: getattr(args, k) for k in (
+                    "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lr_min_ratio", "lr_num_cycles", "lr_power")}}
 
     def _resume_path(self):
         args = self.args
