@@ -144,6 +144,7 @@ def test_wrong_lora_targets_fail_the_dry_run_before_models_load(tiny_models, dat
     (["--height", "64"], "--height and --width go together"),
     # without a validation prompt nothing validates: the validation flags would do nothing
     (["--validation_inference_steps", "8"], "--validation_inference_steps needs --validation_prompt"),
+    (["--validation_at_start"], "--validation_at_start needs --validation_prompt"),
     # flags() passes --edit_image_area 4096: a run without edit images has nothing for it to size
     (["--extra_inputs", ""], "--edit_image_area 4096 would do nothing: it sizes edit images, and this run has none"),
     (["--validation_steps", "2", "--validation_inference_steps", "8"],

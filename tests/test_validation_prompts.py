@@ -3,6 +3,7 @@ load."""
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -126,3 +127,32 @@ def test_every_format_reads_the_same_samples(tmp_path):
         (tmp_path / name).write_text(text)
         got = [replace(s, where="?") for s in read_validation_prompts(str(tmp_path / name), 4096)]
         assert got == want, name
+
+
+def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_path):
+    """--validation_at_start: step-0.png before any update (the LoRA's B is zero, so it is the base DiT's edit) and
+    first in the grid; a resumed run does not validate at its start again."""
+    from conftest import TINY_MODEL_IDS
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    out = str(tmp_path / "out")
+    edit = os.path.join(data, "edits", "edit000.png")
+    argv = flags(tiny_models, data, out, "--cache_conditioning", "--validation_prompt", "make it blue",
+                 "--validation_edit_image", edit, "--validation_inference_steps", "2", "--validation_at_start",
+                 "--save_steps", "1", "--learning_rate", "0.05")
+    assert main(argv + ["--max_steps", "1"]) == 0
+    folder = os.path.join(out, "validation")
+    assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-0.png"]
+    baseline = Image.open(os.path.join(folder, "step-0.png"))
+    assert baseline.text["step"] == "step 0"
+    pipe = QwenImagePipeline.from_pretrained(model_id_with_origin_paths=TINY_MODEL_IDS, models_dir=tiny_models)
+    base = pipe("make it blue", edit_image=Image.open(edit), seed=0, num_inference_steps=2, edit_image_area=4096,
+                progress=False)
+    assert np.array_equal(np.asarray(base), np.asarray(baseline))
+    # the trained LoRA (a high lr, one step) edits visibly otherwise: step-0 is not an image taken after a step
+    assert not np.array_equal(np.asarray(Image.open(os.path.join(folder, "final.png"))), np.asarray(baseline))
+    assert Image.open(os.path.join(folder, "grid.png")).width == 3 * 64  # input, step 0, final
+    written = os.stat(os.path.join(folder, "step-0.png")).st_mtime_ns
+    assert main(argv + ["--max_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
+    assert os.stat(os.path.join(folder, "step-0.png")).st_mtime_ns == written
+    assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-0.png"]

@@ -149,6 +149,10 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                         "(a prompt per line, with --d seed, --ci edit image, --w, --h, --s steps; # comments). "
                         "Relative paths are relative to FILE's folder. Sample k is written to validation/k/")
     v.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (and at the end)")
+    v.add_argument("--validation_at_start", action="store_true",
+                   help="also validate before the first step (validation/step-0.png: the weights training starts "
+                        "from, the baseline the later images are compared with; musubi-tuner's --sample_at_first). "
+                        "A resumed run has validated at its start already and does not again")
     v.add_argument("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
     add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
@@ -292,7 +296,8 @@ def check_args(args):
                         "--validation_prompts")
     elif not args.validation_prompt and not args.validation_prompts:
         # without a prompt nothing validates: the other validation flags would do nothing
-        given = [f"--{flag}" for flag in ("validation_steps", "validation_edit_image") if getattr(args, flag)]
+        given = [f"--{flag}" for flag in ("validation_steps", "validation_edit_image", "validation_at_start")
+                 if getattr(args, flag)]
         given += ["--validation_inference_steps"] * (args.validation_inference_steps != VALIDATION_INFERENCE_STEPS)
         if given:
             problems.append(f"{' / '.join(given)} need{'s' * (len(given) == 1)} --validation_prompt (or "

@@ -615,6 +615,8 @@ class Trainer:
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         start = time.time() - earlier
         done = self.state.step >= self.total_steps
+        if args.validation_at_start and self.state.step == 0 and not done:
+            self.validate()  # the baseline: the weights before any update (step-0.png, first in the grid)
         while not done and self.state.epoch < args.num_epochs:
             self.sampler.set_epoch(self.state.epoch)
             self.sampler.set_start(self.state.batch_in_epoch)
