@@ -294,6 +294,37 @@ def test_save_every_n_epochs_writes_only_those_epochs(tiny_models, shared, tmp_p
     assert os.path.exists(os.path.join(out, "checkpoint-final.safetensors"))
 
 
+def test_save_precision_writes_the_trained_weights_rounded(tiny_models, shared, tmp_path):
+    """--save_precision bf16: the LoRA and its standard copy hold the fp32 run's weights rounded to bf16 (training is
+    the same: the states keep fp32) and give the same deltas within bf16's rounding; fp16 refuses to write inf."""
+    from types import SimpleNamespace
+
+    from diffsynth.lora import lora_deltas
+
+    full = run(tiny_models, shared, tmp_path / "fp32", steps=2)
+    half = run(tiny_models, shared, tmp_path / "bf16", "--save_precision", "bf16", steps=2)
+    assert losses(half) == losses(full)
+    for name in ("checkpoint-final.safetensors", "checkpoint-final-standard.safetensors"):
+        a, b = load_file(os.path.join(full, name)), load_file(os.path.join(half, name))
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.endswith(".alpha"):
+                assert torch.equal(a[k], b[k])
+            else:
+                assert a[k].dtype == torch.float32 and b[k].dtype == torch.bfloat16
+                assert torch.equal(a[k].to(torch.bfloat16), b[k]), k
+    assert os.path.getsize(os.path.join(half, "checkpoint-final.safetensors")) < \
+        0.6 * os.path.getsize(os.path.join(full, "checkpoint-final.safetensors"))
+    trainer = SimpleNamespace(args=SimpleNamespace(save_precision="fp16"))
+    with pytest.raises(ValueError, match=r"--save_precision fp16: x.lora_A.weight of step-3 holds values up to "
+                                         r"1e\+06, beyond the dtype's range; save in bf16 or fp32"):
+        Trainer._in_save_precision(trainer, {"x.lora_A.weight": torch.tensor([1.0, -1e6])}, torch.float32, "step-3")
+    # what the loaders compute from it: the same deltas within bf16's rounding
+    for name in ("checkpoint-final.safetensors", "checkpoint-final-standard.safetensors"):
+        a, b = lora_deltas(os.path.join(full, name)), lora_deltas(os.path.join(half, name))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).norm() <= 0.01 * a[k].norm() for k in a)
+
+
 def test_cosine_schedule_is_logged_per_optimizer_step(tiny_models, shared, tmp_path):
     out = run(tiny_models, shared, tmp_path / "out", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
               "--lr_min_ratio", "0.1", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2",

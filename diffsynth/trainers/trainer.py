@@ -457,7 +457,7 @@ class Trainer:
                 "dataset_size": len(self.dataset.samples), "epoch": self.state.epoch,
                 "edit_image_area": args.edit_image_area}  # the inference script's default for this LoRA
         if args.lora_base_model:
-            sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(dit, state_dict=state).items()}
+            sd = self._in_save_precision(lora_state_dict(dit, state_dict=state), torch.float32, name)
             alpha = args.lora_alpha or args.lora_rank
             base_weights = None
             if args.lora_type == "lora":
@@ -474,10 +474,27 @@ class Trainer:
                                   format=args.export_format or "native", base_weights=base_weights)
                 self.saves.append((self.state.step, os.path.join(args.output_path, copy)))
         else:
-            save_safetensors({k: v.detach().cpu() for k, v in state.items()}, path,
+            save_safetensors(self._in_save_precision(state, None, name), path,
                              {"format": "pt", "qkv_layout": arch, "config": json.dumps(dit.config), **meta})
             self.saves.append((self.state.step, path))
         return path
+
+    def _in_save_precision(self, state, default, name) -> dict:
+        """The weights to write, on the CPU in --save_precision (else `default`, None: as they are). A value that the
+        smaller dtype cannot hold (fp16 overflows above 65504) stops the save rather than writing inf."""
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.save_precision,
+                                                                                          default)
+        out = {}
+        for k, v in state.items():
+            v = v.detach().cpu()
+            if dtype is not None and v.is_floating_point():
+                cast = v.to(dtype)
+                if not torch.isfinite(cast).all() and torch.isfinite(v).all():
+                    raise ValueError(f"--save_precision {self.args.save_precision}: {k} of {name} holds values up to "
+                                     f"{v.abs().max().item():.4g}, beyond the dtype's range; save in bf16 or fp32")
+                v = cast
+            out[k] = v
+        return out
 
     def save_state(self):
         """A resumable training state (safetensors + json, checkpoint.py) under <output_path>/checkpoints/step-N."""
