@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffsynth.trainers import main
@@ -57,11 +58,17 @@ def test_fsdp2_shards_the_dit_and_trains_as_one_process(tiny_models, data, tmp_p
     # resumed under FSDP2 from the state written after step 1 (the optimizer state gathered, unsharded), with
     # --selective_checkpointing (FSDP's hooks run inside the checkpoint): the uninterrupted run's LoRA, bit for bit
     resumed = str(tmp_path / "resumed")
+    # and validates two samples of a --validation_prompts file, every process running the pipeline (FSDP gathers
+    # the weights in each forward), the main one writing
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "make the red square blue", "edit_image": "%s"}\n{"prompt": "a green square", '
+                       '"width": 32, "height": 32, "steps": 1}\n' % os.path.join(data, "edits", "edit000.png"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--num_processes", "2",
            "--main_process_port", "29557", "examples/qwen_image/model_training/train_merged_qkv.py",
            *flags(tiny_models, data, resumed, *COMMON, "--use_gradient_checkpointing", "--compile",  # as the recipe
                   "--resume_from_checkpoint", os.path.join(out, "checkpoints", "step-1"),
-                  "--selective_checkpointing")]  # changes no number, under FSDP2 too
+                  "--selective_checkpointing",  # changes no number, under FSDP2 too
+                  "--validation_prompts", str(prompts), "--validation_inference_steps", "2")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
@@ -70,6 +77,9 @@ def test_fsdp2_shards_the_dit_and_trains_as_one_process(tiny_models, data, tmp_p
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     assert losses(resumed)[-2:] == losses(out)[-2:]
+    for k, size in (("1", (64, 64)), ("2", (32, 32))):
+        assert sorted(os.listdir(os.path.join(resumed, "validation", k))) == ["final.png", "grid.png"]
+        assert Image.open(os.path.join(resumed, "validation", k, "final.png")).size == size
 
 
 class _Args:
