@@ -281,3 +281,19 @@ def test_the_printed_flags_pass_the_trainers_dry_run(tiny_models, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 0, err
     assert "2 training samples" in err
+
+
+def test_the_quickstart_command_runs_as_written(tmp_path, capsys, monkeypatch):
+    """QUICKSTART.md's command, in a working directory holding its data/targets and data/controls."""
+    import re
+
+    command = next(line for line in re.findall(r"```bash\n(.*?)```", (ROOT / "QUICKSTART.md").read_text(), re.S)
+                   if "folders_to_metadata.py" in line)
+    tokens = shlex.split(command)
+    monkeypatch.chdir(tmp_path)
+    dataset(tmp_path / "data")
+    (tmp_path / "data" / "control0").rename(tmp_path / "data" / "controls")
+    code, out, err = run(tokens[2:], capsys)
+    assert code == 0, err
+    assert len(trained_rows("data/metadata.csv")) == 2
+    assert "--dataset_base_path data --dataset_metadata_path data/metadata.csv" in out
