@@ -94,19 +94,21 @@ def test_musubi_numbered_controls_in_one_folder(tmp_path, capsys):
 
 
 def test_musubi_config(tmp_path, capsys, monkeypatch):
-    """[general] values reach every [[datasets]] entry; relative directories are the working directory's, as in
-    musubi-tuner; training settings are named in a note, not converted."""
+    """[general] values reach every [[datasets]] entry (a dataset's own value wins); relative directories are the
+    working directory's, as in musubi-tuner; captions may live in a caption_directory; training settings are named in
+    a note, not converted."""
     monkeypatch.chdir(tmp_path)
     dataset(tmp_path / "one", musubi=True, controls=2)
     dataset(tmp_path / "two", stems=("c",))
+    (tmp_path / "two" / "captions").mkdir()
     for txt in (tmp_path / "two" / "targets").glob("*.txt"):
-        txt.rename(txt.with_suffix(".caption"))
+        txt.rename(tmp_path / "two" / "captions" / f"{txt.stem}.caption")
     (tmp_path / "dataset.toml").write_text(
         '[general]\nresolution = [1024, 1024]\nbatch_size = 2\ncaption_extension = ".txt"\n\n'
         '[[datasets]]\nimage_directory = "one/targets"\ncontrol_directory = "one/control"\n'
         'cache_directory = "cache/one"\nnum_repeats = 3\n\n'
         '[[datasets]]\nimage_directory = "two/targets"\ncontrol_directory = "two/control0"\n'
-        'caption_extension = ".caption"\n')
+        'caption_extension = ".caption"\ncaption_directory = "two/captions"\n')
     code, out, err = run(["--musubi_config", "dataset.toml", "--output", "data/metadata.csv"], capsys)
     assert code == 0, err
     rows = trained_rows("data/metadata.csv")
@@ -126,6 +128,20 @@ def test_musubi_config_refuses_keys_without_a_counterpart(tmp_path, capsys):
     assert "[[datasets]] 1: image_jsonl_file, multiple_target have no counterpart" in err
     assert "no image_directory and no control_directory" in err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[datasets]\nimage_directory = "t"\n', "expected [[datasets]] entries (double brackets"),
+    ('[[datasets]]\nimage_directory = 3\ncontrol_directory = "c"\n',
+     "image_directory = 3: expected text in quotes"),
+    ('[[datasets]\n', "not valid TOML"),
+    ('[general]\nbatch_size = 1\n', "no [[datasets]] entry"),
+])
+def test_musubi_config_that_cannot_be_read(tmp_path, capsys, toml, message):
+    (tmp_path / "dataset.toml").write_text(toml)
+    code, _, err = run(["--musubi_config", tmp_path / "dataset.toml", "--output", tmp_path / "m.csv"], capsys)
+    assert code == 2 and message in err and str(tmp_path / "dataset.toml") in err and "Traceback" not in err, err
+    assert not (tmp_path / "m.csv").exists()
 
 
 def _break(case, root):
@@ -173,7 +189,8 @@ def _break(case, root):
 
 
 CASES = ["no caption", "empty caption", "caption not UTF-8", "caption without target", "no control",
-         "control without target", "non-image file", "duplicate target stem", "duplicate control stem", "control folder missing", "empty folder"]
+         "control without target", "non-image file", "duplicate target stem", "duplicate control stem",
+         "control folder missing", "empty folder"]
 
 
 @pytest.mark.parametrize("case", CASES)

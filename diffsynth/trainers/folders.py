@@ -177,12 +177,23 @@ def read_musubi_config(path) -> tuple[list[dict], list[str]]:
         problems.append(f"  top-level {', '.join(extra)}: not a musubi-tuner dataset config section ([general] and "
                         "[[datasets]] are)")
     general, entries = config.get("general", {}), config.get("datasets", [])
-    if not entries:
+    if not isinstance(general, dict):
+        problems.append("  general: expected a [general] table of settings")
+        general = {}
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        problems.append("  datasets: expected [[datasets]] entries (double brackets: one table per dataset)")
+        entries = []
+    elif not entries:
         problems.append("  no [[datasets]] entry; add one with image_directory and control_directory")
     datasets = []
     for i, entry in enumerate(entries, 1):
         where = f"[[datasets]] {i}"
         merged = {**general, **entry}  # a dataset's own value wins over [general], as in musubi-tuner
+        wrong = [k for k in MUSUBI_READ if k in merged and not isinstance(merged[k], str)]
+        if wrong:
+            problems.append(f"  {where}: {', '.join(f'{k} = {merged[k]!r}' for k in wrong)}: expected text in quotes, "
+                            'e.g. image_directory = "/path/to/images"')
+            continue
         for key in merged:
             if key in MUSUBI_TRAINING_KEYS:
                 notes[key] = MUSUBI_TRAINING_KEYS[key]
@@ -191,14 +202,12 @@ def read_musubi_config(path) -> tuple[list[dict], list[str]]:
             problems.append(f"  {where}: {', '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} no counterpart "
                             f"here (only folders of targets, captions and controls convert: {', '.join(MUSUBI_READ)}); "
                             "remove it or convert that dataset another way")
-        controls = merged.get("control_directory")
-        controls = [controls] if isinstance(controls, str) else controls
-        if not merged.get("image_directory") or not controls:
+        if not merged.get("image_directory") or not merged.get("control_directory"):
             missing = [k for k in ("image_directory", "control_directory") if not merged.get(k)]
             problems.append(f"  {where}: no {' and no '.join(missing)}; Qwen-Image-Edit training needs targets and "
                             "their control images")
             continue
-        datasets.append({"images": merged["image_directory"], "controls": controls,
+        datasets.append({"images": merged["image_directory"], "controls": [merged["control_directory"]],
                          "caption_extension": merged.get("caption_extension", ".txt"),
                          "caption_dir": merged.get("caption_directory")})
     if problems:
