@@ -54,6 +54,8 @@ def test_one_control_folder_reads_back_identically(tmp_path, capsys, ext):
     root = dataset(tmp_path)
     (root / "targets" / "a.txt").write_bytes(TRICKY.encode("utf-8"))
     (root / "targets" / "b.txt").write_text("1")  # a prompt that looks like a number stays text
+    (root / "targets" / ".DS_Store").write_bytes(b"\0")  # dotfiles and subfolders hold no samples
+    (root / "targets" / "old").mkdir()
     output = tmp_path / "out" / f"metadata{ext}"
     code, out, err = run(["--images", root / "targets", "--control", root / "control0", "--output", output], capsys)
     assert code == 0, err
