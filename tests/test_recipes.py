@@ -304,7 +304,8 @@ def test_repository_paths_named_in_the_docs_exist(doc):
 
 
 @pytest.mark.parametrize("script", ["examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py",
-                                    "examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py"])
+                                    "examples/qwen_image/model_training/utils/convert_merged_qkv_checkpoint.py",
+                                    "examples/qwen_image/model_training/utils/folders_to_metadata.py"])
 def test_help_example_keeps_its_line_breaks(script, monkeypatch, capsys):
     """The example command in --help is printed as written, one ' \\'-continued line per row: a bare backslash in
     the docstring joined it into one line with a run of spaces."""
