@@ -470,3 +470,69 @@ def test_deepspeed_config_parses_as_accelerate_reads_it():
     assert raw["distributed_type"] == "DEEPSPEED" and raw["mixed_precision"] == "bf16"
     assert set(raw["deepspeed_config"]) <= launch_flags, set(raw["deepspeed_config"]) - launch_flags
     assert config.deepspeed_config["zero_stage"] == 2
+
+
+# ---- QUICKSTART's musubi-tuner / ai-toolkit tables ------------------------------------------------------------
+
+MAPPING_SECTION = "## Coming from musubi-tuner or ai-toolkit"
+INFERENCE_SCRIPT = "examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py"
+FOLDERS_SCRIPT = f"{TRAINING}/utils/folders_to_metadata.py"
+
+
+def mapping_tables():
+    """The section's tables as lists of rows (cells stripped), header and separator dropped."""
+    text = (ROOT / "QUICKSTART.md").read_text()
+    assert text.count(MAPPING_SECTION) == 1, f"QUICKSTART.md has no single {MAPPING_SECTION!r} section"
+    section = text.split(MAPPING_SECTION, 1)[1].split("\n## ", 1)[0]
+    tables, rows = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                rows.append(cells)
+        elif rows:
+            tables.append(rows[1:])
+            rows = []
+    return tables
+
+
+def help_options(text):
+    """The option strings an argparse --help lists (its option lines, not flags named in descriptions)."""
+    return set(re.findall(r"^  (?:-\w, )?(--[\w-]+)", text, re.M))
+
+
+def test_mapping_tables_name_only_flags_that_exist(monkeypatch, capsys):
+    """Every `--flag` in the "here" column of the musubi-tuner and ai-toolkit tables is an option of the trainer or
+    the inference script (of folders_to_metadata.py where the cell names it), and a span that gives trainer flags
+    with literal values parses (a misspelt choice such as `--timestep_sampling logitnormal` fails)."""
+    from diffsynth.trainers.args import build_parser
+
+    parser = build_parser(True)
+    trainer = set(parser._option_string_actions)
+    inference = help_options(script_help(INFERENCE_SCRIPT, monkeypatch, capsys))
+    folders = help_options(script_help(FOLDERS_SCRIPT, monkeypatch, capsys))
+    assert {"--prompt", "--cfg_scale"} <= inference and {"--images", "--control"} <= folders  # the parsing works
+    tables = mapping_tables()
+    assert len(tables) == 2, f"expected the musubi-tuner and the ai-toolkit table, found {len(tables)}"
+    assert len(tables[0]) >= 40 and len(tables[1]) >= 30, [len(t) for t in tables]
+    named = 0
+    for rows in tables:
+        for row in rows:
+            assert len(row) == 3, f"QUICKSTART.md mapping row without 3 cells: {row}"
+            here = row[1]
+            known = folders if FOLDERS_SCRIPT.rsplit("/", 1)[1] in here else trainer | inference
+            for span in re.findall(r"`([^`]*)`", here):
+                flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", span)
+                unknown = [f for f in flags if f not in known]
+                assert not unknown, f"QUICKSTART.md mapping row {row[0]!r}: {unknown} are not options of ours"
+                named += len(flags)
+                tokens = shlex.split(span)
+                values = [t for t in tokens if not t.startswith("--")]
+                if (flags and tokens[0].startswith("--") and all(f in trainer for f in flags) and values
+                        and not any(re.fullmatch(r"[A-Z]+", t) for t in values)):
+                    try:
+                        parser.parse_known_args([*tokens, "--dataset_metadata_path", "m.csv"])
+                    except SystemExit:
+                        pytest.fail(f"QUICKSTART.md mapping row {row[0]!r}: `{span}` does not parse: "
+                                    f"{capsys.readouterr().err}")
+    assert named >= 80, named
