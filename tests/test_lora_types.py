@@ -132,6 +132,19 @@ def test_continue_an_adapter_with_lora_checkpoint(tiny_models, shared, tmp_path,
                       "--lora_alpha", "8", *common, "--models_dir", str(tmp_path / "no"))) == 2
     assert f"--lora_checkpoint {trained} is a loha trained with --lora_alpha 4, this run has --lora_alpha 8" in \
         capsys.readouterr().err
+    # other targets: the file's modules are not the adapters this run injects (the loader found it after loading)
+    assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
+                      "--lora_target_modules", "to_qkv,add_qkv_proj", *common, "--models_dir",
+                      str(tmp_path / "no"), "--dry_run")) == 2
+    err = capsys.readouterr().err
+    assert f"--lora_checkpoint {trained} does not fit --lora_target_modules to_qkv,add_qkv_proj: 6 of its modules " \
+           "(per block) get no adapter in this run (attn.to_add_out, attn.to_out.0, img_mlp.net.0.proj). Give the " \
+           "--lora_target_modules it was trained with (its metadata: to_qkv,add_qkv_proj,to_out.0" in err
+    # fewer modules in the file than the run injects: named the other way round
+    assert main(flags(tiny_models, data, str(tmp_path / "third"), "--max_steps", "1", "--lora_checkpoint", trained,
+                      "--lora_target_modules", "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.0.proj,"
+                      "img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2,img_mod.1", *common, "--dry_run")) == 2
+    assert "1 adapters of this run (per block) are not in it (img_mod.1)" in capsys.readouterr().err
 
 
 def test_what_cannot_be_exported_is_refused(tiny_models, data, tmp_path, capsys):

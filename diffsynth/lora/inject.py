@@ -28,7 +28,7 @@ def parse_target_modules(target_modules) -> list[str]:
     return targets
 
 
-def _matches(name: str, target: str) -> bool:
+def matches_target(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)  # peft's rule for a list of target names
 
 
@@ -39,9 +39,9 @@ def _not_found_message(missing, names) -> str:
     fixes = []
     for target in missing:
         merged, split = _QKV_HINTS.get(target), _SPLIT_HINTS.get(target)
-        if merged and any(_matches(n, merged) for n in names):
+        if merged and any(matches_target(n, merged) for n in names):
             fixes.append(f"{target} -> {merged}")
-        elif split and any(_matches(n, split.split(",")[0]) for n in names):
+        elif split and any(matches_target(n, split.split(",")[0]) for n in names):
             fixes.append(f"{target} -> {split}")
     if fixes:
         message += (" This model's q/k/v projections are laid out differently (merged QKV: to_qkv / add_qkv_proj;"
@@ -54,7 +54,7 @@ def check_target_modules(target_modules, names) -> list[str]:
     """The targets, each matching at least one of the linear layers `names`; a ValueError naming the fix otherwise
     (before any model changes: the trainer checks them against the DiT's file headers before it loads)."""
     targets = parse_target_modules(target_modules)
-    missing = [t for t in targets if not any(_matches(n, t) for n in names)]
+    missing = [t for t in targets if not any(matches_target(n, t) for n in names)]
     if missing:
         raise ValueError(_not_found_message(missing, names))
     return targets

@@ -70,6 +70,18 @@ def _dit_linear_names(args) -> dict:
     return names
 
 
+def _in_our_key_style(args, names) -> bool:
+    """The DiT's linear layer names are this project's (the default targets match them); a checkpoint of another key
+    style is converted by the loader, so checks against its names would be wrong."""
+    from ..lora.inject import check_target_modules
+
+    try:
+        check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
+    except ValueError:
+        return False
+    return True
+
+
 def check_lora_targets(args):
     """--lora_target_modules against the DiT's linear layers in this script's q/k/v layout, before anything loads
     and under --dry_run too (inject_lora found a wrong name only after the models had loaded and the conditioning
@@ -77,9 +89,7 @@ def check_lora_targets(args):
     from ..lora.inject import check_target_modules
 
     names = _dit_linear_names(args)
-    try:  # names of another key style (the loader converts them): not checked here
-        check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
-    except ValueError:
+    if not _in_our_key_style(args, names):  # names of another key style (the loader converts them): not checked here
         return
     try:
         check_target_modules(args.lora_target_modules, names)
@@ -126,6 +136,26 @@ def check_lora_checkpoint(args):
         raise LoraError(f"--lora_checkpoint {path} was trained on the {layout.replace('_qkv', '-QKV')} DiT layout, "
                         f"this script trains the {ours} one: continue it with {script}, or convert it first "
                         f"(convert_merged_qkv_checkpoint.py --direction {direction})")
+    # The modules: load_lora_weights needs the file's modules to be exactly the adapters this run injects. Compared
+    # by their names within a block (the DiT read here may be the downloadable one, of another block count than a
+    # test's tiny model; a LoRA of another model is the loader's to refuse)
+    names = _dit_linear_names(args)
+    if _in_our_key_style(args, names):
+        from ..lora.inject import matches_target, parse_target_modules
+
+        targets = parse_target_modules(args.lora_target_modules)
+        in_block = lambda names: {re.sub(r"^transformer_blocks\.\d+\.", "", n) for n in names}  # noqa: E731
+        injected = in_block(n for n in names if any(matches_target(n, t) for t in targets))
+        extra, missing = sorted(in_block(modules) - injected), sorted(injected - in_block(modules))
+        if extra or missing:
+            trained = read_metadata(path).get("target_modules")
+            hint = f" (its metadata: {trained})" if trained else ""
+            parts = [f"{len(extra)} of its modules (per block) get no adapter in this run ({', '.join(extra[:3])})"
+                     * bool(extra), f"{len(missing)} adapters of this run (per block) are not in it "
+                     f"({', '.join(missing[:3])})" * bool(missing)]
+            raise LoraError(f"--lora_checkpoint {path} does not fit --lora_target_modules {args.lora_target_modules}: "
+                            f"{'; '.join(p for p in parts if p)}. Give the --lora_target_modules it was trained "
+                            f"with{hint}")
     # A LoRA's rank is in its shapes (and load_lora_weights rescales B to another alpha); peft's LoHa/LoKr/DoRA
     # weights load as they are, at this run's alpha / rank: the trainer's metadata says what they were trained with
     meta = {} if kind == "lora" else read_metadata(path)

@@ -117,7 +117,7 @@ def dit_counts(config=None, merged_qkv=True, lora_targets=None, rank=32) -> DiTC
     import torch
     import torch.nn as nn
 
-    from ..lora.inject import _matches, parse_target_modules
+    from ..lora.inject import matches_target, parse_target_modules
     from ..models import QwenImageDiT, QwenImageDiTMergedQKV
 
     config = dict(QWEN_IMAGE_DIT if config is None else config)
@@ -133,7 +133,7 @@ def dit_counts(config=None, merged_qkv=True, lora_targets=None, rank=32) -> DiTC
     if lora_targets:
         targets = tuple(parse_target_modules(lora_targets))
         lora = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and any(_matches(name, t) for t in targets))
+                   if isinstance(m, nn.Linear) and any(matches_target(name, t) for t in targets))
     return DiTCounts(
         num_layers=len(model.transformer_blocks), dim=config["num_attention_heads"] * config["attention_head_dim"],
         block_linear=block_linear, block_rows=sum(m.out_features for m in linears),
