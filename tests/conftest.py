@@ -42,6 +42,14 @@ def tiny_models(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_models):
+    """The pipeline on the tiny models (one per test module: tests may patch its methods)."""
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=tiny_models, download=False)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState, PartialState

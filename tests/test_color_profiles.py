@@ -298,17 +298,6 @@ def test_a_damaged_validation_edit_image_profile_is_refused_by_preflight(tmp_pat
         preflight(args, dataset=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    from conftest import TINY_MODEL_IDS
-    from diffsynth.pipelines.qwen_image import QwenImagePipeline
-    from diffsynth.utils.tiny_models import write_tiny_models
-
-    folder = tmp_path_factory.mktemp("models")
-    write_tiny_models(folder, seed=0)
-    return QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=str(folder), download=False)
-
-
 def test_the_pipeline_and_validation_convert_pil_images(tiny_pipe, tmp_path):
     """A P3 PIL image given to the pipeline reaches the VAE converted, as its file does through open_image; the
     trainer's validation inputs (read from files) are the converted ones too."""

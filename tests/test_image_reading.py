@@ -118,17 +118,6 @@ def test_an_rgb_colour_key_is_transparent_like_every_other_mode(tmp_path):
         assert (rgb[4:] == 200).all(), name
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    from conftest import TINY_MODEL_IDS
-    from diffsynth.pipelines.qwen_image import QwenImagePipeline
-    from diffsynth.utils.tiny_models import write_tiny_models
-
-    folder = tmp_path_factory.mktemp("models")
-    write_tiny_models(folder, seed=0)
-    return QwenImagePipeline.from_pretrained(TINY_MODEL_IDS, models_dir=str(folder), download=False)
-
-
 def test_the_pipeline_reads_a_pil_image_as_the_scripts_read_its_file(tiny_pipe, tmp_path):
     """A PIL image given to the pipeline directly (RGBA, 16-bit grey, a JPEG with an EXIF rotation) gives what the
     same picture gives through its file and open_image (training, validation, the inference script): it used

@@ -117,6 +117,12 @@ def assert_resolved(args, resolved, where):
 def doc_world(tmp_path, monkeypatch):
     """The files the documented commands name, in a scratch working directory: `data/` with a small dataset and
     the LoRAs passed to --lora_fused / --lora_checkpoint (a dry run checks that they exist and are LoRAs)."""
+    import torch
+
+    from diffsynth.lora.inject import matches_target
+    from diffsynth.models.qwen_image_dit import QwenImageDiT
+    from diffsynth.models.qwen_image_dit_merged_qkv import QwenImageDiTMergedQKV
+    from diffsynth.trainers.args import build_parser
     from diffsynth.utils.demo_data import write_edit_dataset
     from diffsynth.utils.io import save_safetensors
 
@@ -126,8 +132,15 @@ def doc_world(tmp_path, monkeypatch):
         for tokens in doc_commands(doc):
             given = given_flags(tokens)
             rank = int(given.get("lora_rank", 32))  # the recipes' rank: a --lora_checkpoint must have the run's
-            lora = {"transformer_blocks.0.attn.to_out.0.lora_A.weight": __import__("torch").zeros(rank, 64),
-                    "transformer_blocks.0.attn.to_out.0.lora_B.weight": __import__("torch").zeros(64, rank)}
+            lora = {}  # and the modules of its targets (the recipes' defaults unless the command names them)
+            merged = any("merged" in t for t in tokens)
+            targets = given.get("lora_target_modules") or build_parser(merged).get_default("lora_target_modules")
+            with torch.device("meta"):  # the Qwen-Image DiT's shapes (a --lora_fused is checked against them)
+                block = (QwenImageDiTMergedQKV if merged else QwenImageDiT)(num_layers=1).transformer_blocks[0]
+            for name, module in block.named_modules():
+                if isinstance(module, torch.nn.Linear) and any(matches_target(name, t) for t in targets.split(",")):
+                    lora[f"transformer_blocks.0.{name}.lora_A.weight"] = torch.zeros(rank, module.in_features)
+                    lora[f"transformer_blocks.0.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
             for flag, value in given.items():
                 if flag in ("lora_fused", "lora_checkpoint") and not os.path.exists(value):
                     save_safetensors(lora, value)

@@ -145,6 +145,10 @@ def test_wrong_lora_targets_fail_the_dry_run_before_models_load(tiny_models, dat
     # without a validation prompt nothing validates: the validation flags would do nothing
     (["--validation_inference_steps", "8"], "--validation_inference_steps needs --validation_prompt"),
     (["--validation_at_start"], "--validation_at_start needs --validation_prompt"),
+    (["--validation_negative_prompt", "ugly"], "--validation_negative_prompt needs --validation_prompt"),
+    (["--validation_prompt", "x", "--validation_cfg_scale", "0.5"], "--validation_cfg_scale must be >= 1 (got 0.5"),
+    (["--validation_prompt", "x", "--validation_cfg_scale", "1", "--validation_negative_prompt", "ugly"],
+     "--validation_negative_prompt would do nothing with --validation_cfg_scale 1 (no CFG)"),
     # flags() passes --edit_image_area 4096: a run without edit images has nothing for it to size
     (["--extra_inputs", ""], "--edit_image_area 4096 would do nothing: it sizes edit images, and this run has none"),
     (["--validation_steps", "2", "--validation_inference_steps", "8"],

@@ -59,19 +59,20 @@ def test_a_bad_file_names_file_row_and_column_before_models_load(tiny_models, da
     monkeypatch.setattr(QwenImagePipeline, "from_pretrained", no_loading)
     Image.new("RGB", (2000, 8)).save(tmp_path / "wide.png")
     bad = tmp_path / "bad.csv"
-    bad.write_text("prompt,edit_image,seed,negative_prompt\n"
-                   "blue,missing.png,x,\n"
-                   ",wide.png,3,blurry\n"
-                   "red,broken.png,,\n")
+    bad.write_text("prompt,edit_image,seed,guidance,cfg_scale\n"
+                   "blue,missing.png,x,,\n"
+                   ",wide.png,3,2,0.5\n"
+                   "red,broken.png,,,\n")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     txt = tmp_path / "musubi.txt"
-    txt.write_text("# a comment\nmake it blue --d 5 --w 64 --h 48\nmake it red --n ugly\n")
+    txt.write_text("# a comment\nmake it blue --d 5 --w 64 --h 48\nmake it red --n ugly --g 3.5\n")
     out = str(tmp_path / "out")
     for extra in (["--dry_run"], []):
         assert main(flags(tiny_models, data, out, "--validation_prompts", str(bad), *extra)) == 2
         err = capsys.readouterr().err
-        assert f"error: --validation_prompts {bad}: 6 problem(s):" in err and "Traceback" not in err
-        assert "row 1 (line 2): unknown column 'negative_prompt' (validation runs without CFG" in err
+        assert f"error: --validation_prompts {bad}: 7 problem(s):" in err and "Traceback" not in err
+        assert "row 1 (line 2): unknown column 'guidance'; the columns are prompt, edit_image" in err
+        assert "row 2 (line 3): cfg_scale '0.5' must be a number >= 1 (1: no CFG)" in err
         assert "row 1 (line 2): seed 'x' must be a whole number >= 0" in err
         assert f"row 1 (line 2): edit_image missing.png file not found (looked at {tmp_path / 'missing.png'})" in err
         assert "row 2 (line 3): no prompt" in err
@@ -79,7 +80,7 @@ def test_a_bad_file_names_file_row_and_column_before_models_load(tiny_models, da
         assert "row 3 (line 4): edit_image broken.png is not an image file Pillow can read" in err
         assert main(flags(tiny_models, data, out, "--validation_prompts", str(txt), *extra)) == 2
         err = capsys.readouterr().err
-        assert f"--validation_prompts {txt}:\n  line 3: --n is not supported here (a negative prompt needs CFG" in err
+        assert f"--validation_prompts {txt}:\n  line 3: --g is not supported here (an embedded guidance scale" in err
     assert main(flags(tiny_models, data, out, "--validation_prompts", str(tmp_path / "none.json"))) == 2
     assert f"error: --validation_prompts {tmp_path / 'none.json'}: file not found" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "train_log.csv"))
@@ -146,8 +147,9 @@ def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_pat
     baseline = Image.open(os.path.join(folder, "step-0.png"))
     assert baseline.text["step"] == "step 0"
     pipe = QwenImagePipeline.from_pretrained(model_id_with_origin_paths=TINY_MODEL_IDS, models_dir=tiny_models)
+    # as the inference script makes it by default: true CFG 4 with the negative prompt " "
     base = pipe("make it blue", edit_image=Image.open(edit), seed=0, num_inference_steps=2, edit_image_area=4096,
-                progress=False)
+                progress=False, negative_prompt=" ", cfg_scale=4.0)
     assert np.array_equal(np.asarray(base), np.asarray(baseline))
     # the trained LoRA (a high lr, one step) edits visibly otherwise: step-0 is not an image taken after a step
     assert not np.array_equal(np.asarray(Image.open(os.path.join(folder, "final.png"))), np.asarray(baseline))
@@ -156,3 +158,25 @@ def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_pat
     assert main(argv + ["--max_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
     assert os.stat(os.path.join(folder, "step-0.png")).st_mtime_ns == written
     assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-0.png"]
+
+
+def test_validation_cfg_follows_the_row_then_the_flags(tiny_pipe, data):
+    """Each sample's image is the pipeline's with the CFG the row gives, else --validation_cfg_scale and
+    --validation_negative_prompt; cfg 1 runs without CFG (and computes no negative embedding)."""
+    from diffsynth.trainers.validation import ValidationInputs, ValidationSample
+    from diffsynth.utils.image import open_image
+
+    edit = os.path.join(data, "edits", "edit000.png")
+    samples = [ValidationSample("blue", (edit,), cfg_scale=1.0),
+               ValidationSample("blue", (edit,), negative_prompt="ugly", cfg_scale=3.0),
+               ValidationSample("blue", (edit,))]
+    inputs = ValidationInputs(tiny_pipe, samples, 4096, cfg_scale=2.0, negative_prompt="dull")
+    assert inputs.negative_embeds[0] is None
+    images = []
+    for k, cfg in enumerate([{}, {"negative_prompt": "ugly", "cfg_scale": 3.0},
+                             {"negative_prompt": "dull", "cfg_scale": 2.0}]):
+        images.append(np.asarray(inputs.generate(tiny_pipe, k, 0, 2, 4096)))
+        expected = tiny_pipe("blue", edit_image=open_image(edit), seed=0, num_inference_steps=2,
+                             edit_image_area=4096, progress=False, **cfg)
+        assert np.array_equal(images[-1], np.asarray(expected)), k
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])

@@ -255,7 +255,7 @@ class QwenImagePipeline:
     def __call__(self, prompt, edit_image=None, negative_prompt=None, cfg_scale=4.0, num_inference_steps=30,
                  height=None, width=None, seed=None, input_image=None, denoising_strength=1.0,
                  edit_image_area=VAE_EDIT_AREA, latents=None, progress=True, output_type="pil",
-                 prompt_embeds=None, edit_latents=None):
+                 prompt_embeds=None, edit_latents=None, negative_prompt_embeds=None):
         """Edit `edit_image` (a PIL image, or a list for Edit-2509/2511) as `prompt` says; -> a PIL image, or the
         final packed latent tokens (1, L, 64) with output_type="latent" (turn them into an image with `decode`).
 
@@ -265,9 +265,10 @@ class QwenImagePipeline:
         `edit_image_area` is the pixel area each edit image is resized to for the VAE (diffusers: 1024 x 1024).
         `latents`: the initial noise (1, 16, height/8, width/8) instead of drawing it from `seed`.
         `input_image` with `denoising_strength` < 1 starts from that image noised to the matching sigma.
-        `prompt_embeds` ((emb, mask) of `encode_prompt`) and `edit_latents` ((tokens, shapes) of
-        `encode_edit_images` on the resized edit images) reuse conditioning computed earlier: the text encoder and
-        the VAE encoder are then not needed (the trainer's validation encodes once and frees the text encoder).
+        `prompt_embeds` and `negative_prompt_embeds` ((emb, mask) of `encode_prompt`) and `edit_latents` ((tokens,
+        shapes) of `encode_edit_images` on the resized edit images) reuse conditioning computed earlier: the text
+        encoder and the VAE encoder are then not needed (the trainer's validation encodes once and frees the text
+        encoder). True CFG still needs a `negative_prompt` (its text, for the check above) with its embedding.
         """
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
@@ -303,7 +304,8 @@ class QwenImagePipeline:
             emb, mask = self.encode_prompt([prompt], [originals] if originals else None)
         use_cfg = negative_prompt is not None and cfg_scale > 1
         if use_cfg:
-            neg_emb, neg_mask = self.encode_prompt([negative_prompt], [originals] if originals else None)
+            neg_emb, neg_mask = (negative_prompt_embeds if negative_prompt_embeds is not None else
+                                 self.encode_prompt([negative_prompt], [originals] if originals else None))
         if edit_latents is not None:
             edit_tokens, edit_shapes = edit_latents
         else:

@@ -16,6 +16,7 @@ DEFAULT_TARGETS = {  # merged_qkv -> the LoRA targets of that DiT
 
 MAX_PIXELS = 1024 * 1024  # --max_pixels' default
 VALIDATION_INFERENCE_STEPS = 20  # --validation_inference_steps' default
+VALIDATION_CFG_SCALE = 4.0  # --validation_cfg_scale's default: the inference script's --cfg_scale
 EDIT_IMAGE_AREA = 1024 * 1024  # --edit_image_area's default (the pipeline's)
 
 
@@ -158,6 +159,11 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                         "from, the baseline the later images are compared with; musubi-tuner's --sample_at_first). "
                         "A resumed run has validated at its start already and does not again")
     v.add_argument("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
+    v.add_argument("--validation_cfg_scale", type=float, default=VALIDATION_CFG_SCALE,
+                   help="true CFG scale of the validation images, as the inference script's --cfg_scale, so they "
+                        "show what it will make; 1 turns CFG off (half the DiT passes)")
+    v.add_argument("--validation_negative_prompt", default=None,
+                   help="the negative prompt of true CFG (default ' ', as the inference script)")
     add_training_options(p)
     p.add_argument("--dry_run", action="store_true",
                    help="check the flags, print the resolved settings (stdout, json) and the predicted peak GPU "
@@ -212,6 +218,11 @@ def check_args(args):
                         f"{args.lora_alpha} trains {'nothing' if args.lora_alpha == 0 else 'against its gradient'})")
     if args.validation_inference_steps < 1:
         problems.append(f"--validation_inference_steps must be >= 1 (got {args.validation_inference_steps})")
+    if not (math.isfinite(args.validation_cfg_scale) and args.validation_cfg_scale >= 1):
+        problems.append(f"--validation_cfg_scale must be >= 1 (got {args.validation_cfg_scale}; 1 turns CFG off)")
+    elif args.validation_cfg_scale == 1 and args.validation_negative_prompt is not None:
+        problems.append("--validation_negative_prompt would do nothing with --validation_cfg_scale 1 (no CFG); "
+                        "leave one out")
     if args.validation_prompt:
         try:
             args.validation_prompt.encode("utf-8")
@@ -303,6 +314,8 @@ def check_args(args):
         given = [f"--{flag}" for flag in ("validation_steps", "validation_edit_image", "validation_at_start")
                  if getattr(args, flag)]
         given += ["--validation_inference_steps"] * (args.validation_inference_steps != VALIDATION_INFERENCE_STEPS)
+        given += ["--validation_cfg_scale"] * (args.validation_cfg_scale != VALIDATION_CFG_SCALE)
+        given += ["--validation_negative_prompt"] * (args.validation_negative_prompt is not None)
         if given:
             problems.append(f"{' / '.join(given)} need{'s' * (len(given) == 1)} --validation_prompt (or "
                             "--validation_prompts FILE)")

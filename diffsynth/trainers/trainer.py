@@ -257,7 +257,8 @@ class Trainer:
                              "edit_image")
                 self.log(f"note: {what}: the validation images are generated from the prompt alone, not edits "
                          "like the training samples")
-            self.validation_inputs = ValidationInputs(self.pipe, self.validation_samples, args.edit_image_area)
+            self.validation_inputs = ValidationInputs(self.pipe, self.validation_samples, args.edit_image_area,
+                                                      args.validation_cfg_scale, args.validation_negative_prompt)
         if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
             self.pipe.text_encoder = None
             if not self.validation_samples:  # validation decodes its images with the VAE
@@ -804,7 +805,8 @@ class Trainer:
                 tiles.append((step_label, image))
             seed = args.seed if sample.seed is None else sample.seed
             header = f"{sample.prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {seed}, " \
-                     f"{sample.steps or args.validation_inference_steps} steps"
+                     f"{sample.steps or args.validation_inference_steps} steps, " \
+                     f"cfg {self.validation_inputs.cfg[k]:g}"
             grid(tiles, header).save(os.path.join(folder, "grid.png"))
         acc.wait_for_everyone()
 

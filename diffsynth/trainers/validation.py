@@ -1,6 +1,7 @@
 """Validation during training: the samples (one --validation_prompt, or the rows of a --validation_prompts file),
 their prompts and edit images encoded once at the start (so validation runs with the conditioning cache on and the
 text encoder freed), labelled images and a grid with a header per sample."""
+import math
 import os
 import re
 import textwrap
@@ -10,15 +11,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from ..utils.image import SIZE_MULTIPLE, check_edit_size, open_image, resize_edit_image
+from .conditioning import DROPOUT_PROMPT
 from .dataset import DatasetError, _check_utf8, _inspect_file, _listed, parse_file_list, read_metadata
 
-COLUMNS = ("prompt", "edit_image", "seed", "width", "height", "steps")
+COLUMNS = ("prompt", "edit_image", "seed", "width", "height", "steps", "negative_prompt", "cfg_scale")
 # musubi-tuner's sample-prompt options (a .txt line: "<prompt> --w 512 --d 42 --ci a.png") -> our column
-TXT_OPTIONS = {"d": "seed", "ci": "edit_image", "w": "width", "h": "height", "s": "steps"}
+TXT_OPTIONS = {"d": "seed", "ci": "edit_image", "w": "width", "h": "height", "s": "steps", "n": "negative_prompt",
+               "l": "cfg_scale"}
 # musubi-tuner options with no counterpart here, and why
-TXT_REFUSED = {"n": "a negative prompt needs CFG, which validation does not run",
-               "l": "a CFG scale needs CFG, which validation does not run",
-               "g": "an embedded guidance scale does not exist in Qwen-Image",
+TXT_REFUSED = {"g": "an embedded guidance scale does not exist in Qwen-Image",
                "fs": "the flow shift follows the scheduler's resolution-dependent shift",
                "f": "a frame count is for video models", "i": "an I2V start image is for video models",
                "ei": "an end image is for video models", "cn": "a control video is for video models",
@@ -39,6 +40,8 @@ class ValidationSample:
     steps: int | None = None  # None: --validation_inference_steps
     folder: str | None = None  # under validation/: None for --validation_prompt (the flat layout), "k" for row k
     where: str = "--validation_prompt"  # how the user finds it: "row 2 (line 3)" of the file
+    negative_prompt: str | None = None  # None: --validation_negative_prompt
+    cfg_scale: float | None = None  # None: --validation_cfg_scale
 
 
 def _integer(value):
@@ -105,9 +108,7 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
             continue
         for column in sorted(row.keys() - set(COLUMNS) - unknown):  # named once, at its first row
             unknown.add(column)
-            why = (" (validation runs without CFG: a negative prompt would do nothing)" if column == "negative_prompt"
-                   else "")
-            problems.append(f"  {where}: unknown column {column!r}{why}; the columns are {', '.join(COLUMNS)}")
+            problems.append(f"  {where}: unknown column {column!r}; the columns are {', '.join(COLUMNS)}")
         # an empty CSV cell is no value: columns are shared by every row
         row = {c: v for c, v in row.items() if c in COLUMNS and v is not None and str(v).strip() != ""}
         prompt = row.get("prompt")
@@ -126,6 +127,20 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
                 problems.append(f"  {where}: {names[column]} {row[column]!r} must be {rule}")
             else:
                 values[column] = value
+        if "cfg_scale" in row:
+            try:
+                scale = None if isinstance(row["cfg_scale"], bool) else float(row["cfg_scale"])
+            except (TypeError, ValueError):
+                scale = None
+            if scale is None or not math.isfinite(scale) or scale < 1:
+                problems.append(f"  {where}: {names['cfg_scale']} {row['cfg_scale']!r} must be a number >= 1 (1: no "
+                                "CFG)")
+            else:
+                values["cfg_scale"] = scale
+        negative = row.get("negative_prompt")
+        if negative is not None and not isinstance(negative, str):
+            problems.append(f"  {where}: {names['negative_prompt']} {negative!r} must be a text")
+            negative = None
         if ("width" in row) != ("height" in row):
             problems.append(f"  {where}: {names['width']} and {names['height']} go together (or neither: the size "
                             "follows the last edit image)")
@@ -153,7 +168,7 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
             files.append(path_)
         samples.append(ValidationSample(str(prompt or "").strip(), tuple(files), values.get("seed"),
                                         values.get("width"), values.get("height"), values.get("steps"), str(k),
-                                        where))
+                                        where, negative, values.get("cfg_scale")))
     if problems:
         raise ValidationPromptsError(f"--validation_prompts {path}: {len(problems)} problem(s):\n" + _listed(problems))
     return samples
@@ -182,7 +197,8 @@ def describe_samples(samples, args) -> list[str]:
         lines.append(f"  validation/{s.folder + '/' if s.folder else ''} ({s.where}): {s.prompt!r}; "
                      f"{len(s.edit_images)} edit image(s){': ' if s.edit_images else ''}{', '.join(s.edit_images)}; "
                      f"seed {args.seed if s.seed is None else s.seed}, {s.steps or args.validation_inference_steps} "
-                     f"steps, {size}")
+                     f"steps, {size}, " + (f"true CFG {cfg:g}" if (cfg := s.cfg_scale or args.validation_cfg_scale) > 1
+                                           else "no CFG"))
     return lines
 
 
@@ -191,22 +207,32 @@ class ValidationInputs:
     conditioning); the pipeline then needs only the DiT and the VAE decoder."""
 
     @torch.no_grad()
-    def __init__(self, pipe, samples, edit_image_area):
+    def __init__(self, pipe, samples, edit_image_area, cfg_scale=1.0, negative_prompt=None):
         self.samples, self.edit_images, self.prompt_embeds, self.edit_latents = list(samples), [], [], []
+        self.cfg, self.negative, self.negative_embeds = [], [], []
         for sample in self.samples:
             images = [open_image(p) for p in sample.edit_images]
             self.edit_images.append(images)
             self.prompt_embeds.append(pipe.encode_prompt([sample.prompt], [images] if images else None))
             resized = [resize_edit_image(img, edit_image_area) for img in images]
             self.edit_latents.append(pipe.encode_edit_images(resized) if resized else None)
+            # true CFG as the inference script runs it (its negative prompt sees the edit images too)
+            cfg = sample.cfg_scale or cfg_scale
+            negative = (sample.negative_prompt if sample.negative_prompt is not None else
+                        negative_prompt if negative_prompt is not None else DROPOUT_PROMPT)  # the inference's default
+            self.cfg.append(cfg)
+            self.negative.append(negative if cfg > 1 else None)
+            self.negative_embeds.append(pipe.encode_prompt([negative], [images] if images else None)
+                                        if cfg > 1 else None)
 
     def generate(self, pipe, k, seed, num_inference_steps, edit_image_area):
-        """Sample k's image; its own seed and steps, when the file gives them, before the run's."""
+        """Sample k's image; its own seed, steps and CFG, when the file gives them, before the run's."""
         s = self.samples[k]
         return pipe(s.prompt, edit_image=self.edit_images[k] or None, height=s.height, width=s.width,
                     seed=seed if s.seed is None else s.seed, num_inference_steps=s.steps or num_inference_steps,
                     edit_image_area=edit_image_area, progress=False, prompt_embeds=self.prompt_embeds[k],
-                    edit_latents=self.edit_latents[k])
+                    edit_latents=self.edit_latents[k], negative_prompt=self.negative[k], cfg_scale=self.cfg[k],
+                    negative_prompt_embeds=self.negative_embeds[k])
 
 
 def _font(height):
