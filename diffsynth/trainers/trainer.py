@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
+from ..lora.adapters import KEEP_FP32
 from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
@@ -481,13 +482,15 @@ class Trainer:
 
     def _in_save_precision(self, state, default, name) -> dict:
         """The weights to write, on the CPU in --save_precision (else `default`, None: as they are). A value that the
-        smaller dtype cannot hold (fp16 overflows above 65504) stops the save rather than writing inf."""
+        smaller dtype cannot hold (fp16 overflows above 65504) stops the save rather than writing inf. A DoRA's
+        magnitude stays fp32: it is the norm of a base weight row, so bf16's rounding of it (0.4%) would move every
+        row by more than training does (and it is one vector per module)."""
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.save_precision,
                                                                                           default)
         out = {}
         for k, v in state.items():
             v = v.detach().cpu()
-            if dtype is not None and v.is_floating_point():
+            if dtype is not None and v.is_floating_point() and not k.endswith(KEEP_FP32):
                 cast = v.to(dtype)
                 if not torch.isfinite(cast).all() and torch.isfinite(v).all():
                     raise ValueError(f"--save_precision {self.args.save_precision}: {k} of {name} holds values up to "
