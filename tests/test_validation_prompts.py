@@ -156,3 +156,22 @@ def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_pat
     assert main(argv + ["--max_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
     assert os.stat(os.path.join(folder, "step-0.png")).st_mtime_ns == written
     assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-0.png"]
+
+
+def test_an_output_folder_with_glob_characters_keeps_its_grids_and_its_earlier_run(tiny_models, data, tmp_path):
+    """Folder names are not glob patterns: in `out [1]` the grid of a sample without edit images found no step
+    image (glob read `[1]` as a character class) and validation crashed with an IndexError; an earlier run's
+    checkpoint there went unseen, so a new run would have replaced it without --overwrite."""
+    from diffsynth.trainers.output_dir import previous_run_files
+
+    prompts = write_prompts(str(tmp_path / "prompts [a]"), data)
+    out = str(tmp_path / "out [1]")
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--validation_prompts",
+                      prompts, "--validation_at_start", "--validation_steps", "1",
+                      "--validation_inference_steps", "1")) == 0
+    for k, inputs in (("1", 1), ("2", 0)):  # tiles: the inputs, steps 0 and 1, the final image (step 2)
+        width = Image.open(os.path.join(out, "validation", k, "grid.png")).width
+        tile = Image.open(os.path.join(out, "validation", k, "final.png")).width
+        assert width == (inputs + 3) * tile, k
+    assert "checkpoint-final.safetensors" in previous_run_files(out)
+    assert main(flags(tiny_models, data, out, "--max_steps", "1")) == 2  # refused: the earlier run's files
