@@ -35,6 +35,8 @@ def test_two_samples_write_their_images(tiny_models, data, tmp_path, capsys):
     assert "validation/1/ (row 1): 'make the red square blue'; 1 edit image(s)" in listed
     assert "seed 7, 2 steps" in listed
     assert "validation/2/ (row 2): 'a green square'; 0 edit image(s); seed 0, 1 steps, 32x48" in listed
+    assert main(argv + ["--dry_run", "--validation_at_start"]) == 0  # the list says when, the baseline too
+    assert "validation: 3 sample(s), before the first step, every 1 steps and at the end:" in capsys.readouterr().err
     assert main(argv) == 0
     folder = os.path.join(out, "validation")
     assert sorted(os.listdir(folder)) == ["1", "2", "3"]

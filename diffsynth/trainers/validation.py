@@ -175,7 +175,8 @@ def describe_samples(samples, args) -> list[str]:
     """--dry_run's list of the validation samples: where each is written, with its prompt, images, seed and size."""
     if not samples:
         return []
-    when = f"every {args.validation_steps} steps and " if args.validation_steps else ""
+    when = ("before the first step, " if getattr(args, "validation_at_start", False) else "") + (
+        f"every {args.validation_steps} steps and " if args.validation_steps else "")
     lines = [f"validation: {len(samples)} sample(s), {when}at the end:"]
     for s in samples:
         size = f"{s.width}x{s.height}" if s.width else "the last edit image's size" if s.edit_images else "square"
