@@ -131,6 +131,19 @@ def test_every_format_reads_the_same_samples(tmp_path):
         assert got == want, name
 
 
+def test_a_txt_option_without_a_value_is_named(tmp_path):
+    """musubi-tuner's '--d' or '--s' with nothing after it was dropped as an empty cell: the sample ran at the run's
+    seed or steps without a word. Each is named with its line."""
+    from diffsynth.trainers.validation import ValidationPromptsError, read_validation_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("blue --d\nred --s 3 --ci\n")
+    with pytest.raises(ValidationPromptsError) as e:
+        read_validation_prompts(str(path), 4096)
+    assert "line 1: --d without a value; give its seed (--d <value>), or leave it out" in str(e.value)
+    assert "line 2: --ci without a value; give its edit image (--ci <value>), or leave it out" in str(e.value)
+
+
 def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_path):
     """--validation_at_start: step-0.png before any update (the LoRA's B is zero, so it is the base DiT's edit) and
     first in the grid; a resumed run does not validate at its start again."""

@@ -68,7 +68,10 @@ def _txt_rows(path) -> list[tuple[str, dict]]:
             for option in options:
                 name, _, value = option.strip().partition(" ")
                 column = TXT_OPTIONS.get(name.lower())
-                if column == "edit_image":  # --ci repeats, one image each
+                if column and not value.strip():  # dropped as an empty cell, it would silently do nothing
+                    problems.append(f"  {where}: --{name} without a value; give its {column.replace('_', ' ')} "
+                                    f"(--{name} <value>), or leave it out")
+                elif column == "edit_image":  # --ci repeats, one image each
                     row.setdefault("edit_image", []).append(value.strip())
                 elif column:
                     row[column] = value.strip()
