@@ -190,3 +190,32 @@ def test_an_output_folder_with_glob_characters_keeps_its_grids_and_its_earlier_r
         assert width == (inputs + 3) * tile, k
     assert "checkpoint-final.safetensors" in previous_run_files(out)
     assert main(flags(tiny_models, data, out, "--max_steps", "1")) == 2  # refused: the earlier run's files
+
+
+def test_a_run_killed_while_writing_a_validation_image_leaves_no_cut_off_file(tiny_models, data, tmp_path,
+                                                                               monkeypatch):
+    """step-N.png and grid.png are written atomically: a kill mid-write used to leave a cut-off step-N.png, which
+    every later grid of that folder (the resumed run's) opened and failed on."""
+    real = Image.Image.save
+
+    def killed_mid_write(self, fp, format=None, **params):
+        if str(fp).endswith("step-1.png"):
+            import io
+
+            buffer = io.BytesIO()
+            real(self, buffer, format="PNG", **params)
+            with open(fp, "wb") as f:
+                f.write(buffer.getvalue()[:40])
+            raise KeyboardInterrupt
+        return real(self, fp, format=format, **params)
+
+    prompts = write_prompts(str(tmp_path / "prompts"), data)
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(Image.Image, "save", killed_mid_write)
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--validation_prompts",
+                      prompts, "--validation_at_start", "--validation_steps", "1",
+                      "--validation_inference_steps", "1")) == 130
+    folder = os.path.join(out, "validation", "1")
+    assert sorted(os.listdir(folder)) == ["grid.png", "step-0.png"]  # no step-1.png, whole or cut
+    for name in os.listdir(folder):
+        Image.open(os.path.join(folder, name)).load()

@@ -19,7 +19,7 @@ from ..lora.adapters import KEEP_FP32
 from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
-from ..utils.io import save_safetensors
+from ..utils.io import atomic_path, save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn, parse_file_keys
@@ -797,7 +797,9 @@ class Trainer:
             folder = os.path.join(args.output_path, "validation", sample.folder or "")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
-            image.save(path, pnginfo=png_info(step_label, sample.prompt))
+            # atomically: a run killed mid-write leaves no cut-off step-N.png for the resumed run's grid to choke on
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG", pnginfo=png_info(step_label, sample.prompt))
             self._log_image(f"validation/{sample.folder}" if sample.folder else "validation",
                             labelled(image, f"{step_label}: {sample.prompt}"))
             shots = sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
@@ -808,7 +810,8 @@ class Trainer:
             seed = args.seed if sample.seed is None else sample.seed
             header = f"{sample.prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {seed}, " \
                      f"{sample.steps or args.validation_inference_steps} steps"
-            grid(tiles, header).save(os.path.join(folder, "grid.png"))
+            with atomic_path(os.path.join(folder, "grid.png")) as tmp:
+                grid(tiles, header).save(tmp, format="PNG")
         acc.wait_for_everyone()
 
 
