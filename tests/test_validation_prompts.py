@@ -136,6 +136,10 @@ def test_a_txt_option_without_a_value_is_named(tmp_path):
     seed or steps without a word. Each is named with its line."""
     from diffsynth.trainers.validation import ValidationPromptsError, read_validation_prompts
 
+    with pytest.raises(ValidationPromptsError, match=r"p.txt is a folder; name the prompts file in it"):
+        os.makedirs(tmp_path / "p.txt")  # a folder is named as one, not 'file not found'
+        read_validation_prompts(str(tmp_path / "p.txt"), 4096)
+    os.rmdir(tmp_path / "p.txt")
     path = tmp_path / "p.txt"
     path.write_text("blue --d\nred --s 3 --ci\n")
     with pytest.raises(ValidationPromptsError) as e:

@@ -88,6 +88,9 @@ def _txt_rows(path) -> list[tuple[str, dict]]:
 def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
     """Every sample of a --validation_prompts file, each row and image checked as training checks its data (before
     any model loads); one ValidationPromptsError lists every problem with its row and column."""
+    if os.path.isdir(path):
+        raise ValidationPromptsError(f"--validation_prompts {path} is a folder; name the prompts file in it (.json, "
+                                     ".jsonl, .csv or .txt)")
     if not os.path.isfile(path):
         raise ValidationPromptsError(f"--validation_prompts {path}: file not found")
     base = os.path.dirname(os.path.abspath(path))  # relative paths: next to the file, wherever the run starts
