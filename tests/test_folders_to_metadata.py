@@ -224,6 +224,10 @@ def test_control_folder_that_is_the_target_folder_is_refused(tmp_path, capsys):
     code, _, err = run(["--images", root / "targets", "--control", root / "targets", "--output",
                         tmp_path / "m.csv"], capsys)
     assert code == 2 and f"{root / 'targets'}: the control folder is the target folder" in err
+    code, _, err = run(["--images", root / "targets", "--control", root / "control0", "--control",
+                        root / "control0", "--output", tmp_path / "m.csv"], capsys)  # every row's image twice
+    assert code == 2 and f"{root / 'control0'}: given twice as a control folder; give each control folder once" in err
+    assert not (tmp_path / "m.csv").exists()
 
 
 def test_a_broken_symbolic_link_is_named_not_skipped(tmp_path, capsys):

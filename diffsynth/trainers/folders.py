@@ -84,6 +84,10 @@ def _scan_dataset(images, controls, caption_extension, caption_dir, problems, sk
             problems.append(f"  {c}: the control folder is the target folder; the edit inputs go in their own folder")
             missing.append(c)
     controls = [c for c in controls if c not in missing]  # the others are still checked, every problem at once
+    for i, c in enumerate(controls):  # each row would get that folder's image twice
+        if any(os.path.samefile(c, earlier) for earlier in controls[:i]):
+            problems.append(f"  {c}: given twice as a control folder; give each control folder once")
+    controls = [c for i, c in enumerate(controls) if not any(os.path.samefile(c, e) for e in controls[:i])]
 
     targets, captions = {}, {}  # stem -> file name
     for name in _entries(images, problems, skip):
