@@ -39,7 +39,8 @@ def _read_lock(path):
 
 def previous_run_files(folder) -> list[str]:
     """Checkpoints, logs and states of an earlier run in `folder` (names relative to it)."""
-    found = [os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(folder), pattern))]
+    found = [os.path.basename(p) for pattern in RUN_FILES
+             for p in glob.glob(os.path.join(glob.escape(folder), pattern))]
     found += [name + "/" for name in RUN_FOLDERS if os.path.isdir(os.path.join(folder, name))]
     return sorted(found)
 

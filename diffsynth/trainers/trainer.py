@@ -802,7 +802,8 @@ class Trainer:
                 image.save(tmp, format="PNG", pnginfo=png_info(step_label, sample.prompt))
             self._log_image(f"validation/{sample.folder}" if sample.folder else "validation",
                             labelled(image, f"{step_label}: {sample.prompt}"))
-            shots = sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
+            shots = sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.png")),
+                           key=lambda p: int(p.split("-")[-1][:-4]))
             tiles = [(f"input {i + 1}", img) for i, img in enumerate(self.validation_inputs.edit_images[k])]
             tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
             if final:
