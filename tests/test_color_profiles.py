@@ -152,6 +152,15 @@ def test_srgb_tagged_and_untagged_images_read_bit_identical(tmp_path):
         f"{c}XYZ": xyz(*v) for c, v in zip("rgb", SRGB_COLORANTS)}, **{f"{c}TRC": gamma_curve(1) for c in "rgb"}})
     Image.fromarray(PIXELS).save(tmp_path / "linear.png", icc_profile=linear)
     assert np.asarray(open_image(tmp_path / "linear.png")).mean() > PIXELS.mean() + 20
+    # Elle Stone's sRGB-primaries profiles with another curve than sRGB's convert; her '-srgbtrc' one is sRGB
+    for name, curve in (("sRGB-elle-V2-g22", gamma_curve(2.2)), ("sRGB-elle-V4-labl", gamma_curve(3.0))):
+        other = icc("RGB ", {"desc": desc(name), "wtpt": xyz(*D50), **{
+            f"{c}XYZ": xyz(*v) for c, v in zip("rgb", SRGB_COLORANTS)}, **{f"{c}TRC": curve for c in "rgb"}})
+        Image.fromarray(PIXELS).save(tmp_path / "other.png", icc_profile=other)
+        assert open_image(tmp_path / "other.png").tobytes() != PIXELS.tobytes(), name
+    Image.fromarray(PIXELS).save(tmp_path / "elle.png", icc_profile=rgb_profile("sRGB-elle-V2-srgbtrc",
+                                                                               SRGB_COLORANTS))
+    assert open_image(tmp_path / "elle.png").tobytes() == PIXELS.tobytes()
     # the v4 description is read too: a P3 profile described in 'mluc' is converted
     p3_file(tmp_path / "p3v4.png", profile=rgb_profile("Display P3", ((0.5151, 0.2412, -0.0011),
                                                                       (0.2920, 0.6922, 0.0419),

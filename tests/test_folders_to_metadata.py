@@ -224,6 +224,31 @@ def test_control_folder_that_is_the_target_folder_is_refused(tmp_path, capsys):
     code, _, err = run(["--images", root / "targets", "--control", root / "targets", "--output",
                         tmp_path / "m.csv"], capsys)
     assert code == 2 and f"{root / 'targets'}: the control folder is the target folder" in err
+    code, _, err = run(["--images", root / "targets", "--control", root / "control0", "--control",
+                        root / "control0", "--output", tmp_path / "m.csv"], capsys)  # every row's image twice
+    assert code == 2 and f"{root / 'control0'}: given twice as a control folder; give each control folder once" in err
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_a_broken_symbolic_link_is_named_not_skipped(tmp_path, capsys):
+    """A dangling link to a control (musubi's second one, b_1.png) or a target was skipped as 'not a file': the
+    row was written with one edit image less, without a word. It is a problem, named with its target."""
+    root = dataset(tmp_path, controls=1, musubi=True)
+    image(root / "control" / "a_1.png")
+    (root / "control" / "b_1.png").symlink_to(tmp_path / "gone" / "b_1.png")
+    (root / "targets" / "c.png").symlink_to(tmp_path / "gone" / "c.png")
+    output = tmp_path / "metadata.csv"
+    code, out, err = run(["--images", root / "targets", "--control", root / "control", "--output", output], capsys)
+    assert code == 2 and not output.exists()
+    for link in ("control/b_1.png", "targets/c.png"):
+        assert (f"{root / link}: a broken symbolic link (its target {tmp_path / 'gone' / os.path.basename(link)} does "
+                "not exist); restore the file it points to, or remove the link") in err
+    (root / "control" / "b_1.png").unlink()
+    (root / "targets" / "c.png").unlink()
+    image(root / "control" / "b_1.png")
+    (root / "control" / "b_2.png").symlink_to(root / "control" / "b_1.png")  # a link to a file is a file
+    assert run(["--images", root / "targets", "--control", root / "control", "--output", output], capsys)[0] == 0
+    assert [len(r[1]) for r in trained_rows(str(output))] == [2, 3]
 
 
 def test_names_the_csv_reader_would_split_are_written_as_a_json_list(tmp_path, capsys):

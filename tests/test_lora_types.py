@@ -213,6 +213,35 @@ def test_dora_for_comfyui_is_computed_for_comfyuis_rule(tiny_models, shared, tmp
     assert not os.path.exists(tmp_path / "x.safetensors")
 
 
+def test_save_precision_bf16_keeps_a_doras_magnitude_and_casts_the_copies(tiny_models, shared, tmp_path):
+    """--save_precision bf16 with a DoRA: the magnitude (a base weight row's norm) stays fp32, since bf16's rounding
+    of it moved each row by ~25% of the learned delta here; the adapter copies (ComfyUI's dora_scale computed from
+    the base weights, a LoHa's kohya keys) are written in bf16 as the help says, not fp32."""
+    data, cache = shared
+    runs = {}
+    for name, extra in (("fp32", ()), ("bf16", ("--save_precision", "bf16"))):
+        runs[name] = str(tmp_path / name)
+        assert main(flags(tiny_models, data, runs[name], "--max_steps", "2", "--cache_conditioning", cache,
+                          "--lora_type", "dora", "--export_format", "comfyui", *extra), merged_qkv=False) == 0
+    model = load_qwen_image_dit(os.path.join(tiny_models, DIT), merged_qkv=False)
+    params = dict(model.named_parameters())
+    for file in ("checkpoint-final.safetensors", "checkpoint-final-comfyui.safetensors"):
+        sd = load_file(os.path.join(runs["bf16"], file))
+        for k, v in sd.items():
+            keep = k.endswith((".lora_magnitude_vector", ".dora_scale", ".alpha"))
+            assert v.dtype == (torch.float32 if keep else torch.bfloat16), (file, k, v.dtype)
+        full, half = read_adapters(os.path.join(runs["fp32"], file))[0], read_adapters(sd)[0]
+        for name, a in full.items():
+            w = params[f"{name}.weight"].detach()
+            d32, d16 = a.delta(w), half[name].delta(w)
+            assert (d32 - d16).norm() <= 0.02 * d32.norm(), (file, name)
+    out = str(tmp_path / "loha")
+    assert main(flags(tiny_models, data, out, "--max_steps", "1", "--cache_conditioning", cache, "--lora_type",
+                      "loha", "--export_format", "kohya", "--save_precision", "bf16"), merged_qkv=True) == 0
+    kohya = load_file(os.path.join(out, "checkpoint-final-kohya.safetensors"))
+    assert {str(v.dtype) for k, v in kohya.items() if not k.endswith(".alpha")} == {"torch.bfloat16"}
+
+
 @pytest.mark.parametrize("lora_type", ["loha", "lokr"])
 def test_native_loha_lokr_files_carry_alpha_for_tensor_only_readers(tiny_models, tmp_path, lora_type):
     """ComfyUI (and LyCORIS) take a LoHa's / LoKr's scale from `<module>.alpha` tensors divided by the rank of the

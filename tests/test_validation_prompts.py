@@ -35,6 +35,8 @@ def test_two_samples_write_their_images(tiny_models, data, tmp_path, capsys):
     assert "validation/1/ (row 1): 'make the red square blue'; 1 edit image(s)" in listed
     assert "seed 7, 2 steps" in listed
     assert "validation/2/ (row 2): 'a green square'; 0 edit image(s); seed 0, 1 steps, 32x48" in listed
+    assert main(argv + ["--dry_run", "--validation_at_start"]) == 0  # the list says when, the baseline too
+    assert "validation: 3 sample(s), before the first step, every 1 steps and at the end:" in capsys.readouterr().err
     assert main(argv) == 0
     folder = os.path.join(out, "validation")
     assert sorted(os.listdir(folder)) == ["1", "2", "3"]
@@ -130,6 +132,23 @@ def test_every_format_reads_the_same_samples(tmp_path):
         assert got == want, name
 
 
+def test_a_txt_option_without_a_value_is_named(tmp_path):
+    """musubi-tuner's '--d' or '--s' with nothing after it was dropped as an empty cell: the sample ran at the run's
+    seed or steps without a word. Each is named with its line."""
+    from diffsynth.trainers.validation import ValidationPromptsError, read_validation_prompts
+
+    with pytest.raises(ValidationPromptsError, match=r"p.txt is a folder; name the prompts file in it"):
+        os.makedirs(tmp_path / "p.txt")  # a folder is named as one, not 'file not found'
+        read_validation_prompts(str(tmp_path / "p.txt"), 4096)
+    os.rmdir(tmp_path / "p.txt")
+    path = tmp_path / "p.txt"
+    path.write_text("blue --d\nred --s 3 --ci\n")
+    with pytest.raises(ValidationPromptsError) as e:
+        read_validation_prompts(str(path), 4096)
+    assert "line 1: --d without a value; give its seed (--d <value>), or leave it out" in str(e.value)
+    assert "line 2: --ci without a value; give its edit image (--ci <value>), or leave it out" in str(e.value)
+
+
 def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_path):
     """--validation_at_start: step-0.png before any update (the LoRA's B is zero, so it is the base DiT's edit) and
     first in the grid; a resumed run does not validate at its start again."""
@@ -180,3 +199,51 @@ def test_validation_cfg_follows_the_row_then_the_flags(tiny_pipe, data):
                              edit_image_area=4096, progress=False, **cfg)
         assert np.array_equal(images[-1], np.asarray(expected)), k
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+
+
+def test_an_output_folder_with_glob_characters_keeps_its_grids_and_its_earlier_run(tiny_models, data, tmp_path):
+    """Folder names are not glob patterns: in `out [1]` the grid of a sample without edit images found no step
+    image (glob read `[1]` as a character class) and validation crashed with an IndexError; an earlier run's
+    checkpoint there went unseen, so a new run would have replaced it without --overwrite."""
+    from diffsynth.trainers.output_dir import previous_run_files
+
+    prompts = write_prompts(str(tmp_path / "prompts [a]"), data)
+    out = str(tmp_path / "out [1]")
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--validation_prompts",
+                      prompts, "--validation_at_start", "--validation_steps", "1",
+                      "--validation_inference_steps", "1")) == 0
+    for k, inputs in (("1", 1), ("2", 0)):  # tiles: the inputs, steps 0 and 1, the final image (step 2)
+        width = Image.open(os.path.join(out, "validation", k, "grid.png")).width
+        tile = Image.open(os.path.join(out, "validation", k, "final.png")).width
+        assert width == (inputs + 3) * tile, k
+    assert "checkpoint-final.safetensors" in previous_run_files(out)
+    assert main(flags(tiny_models, data, out, "--max_steps", "1")) == 2  # refused: the earlier run's files
+
+
+def test_a_run_killed_while_writing_a_validation_image_leaves_no_cut_off_file(tiny_models, data, tmp_path,
+                                                                               monkeypatch):
+    """step-N.png and grid.png are written atomically: a kill mid-write used to leave a cut-off step-N.png, which
+    every later grid of that folder (the resumed run's) opened and failed on."""
+    real = Image.Image.save
+
+    def killed_mid_write(self, fp, format=None, **params):
+        if str(fp).endswith("step-1.png"):
+            import io
+
+            buffer = io.BytesIO()
+            real(self, buffer, format="PNG", **params)
+            with open(fp, "wb") as f:
+                f.write(buffer.getvalue()[:40])
+            raise KeyboardInterrupt
+        return real(self, fp, format=format, **params)
+
+    prompts = write_prompts(str(tmp_path / "prompts"), data)
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(Image.Image, "save", killed_mid_write)
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", "--cache_conditioning", "--validation_prompts",
+                      prompts, "--validation_at_start", "--validation_steps", "1",
+                      "--validation_inference_steps", "1")) == 130
+    folder = os.path.join(out, "validation", "1")
+    assert sorted(os.listdir(folder)) == ["grid.png", "step-0.png"]  # no step-1.png, whole or cut
+    for name in os.listdir(folder):
+        Image.open(os.path.join(folder, name)).load()

@@ -35,6 +35,9 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 _ROLES = {**{"." + n: n for n in _LOHA + _LOKR + ("lokr_t2",)},
           ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
           ".lora_magnitude_vector": "magnitude", ".dora_scale": "dora_scale", ".alpha": "alpha"}
+# keys written in fp32 whatever the weights' dtype: a DoRA's per-row magnitude (peft's or ComfyUI's dora_scale),
+# and alpha
+KEEP_FP32 = (".lora_magnitude_vector", ".dora_scale", ".alpha")
 _EPS = torch.finfo(torch.float32).eps  # ComfyUI adds its compute dtype's eps (float32) to the norm
 
 
@@ -421,6 +424,11 @@ def convert_adapter_file(input, output, direction, format=None, rank=None, base_
     report = [f"{input}: {kind}, {len(modules)} modules"]
     converted = to_standard(modules)
     sd = to_format(converted, fmt, base_weights)
+    # written in the input's weight dtype (a bf16 file stays bf16, as convert_lora_file keeps it); a DoRA's magnitude
+    # or dora_scale stays fp32 (the norm of a base weight row: its rounding would outweigh what training learned)
+    dtype = next((v.dtype for a in modules.values() for k, v in a.t.items() if k not in ("magnitude", "dora_scale")
+                  and v.is_floating_point()), torch.float32)
+    sd = {k: v if k.endswith(KEEP_FP32) or not v.is_floating_point() else v.to(dtype) for k, v in sd.items()}
     targets = sorted({short_name(n) for n in converted})
     rank_value = int(metadata.get("rank", 1))  # the scale is folded into the weights: alpha = rank
     meta = lora_metadata({}, "standard", rank_value, rank_value, targets, {

@@ -157,7 +157,7 @@ def convert_dit_checkpoint(input_paths, output, direction: str, max_shard_size=N
     single = output.endswith(".safetensors") and max_shard_size is None
     index_files = [os.fspath(p) for p in ([input_paths] if isinstance(input_paths, (str, os.PathLike)) else input_paths)
                    if os.fspath(p).endswith(".json")]
-    index_files += glob.glob(os.path.join(os.path.dirname(files[0]), "*.safetensors.index.json"))
+    index_files += glob.glob(os.path.join(glob.escape(os.path.dirname(files[0])), "*.safetensors.index.json"))
     check_not_input(output, files + index_files, folder_output=not single)
     config = infer_dit_config(files)
     merged = direction == "to_merged"

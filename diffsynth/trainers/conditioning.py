@@ -121,7 +121,7 @@ def conditioning_model_files(models: dict) -> list:
         for file in resolve_safetensors_files(found[kind]):  # a folder or index json: its files; checked complete
             ids.append([kind, os.path.basename(file), content_id(file)])
     for kind in ("tokenizer", "processor"):
-        for file in sorted(glob.glob(os.path.join(found[kind], "**", "*"), recursive=True)):
+        for file in sorted(glob.glob(os.path.join(glob.escape(found[kind]), "**", "*"), recursive=True)):
             if os.path.isfile(file):
                 with open(file, "rb") as f:
                     ids.append([kind, os.path.relpath(file, found[kind]), hashlib.sha256(f.read()).hexdigest()])
@@ -143,7 +143,7 @@ class ConditionCache:
         os.makedirs(folder, exist_ok=True)
         # Temp files of writes that killed runs never finished (atomic_path's `.tmp-*`). Other runs may share the
         # folder and be writing now: only old ones go.
-        for tmp in glob.glob(os.path.join(folder, ".tmp-*")):
+        for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
             with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
                 if time.time() - os.path.getmtime(tmp) > self.TEMP_AGE_S:
                     os.remove(tmp)

@@ -39,11 +39,17 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def _entries(folder, skip=()):
+def _entries(folder, problems, skip=()):
     """File names in a folder; dotfiles (.DS_Store), subfolders (an edits/ kept inside images/) and `skip` (the
-    metadata file, when written into an image folder) are no samples."""
-    return sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
-                  and os.path.join(folder, n) not in skip)
+    metadata file, when written into an image folder) are no samples. A broken symbolic link is a problem, not
+    skipped: it names a sample (a target, caption or control) that would otherwise be silently left out."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    for n in names:
+        path = os.path.join(folder, n)
+        if os.path.islink(path) and not os.path.exists(path):
+            problems.append(f"  {path}: a broken symbolic link (its target {os.readlink(path)} does not exist); "
+                            "restore the file it points to, or remove the link")
+    return [n for n in names if os.path.isfile(os.path.join(folder, n)) and os.path.join(folder, n) not in skip]
 
 
 def _read_caption(path, problems):
@@ -78,9 +84,13 @@ def _scan_dataset(images, controls, caption_extension, caption_dir, problems, sk
             problems.append(f"  {c}: the control folder is the target folder; the edit inputs go in their own folder")
             missing.append(c)
     controls = [c for c in controls if c not in missing]  # the others are still checked, every problem at once
+    for i, c in enumerate(controls):  # each row would get that folder's image twice
+        if any(os.path.samefile(c, earlier) for earlier in controls[:i]):
+            problems.append(f"  {c}: given twice as a control folder; give each control folder once")
+    controls = [c for i, c in enumerate(controls) if not any(os.path.samefile(c, e) for e in controls[:i])]
 
     targets, captions = {}, {}  # stem -> file name
-    for name in _entries(images, skip):
+    for name in _entries(images, problems, skip):
         if name.endswith(caption_extension):
             captions[name[:-len(caption_extension)]] = name
         elif os.path.splitext(name)[1].lower() in exts:
@@ -89,7 +99,8 @@ def _scan_dataset(images, controls, caption_extension, caption_dir, problems, sk
             problems.append(f"  {os.path.join(images, name)}: not an image (nor a {caption_extension} caption); move "
                             "it out of the folder, or convert it to PNG/JPEG if it is a picture")
     if caption_dir != images:
-        captions = {n[:-len(caption_extension)]: n for n in _entries(caption_dir) if n.endswith(caption_extension)}
+        captions = {n[:-len(caption_extension)]: n for n in _entries(caption_dir, problems)
+                    if n.endswith(caption_extension)}
     if not targets:
         problems.append(f"  {images}: holds no images; expected targets such as name.png with name{caption_extension}")
     for stem, names in targets.items():
@@ -102,7 +113,7 @@ def _scan_dataset(images, controls, caption_extension, caption_dir, problems, sk
     edits = {stem: [] for stem in targets}  # stem -> control paths, folder by folder
     for folder in controls:
         found = {}  # (target stem, number or -1 for the bare name) -> file name
-        for name in _entries(folder, skip):
+        for name in _entries(folder, problems, skip):
             stem, ext = os.path.splitext(name)
             numbered = NUMBERED.match(stem)
             if ext.lower() not in exts:

@@ -39,7 +39,8 @@ def _read_lock(path):
 
 def previous_run_files(folder) -> list[str]:
     """Checkpoints, logs and states of an earlier run in `folder` (names relative to it)."""
-    found = [os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(folder, pattern))]
+    found = [os.path.basename(p) for pattern in RUN_FILES
+             for p in glob.glob(os.path.join(glob.escape(folder), pattern))]
     found += [name + "/" for name in RUN_FOLDERS if os.path.isdir(os.path.join(folder, name))]
     return sorted(found)
 
@@ -144,9 +145,9 @@ class OutputDir:
 
     def _remove_temp_files(self) -> list[str]:
         """Temporary files of writes that a killed run never finished (atomic_path's `.tmp-*`, state `*.tmp`)."""
-        stale = glob.glob(os.path.join(self.path, "**", ".tmp-*"), recursive=True)
-        stale += glob.glob(os.path.join(self.path, "checkpoints", "*.tmp"))
-        stale += glob.glob(os.path.join(self.path, "*.tmp.png"))
+        stale = glob.glob(os.path.join(glob.escape(self.path), "**", ".tmp-*"), recursive=True)
+        stale += glob.glob(os.path.join(glob.escape(self.path), "checkpoints", "*.tmp"))
+        stale += glob.glob(os.path.join(glob.escape(self.path), "*.tmp.png"))
         for path in stale:
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         return sorted(os.path.relpath(p, self.path) for p in stale)

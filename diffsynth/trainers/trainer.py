@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..lora import fuse_lora, inject_lora, load_lora_weights, lora_state_dict, save_lora
+from ..lora.adapters import KEEP_FP32
 from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
-from ..utils.io import save_safetensors
+from ..utils.io import atomic_path, save_safetensors
 from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn, parse_file_keys
@@ -482,13 +483,15 @@ class Trainer:
 
     def _in_save_precision(self, state, default, name) -> dict:
         """The weights to write, on the CPU in --save_precision (else `default`, None: as they are). A value that the
-        smaller dtype cannot hold (fp16 overflows above 65504) stops the save rather than writing inf."""
+        smaller dtype cannot hold (fp16 overflows above 65504) stops the save rather than writing inf. A DoRA's
+        magnitude stays fp32: it is the norm of a base weight row, so bf16's rounding of it (0.4%) would move every
+        row by more than training does (and it is one vector per module)."""
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.save_precision,
                                                                                           default)
         out = {}
         for k, v in state.items():
             v = v.detach().cpu()
-            if dtype is not None and v.is_floating_point():
+            if dtype is not None and v.is_floating_point() and not k.endswith(KEEP_FP32):
                 cast = v.to(dtype)
                 if not torch.isfinite(cast).all() and torch.isfinite(v).all():
                     raise ValueError(f"--save_precision {self.args.save_precision}: {k} of {name} holds values up to "
@@ -795,10 +798,13 @@ class Trainer:
             folder = os.path.join(args.output_path, "validation", sample.folder or "")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, "final.png" if final else f"step-{self.state.step}.png")
-            image.save(path, pnginfo=png_info(step_label, sample.prompt))
+            # atomically: a run killed mid-write leaves no cut-off step-N.png for the resumed run's grid to choke on
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG", pnginfo=png_info(step_label, sample.prompt))
             self._log_image(f"validation/{sample.folder}" if sample.folder else "validation",
                             labelled(image, f"{step_label}: {sample.prompt}"))
-            shots = sorted(glob.glob(os.path.join(folder, "step-*.png")), key=lambda p: int(p.split("-")[-1][:-4]))
+            shots = sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.png")),
+                           key=lambda p: int(p.split("-")[-1][:-4]))
             tiles = [(f"input {i + 1}", img) for i, img in enumerate(self.validation_inputs.edit_images[k])]
             tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
             if final:
@@ -807,7 +813,8 @@ class Trainer:
             header = f"{sample.prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {seed}, " \
                      f"{sample.steps or args.validation_inference_steps} steps, " \
                      f"cfg {self.validation_inputs.cfg[k]:g}"
-            grid(tiles, header).save(os.path.join(folder, "grid.png"))
+            with atomic_path(os.path.join(folder, "grid.png")) as tmp:
+                grid(tiles, header).save(tmp, format="PNG")
         acc.wait_for_everyone()
 
 

@@ -71,7 +71,10 @@ def _txt_rows(path) -> list[tuple[str, dict]]:
             for option in options:
                 name, _, value = option.strip().partition(" ")
                 column = TXT_OPTIONS.get(name.lower())
-                if column == "edit_image":  # --ci repeats, one image each
+                if column and not value.strip():  # dropped as an empty cell, it would silently do nothing
+                    problems.append(f"  {where}: --{name} without a value; give its {column.replace('_', ' ')} "
+                                    f"(--{name} <value>), or leave it out")
+                elif column == "edit_image":  # --ci repeats, one image each
                     row.setdefault("edit_image", []).append(value.strip())
                 elif column:
                     row[column] = value.strip()
@@ -88,6 +91,9 @@ def _txt_rows(path) -> list[tuple[str, dict]]:
 def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
     """Every sample of a --validation_prompts file, each row and image checked as training checks its data (before
     any model loads); one ValidationPromptsError lists every problem with its row and column."""
+    if os.path.isdir(path):
+        raise ValidationPromptsError(f"--validation_prompts {path} is a folder; name the prompts file in it (.json, "
+                                     ".jsonl, .csv or .txt)")
     if not os.path.isfile(path):
         raise ValidationPromptsError(f"--validation_prompts {path}: file not found")
     base = os.path.dirname(os.path.abspath(path))  # relative paths: next to the file, wherever the run starts
@@ -190,7 +196,8 @@ def describe_samples(samples, args) -> list[str]:
     """--dry_run's list of the validation samples: where each is written, with its prompt, images, seed and size."""
     if not samples:
         return []
-    when = f"every {args.validation_steps} steps and " if args.validation_steps else ""
+    when = ("before the first step, " if getattr(args, "validation_at_start", False) else "") + (
+        f"every {args.validation_steps} steps and " if args.validation_steps else "")
     lines = [f"validation: {len(samples)} sample(s), {when}at the end:"]
     for s in samples:
         size = f"{s.width}x{s.height}" if s.width else "the last edit image's size" if s.edit_images else "square"

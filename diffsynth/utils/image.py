@@ -165,8 +165,9 @@ _SIXTEEN_BIT_I_FORMATS = ("PPM", "PNG")
 # A profile's colour space (ICC header bytes 16..20) -> the mode littlecms converts from, and the modes it describes.
 _ICC_SPACES = {b"RGB ": "RGB", b"GRAY": "L", b"CMYK": "CMYK"}
 # sRGB by its description: 'sRGB IEC61966-2.1' (and '-2-1 black scaled', 'sRGB2014', 'sRGB built-in'), GIMP's own;
-# not a linear-light profile with sRGB's primaries ('sRGB-elle-V2-g10', 'Linear sRGB'), which needs converting
-_SRGB_DESCRIPTION = re.compile(r"(GIMP built-in )?sRGB(?!.*(linear|g10))", re.IGNORECASE)
+# not a linear-light profile with sRGB's primaries ('sRGB-elle-V2-g10', 'Linear sRGB'), nor Elle Stone's others with
+# sRGB's primaries and another curve ('-g22', '-g18', '-labl', '-rec709': only '-srgbtrc' is sRGB), which convert
+_SRGB_DESCRIPTION = re.compile(r"(GIMP built-in )?sRGB(?!.*(linear|g10|-elle-V\d-(?!srgbtrc)))", re.IGNORECASE)
 _ICC_MODES = {"RGB": ("RGB", "RGBA", "RGBa", "P", "PA"), "CMYK": ("CMYK",),
               "L": ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")}
 

@@ -28,11 +28,11 @@ def resolve_safetensors_files(paths) -> list[str]:
     files = []
     for path in map(str, paths):
         if os.path.isdir(path):
-            indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+            indexes = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors.index.json")))
             if indexes:
                 files += resolve_safetensors_files(indexes)
                 continue
-            found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            found = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
             if not found:
                 raise WeightFileError(f"{path}: directory holds no .safetensors file and no index json")
             files += found

@@ -43,7 +43,8 @@ def main(argv=None):
             report_replaced([args.output], before)
             return 0
         if os.path.isdir(args.input):  # a DiT folder holds no LoRA: the user meant the file
-            loras = [f for f in sorted(glob.glob(os.path.join(args.input, "*.safetensors"))) if is_lora_file(f)]
+            loras = [f for f in sorted(glob.glob(os.path.join(glob.escape(args.input), "*.safetensors")))
+                     if is_lora_file(f)]
             if loras:
                 raise LoraError(f"--input {args.input} is a folder holding the LoRA {loras[0]}; pass that file as "
                                 "--input")
