@@ -325,6 +325,19 @@ def test_save_precision_writes_the_trained_weights_rounded(tiny_models, shared, 
         assert a.keys() == b.keys() and all((a[k] - b[k]).norm() <= 0.01 * a[k].norm() for k in a)
 
 
+def test_save_every_n_epochs_beyond_the_runs_last_epoch_is_refused_before_loading(tiny_models, shared, tmp_path,
+                                                                                   capsys):
+    """3 epochs of 2 steps cut by --max_steps 5 complete 2: an epoch file every 3 would never be written (the flag
+    check cannot know the steps per epoch; the trainer knows them from the data, before any model loads)."""
+    data, cache = shared
+    argv = flags(tiny_models, data, str(tmp_path / "out"), "--dataset_repeat", "2", "--batch_size", "2",
+                 "--num_epochs", "3", "--max_steps", "5", "--save_every_n_epochs", "3", "--cache_conditioning", cache,
+                 "--models_dir", str(tmp_path / "no-models"))
+    assert main(argv) == 2
+    assert "--save_every_n_epochs 3 would write no epoch file: this run completes 2 epoch(s) (2 steps each, " \
+           "--max_steps 5); give a smaller N, or leave it out" in capsys.readouterr().err
+
+
 def test_cosine_schedule_is_logged_per_optimizer_step(tiny_models, shared, tmp_path):
     out = run(tiny_models, shared, tmp_path / "out", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
               "--lr_min_ratio", "0.1", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2",

@@ -202,6 +202,14 @@ class Trainer:
         self.sampler = BucketBatchSampler(self.dataset, args.batch_size, shuffle=True, seed=args.seed,
                                           num_replicas=acc.num_processes, rank=acc.process_index)
         self.log(self.sampler.bucket_summary())
+        every = args.save_every_n_epochs
+        if every not in (0, 1) and args.num_epochs is not None:  # an explicit N: does the run reach epoch N?
+            steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
+            epochs = min(args.num_epochs, args.max_steps // steps_per_epoch) if args.max_steps else args.num_epochs
+            if epochs < every:
+                raise ValueError(f"--save_every_n_epochs {every} would write no epoch file: this run completes "
+                                 f"{epochs} epoch(s) ({steps_per_epoch} steps each, --max_steps {args.max_steps}); "
+                                 "give a smaller N, or leave it out")
         # A state to resume must fit these flags, data and processes. Then the output folder is claimed: it belongs
         # to this run, unless it holds another run's files (kept unless this run resumes from its own state there;
         # with --overwrite they are deleted once the models have loaded, so a run that stops before that loses none).
