@@ -71,7 +71,7 @@ def parse_file_keys(data_file_keys) -> list[str]:
     return keys
 
 
-def _check_utf8(path):
+def check_utf8(path):
     """Metadata must be UTF-8 (with or without a BOM): name the first line that is not, and the likely encoding."""
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
@@ -85,7 +85,8 @@ def _check_utf8(path):
                     f"`iconv -f latin1 -t utf-8`)") from None
 
 
-def _listed(problems) -> str:
+def listed_problems(problems) -> str:
+    """The problems a line each, the first MAX_LISTED_PROBLEMS of them, then how many more."""
     shown = problems[:MAX_LISTED_PROBLEMS]
     return "\n".join(shown) + (f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else "")
 
@@ -136,7 +137,7 @@ def _read_csv(path) -> list[tuple[str, dict]]:
     if bad:
         raise DatasetError(
             f"{path}: {len(bad)} row(s) do not have one field per header column ({','.join(header)}):\n"
-            + _listed(bad) + "\nSeveral edit images go in one cell separated by '|' (edits/a.png|edits/b.png); a value holding a "
+            + listed_problems(bad) + "\nSeveral edit images go in one cell separated by '|' (edits/a.png|edits/b.png); a value holding a "
             'comma must be in double quotes ("make it red, then blue"); a row has no comma after its last value.')
     return rows
 
@@ -147,7 +148,7 @@ def read_metadata(path) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: metadata file not found (--dataset_metadata_path)")
     ext = os.path.splitext(path)[1].lower()
-    _check_utf8(path)
+    check_utf8(path)
     if ext == ".csv":
         rows = _read_csv(path)
     elif ext == ".json":
@@ -193,7 +194,7 @@ def parse_file_list(value) -> list[str]:
     return [p.strip() for p in text.split("|")]
 
 
-def _inspect_file(path):
+def inspect_file(path):
     """(sha256, displayed (w, h), what makes its ICC profile unusable or None) of an image file, or an error text.
     Reads the bytes once. The profile is reported apart: a mask, read by its grey level, does not use it."""
     problem = file_problem(path)
@@ -263,7 +264,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
             problems.append(f"  {where}: {column} file not found: {rel} (looked at {path})")
             return None
         if path not in inspected:
-            inspected[path] = _inspect_file(path)
+            inspected[path] = inspect_file(path)
         problem = inspected[path]
         if not isinstance(problem, str):  # readable: its ICC profile may still be unusable, except on a mask
             problem = None if column == "mask" else problem[2]
@@ -373,7 +374,7 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
 
     if problems:
         raise DatasetError(
-            f"{metadata_path}: {len(problems)} problem(s) in the training data:\n" + _listed(problems)
+            f"{metadata_path}: {len(problems)} problem(s) in the training data:\n" + listed_problems(problems)
             + f"\nFix the listed rows or files (file paths are relative to --dataset_base_path "
             f"{os.path.abspath(base_path)!r}), or remove those rows, then rerun."
         )

@@ -17,7 +17,7 @@ import tomllib
 
 from PIL import Image
 
-from .dataset import DatasetError, _listed, parse_file_list
+from .dataset import DatasetError, listed_problems, parse_file_list
 
 NUMBERED = re.compile(r"(.+)_(\d+)$")  # musubi-tuner's several controls: name_0, name_1 (or name_0000)
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
@@ -168,7 +168,7 @@ def folders_to_rows(datasets, output=None) -> list[dict]:
                               d.get("caption_dir"), problems, skip)
     if problems:
         raise DatasetError(f"{len(problems)} problem(s) in the image folders; nothing was written:\n"
-                           + _listed(problems))
+                           + listed_problems(problems))
     return rows
 
 
@@ -269,7 +269,7 @@ def write_metadata(rows, output, overwrite=False) -> list[dict]:
         written.append({**cells, "prompt": row["prompt"]})
     if problems:
         raise DatasetError(f"{len(problems)} file name(s) cannot be written; nothing was written:\n"
-                           + _listed(problems))
+                           + listed_problems(problems))
     text = io.StringIO(newline="")
     if ext == ".csv":  # the csv module quotes a prompt holding a comma, a quote or a newline
         writer = csv.DictWriter(text, ["image", "edit_image", "prompt"], lineterminator="\n")

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from ..utils.image import SIZE_MULTIPLE, check_edit_size, open_image, resize_edit_image
 from .conditioning import DROPOUT_PROMPT
-from .dataset import DatasetError, _check_utf8, _inspect_file, _listed, parse_file_list, read_metadata
+from .dataset import DatasetError, check_utf8, inspect_file, listed_problems, parse_file_list, read_metadata
 
 COLUMNS = ("prompt", "edit_image", "seed", "width", "height", "steps", "negative_prompt", "cfg_scale")
 # musubi-tuner's sample-prompt options (a .txt line: "<prompt> --w 512 --d 42 --ci a.png") -> our column
@@ -59,7 +59,7 @@ def _integer(value):
 def _txt_rows(path) -> list[tuple[str, dict]]:
     """musubi-tuner's sample-prompt file as rows: a prompt per line, options split off at " --" as musubi-tuner
     splits them; "#" lines are comments. A refused or unknown option raises, naming its line."""
-    _check_utf8(path)
+    check_utf8(path)
     rows, problems = [], []
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
@@ -84,7 +84,7 @@ def _txt_rows(path) -> list[tuple[str, dict]]:
                                     + ", ".join(f"--{o} ({c})" for o, c in TXT_OPTIONS.items()))
             rows.append((where, row))
     if problems:
-        raise ValidationPromptsError(f"--validation_prompts {path}:\n" + _listed(problems))
+        raise ValidationPromptsError(f"--validation_prompts {path}:\n" + listed_problems(problems))
     return rows
 
 
@@ -161,7 +161,7 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
                 problems.append(f"  {where}: an empty path in {names['edit_image']}; name a file")
                 continue
             path_ = os.path.abspath(os.path.join(base, os.path.expanduser(rel)))  # an absolute path stays as is
-            found = _inspect_file(path_)  # what the training data check says of such a file, or its size
+            found = inspect_file(path_)  # what the training data check says of such a file, or its size
             if isinstance(found, str):
                 found = found if os.path.exists(path_) else f"file not found (looked at {path_})"
                 problems.append(f"  {where}: {names['edit_image']} {rel} {found}")
@@ -176,7 +176,7 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
                                         values.get("width"), values.get("height"), values.get("steps"), str(k),
                                         where, negative, values.get("cfg_scale")))
     if problems:
-        raise ValidationPromptsError(f"--validation_prompts {path}: {len(problems)} problem(s):\n" + _listed(problems))
+        raise ValidationPromptsError(f"--validation_prompts {path}: {len(problems)} problem(s):\n" + listed_problems(problems))
     return samples
 
 
