@@ -70,26 +70,27 @@ def _dit_linear_names(args) -> dict:
     return names
 
 
-def _in_our_key_style(args, names) -> bool:
-    """The DiT's linear layer names are this project's (the default targets match them); a checkpoint of another key
-    style is converted by the loader, so checks against its names would be wrong."""
-    from ..lora.inject import check_target_modules
-
-    try:
-        check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
-    except ValueError:
-        return False
-    return True
-
-
-def check_lora_targets(args):
-    """--lora_target_modules against the DiT's linear layers in this script's q/k/v layout, before anything loads
-    and under --dry_run too (inject_lora found a wrong name only after the models had loaded and the conditioning
-    cache had filled)."""
+def _lora_layer_names(args) -> dict | None:
+    """The DiT's linear layer names (`_dit_linear_names`), or None when they are not this project's (the default
+    targets do not match them): a checkpoint of another key style is converted by the loader, so checks against its
+    names would be wrong."""
     from ..lora.inject import check_target_modules
 
     names = _dit_linear_names(args)
-    if not _in_our_key_style(args, names):  # names of another key style (the loader converts them): not checked here
+    try:
+        check_target_modules(build_parser(args.merged_qkv).get_default("lora_target_modules"), names)
+    except ValueError:
+        return None
+    return names
+
+
+def check_lora_targets(args, names):
+    """--lora_target_modules against the DiT's linear layers `names` (_lora_layer_names) in this script's q/k/v
+    layout, before anything loads and under --dry_run too (inject_lora found a wrong name only after the models had
+    loaded and the conditioning cache had filled). names None: another key style, not checked here."""
+    from ..lora.inject import check_target_modules
+
+    if names is None:
         return
     try:
         check_target_modules(args.lora_target_modules, names)
@@ -111,10 +112,11 @@ def check_block_counts(args):
             raise ValueError(f"--{flag} {value}: the DiT has {n} blocks ({where}); give 1 to {n}")
 
 
-def check_lora_checkpoint(args):
+def check_lora_checkpoint(args, names):
     """--lora_checkpoint fits the adapters this run injects: its type (--lora_type), DiT layout, --lora_rank and, for
-    LoHa/LoKr/DoRA, --lora_alpha, read from the file before the DiT loads (a mismatch found after loading costs
-    minutes; another alpha was not found at all)."""
+    LoHa/LoKr/DoRA, --lora_alpha, and its modules against the adapters --lora_target_modules makes of the DiT's
+    linear layers `names` (_lora_layer_names; None: not checked), read from the file before the DiT loads (a mismatch
+    found after loading costs minutes; another alpha was not found at all)."""
     from ..lora.adapters import adapter_type, read_adapters
     from ..lora.reader import MERGED_PARTS, PART_OF, lora_modules, read_lora
     from ..utils.io import read_metadata
@@ -139,8 +141,7 @@ def check_lora_checkpoint(args):
     # The modules: load_lora_weights needs the file's modules to be exactly the adapters this run injects. Compared
     # by their names within a block (the DiT read here may be the downloadable one, of another block count than a
     # test's tiny model; a LoRA of another model is the loader's to refuse)
-    names = _dit_linear_names(args)
-    if _in_our_key_style(args, names):
+    if names is not None:
         from ..lora.inject import matches_target, parse_target_modules
 
         targets = parse_target_modules(args.lora_target_modules)
@@ -192,9 +193,10 @@ def preflight(args, dataset=True):
             except LoraError as e:
                 raise LoraError(f"--{flag}: {e}") from None
     if args.lora_base_model:
-        check_lora_targets(args)
-    if args.lora_checkpoint and args.lora_base_model:
-        check_lora_checkpoint(args)
+        names = _lora_layer_names(args)  # the DiT's file headers, or the downloadable DiT built on the meta device
+        check_lora_targets(args, names)
+        if args.lora_checkpoint:
+            check_lora_checkpoint(args, names)
     from .validation import validation_samples
 
     validation_samples(args)  # --validation_edit_image, or every row and image of --validation_prompts

@@ -202,14 +202,15 @@ class Trainer:
         self.sampler = BucketBatchSampler(self.dataset, args.batch_size, shuffle=True, seed=args.seed,
                                           num_replicas=acc.num_processes, rank=acc.process_index)
         self.log(self.sampler.bucket_summary())
+        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         every = args.save_every_n_epochs
         if every not in (0, 1) and args.num_epochs is not None:  # an explicit N: does the run reach epoch N?
-            steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
-            epochs = min(args.num_epochs, args.max_steps // steps_per_epoch) if args.max_steps else args.num_epochs
+            epochs = (min(args.num_epochs, args.max_steps // self.steps_per_epoch) if args.max_steps
+                      else args.num_epochs)
             if epochs < every:
                 raise ValueError(f"--save_every_n_epochs {every} would write no epoch file: this run completes "
-                                 f"{epochs} epoch(s) ({steps_per_epoch} steps each, --max_steps {args.max_steps}); "
-                                 "give a smaller N, or leave it out")
+                                 f"{epochs} epoch(s) ({self.steps_per_epoch} steps each, --max_steps "
+                                 f"{args.max_steps}); give a smaller N, or leave it out")
         # A state to resume must fit these flags, data and processes. Then the output folder is claimed: it belongs
         # to this run, unless it holds another run's files (kept unless this run resumes from its own state there;
         # with --overwrite they are deleted once the models have loaded, so a run that stops before that loses none).
@@ -355,7 +356,6 @@ class Trainer:
         params = [p for p in dit.parameters() if p.requires_grad]
         self.log(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
-        self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         # Epoch checkpoints every --save_every_n_epochs (0: none). --max_steps alone sets the length, as in diffusers'
         # and kohya's scripts; such a run saves by --save_steps, not at the end of each pass (a LoRA file per pass:
         # hundreds on a small dataset)
