@@ -324,7 +324,7 @@ def test_the_pipeline_and_validation_convert_pil_images(tiny_pipe, tmp_path):
     finally:
         del tiny_pipe.encode_images
     assert torch.equal(seen[0].float(), pil_to_tensor(resize_edit_image(expected, 48 * 32)))
-    validation = ValidationInputs(tiny_pipe, [ValidationSample("x", (str(path),))], 48 * 32)
+    validation = ValidationInputs(tiny_pipe, [ValidationSample("x", (str(path),), cfg_scale=1.0)], 48 * 32)
     assert validation.edit_images[0][0].tobytes() == expected.tobytes() != PIXELS.tobytes()
     p3_file(tmp_path / "bad.png", profile=b"not a profile" * 20)
     with Image.open(tmp_path / "bad.png") as bad, pytest.raises(

@@ -179,26 +179,36 @@ def test_validation_at_start_writes_the_baseline_once(tiny_models, data, tmp_pat
     assert sorted(os.listdir(folder)) == ["final.png", "grid.png", "step-0.png"]
 
 
-def test_validation_cfg_follows_the_row_then_the_flags(tiny_pipe, data):
-    """Each sample's image is the pipeline's with the CFG the row gives, else --validation_cfg_scale and
-    --validation_negative_prompt; cfg 1 runs without CFG (and computes no negative embedding)."""
-    from diffsynth.trainers.validation import ValidationInputs, ValidationSample
+def test_validation_cfg_follows_the_row_then_the_flags(tiny_pipe, data, tmp_path):
+    """Each sample's image is the pipeline's with the seed, steps and CFG the row gives, else the run's --seed,
+    --validation_inference_steps, --validation_cfg_scale and --validation_negative_prompt; cfg 1 runs without CFG
+    (and computes no negative embedding)."""
+    from types import SimpleNamespace
+
+    from diffsynth.trainers.validation import ValidationInputs, validation_samples
     from diffsynth.utils.image import open_image
 
     edit = os.path.join(data, "edits", "edit000.png")
-    samples = [ValidationSample("blue", (edit,), cfg_scale=1.0),
-               ValidationSample("blue", (edit,), negative_prompt="ugly", cfg_scale=3.0),
-               ValidationSample("blue", (edit,))]
-    inputs = ValidationInputs(tiny_pipe, samples, 4096, cfg_scale=2.0, negative_prompt="dull")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "blue", "edit_image": edit, **row}) for row in (
+        {"cfg_scale": 1}, {"negative_prompt": "ugly", "cfg_scale": 3, "seed": 5, "steps": 1}, {})))
+    args = SimpleNamespace(validation_prompts=str(path), edit_image_area=4096, seed=0, validation_inference_steps=2,
+                           validation_cfg_scale=2.0, validation_negative_prompt="dull")
+    samples = validation_samples(args)
+    assert [(s.seed, s.steps, s.cfg_scale, s.negative_prompt) for s in samples] == [
+        (0, 2, 1.0, "dull"), (5, 1, 3.0, "ugly"), (0, 2, 2.0, "dull")]
+    inputs = ValidationInputs(tiny_pipe, samples, 4096)
     assert inputs.negative_embeds[0] is None
     images = []
-    for k, cfg in enumerate([{}, {"negative_prompt": "ugly", "cfg_scale": 3.0},
-                             {"negative_prompt": "dull", "cfg_scale": 2.0}]):
-        images.append(np.asarray(inputs.generate(tiny_pipe, k, 0, 2, 4096)))
-        expected = tiny_pipe("blue", edit_image=open_image(edit), seed=0, num_inference_steps=2,
-                             edit_image_area=4096, progress=False, **cfg)
+    for k, run in enumerate([{"seed": 0, "num_inference_steps": 2},
+                             {"negative_prompt": "ugly", "cfg_scale": 3.0, "seed": 5, "num_inference_steps": 1},
+                             {"negative_prompt": "dull", "cfg_scale": 2.0, "seed": 0, "num_inference_steps": 2}]):
+        images.append(np.asarray(inputs.generate(tiny_pipe, k, 4096)))
+        expected = tiny_pipe("blue", edit_image=open_image(edit), edit_image_area=4096, progress=False, **run)
         assert np.array_equal(images[-1], np.asarray(expected)), k
-    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    assert not np.array_equal(images[0], images[2]) and not np.array_equal(images[1], images[2])
+    args.validation_negative_prompt = None  # unset: the inference script's default negative prompt, " "
+    assert {s.negative_prompt for s in validation_samples(args)} == {"ugly", " "}
 
 
 def test_an_output_folder_with_glob_characters_keeps_its_grids_and_its_earlier_run(tiny_models, data, tmp_path):

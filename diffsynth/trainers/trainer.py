@@ -267,8 +267,7 @@ class Trainer:
                              "edit_image")
                 self.log(f"note: {what}: the validation images are generated from the prompt alone, not edits "
                          "like the training samples")
-            self.validation_inputs = ValidationInputs(self.pipe, self.validation_samples, args.edit_image_area,
-                                                      args.validation_cfg_scale, args.validation_negative_prompt)
+            self.validation_inputs = ValidationInputs(self.pipe, self.validation_samples, args.edit_image_area)
         if self.cache is not None:  # every sample is cached now: the encoders' memory goes back
             self.pipe.text_encoder = None
             if not self.validation_samples:  # validation decodes its images with the VAE
@@ -794,8 +793,7 @@ class Trainer:
         dit.eval()
         self.pipe.dit = dit
         with acc.autocast():
-            images = [self.validation_inputs.generate(self.pipe, k, args.seed, args.validation_inference_steps,
-                                                      args.edit_image_area)
+            images = [self.validation_inputs.generate(self.pipe, k, args.edit_image_area)
                       for k in range(len(self.validation_samples))]
         dit.train(was_training)
         if not acc.is_main_process:
@@ -817,10 +815,8 @@ class Trainer:
             tiles += [(f"step {p.split('-')[-1][:-4]}", Image.open(p)) for p in shots]
             if final:
                 tiles.append((step_label, image))
-            seed = args.seed if sample.seed is None else sample.seed
-            header = f"{sample.prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {seed}, " \
-                     f"{sample.steps or args.validation_inference_steps} steps, " \
-                     f"cfg {self.validation_inputs.cfg[k]:g}"
+            header = f"{sample.prompt}\n{os.path.basename(os.path.abspath(args.output_path))}, seed {sample.seed}, " \
+                     f"{sample.steps} steps, cfg {sample.cfg_scale:g}"
             with atomic_path(os.path.join(folder, "grid.png")) as tmp:
                 grid(tiles, header).save(tmp, format="PNG")
         acc.wait_for_everyone()

@@ -5,7 +5,7 @@ import math
 import os
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -34,6 +34,8 @@ class ValidationPromptsError(ValueError):
 class ValidationSample:
     prompt: str
     edit_images: tuple[str, ...] = ()  # resolved paths
+    # seed, steps, negative_prompt, cfg_scale: None where the row leaves them out; validation_samples() fills them
+    # in from the run's flags, so what runs, what --dry_run lists and each grid's header are one and the same
     seed: int | None = None  # None: the run's --seed
     width: int | None = None  # None (both): the last edit image's size
     height: int | None = None
@@ -182,14 +184,20 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
 
 def validation_samples(args) -> list[ValidationSample]:
     """This run's validation samples (none without a prompt), every file checked: --validation_prompt with its
-    --validation_edit_image, or the rows of --validation_prompts."""
+    --validation_edit_image, or the rows of --validation_prompts; what a row leaves out is the run's flags' value."""
     if args.validation_prompts:
-        return read_validation_prompts(args.validation_prompts, args.edit_image_area)
-    if not args.validation_prompt:
+        samples = read_validation_prompts(args.validation_prompts, args.edit_image_area)
+    elif args.validation_prompt:
+        for path in args.validation_edit_image or []:
+            check_edit_size(f"--validation_edit_image {path}", open_image(path).size, args.edit_image_area)
+        samples = [ValidationSample(args.validation_prompt, tuple(args.validation_edit_image or ()))]
+    else:
         return []
-    for path in args.validation_edit_image or []:
-        check_edit_size(f"--validation_edit_image {path}", open_image(path).size, args.edit_image_area)
-    return [ValidationSample(args.validation_prompt, tuple(args.validation_edit_image or ()))]
+    flags = {"seed": args.seed, "steps": args.validation_inference_steps, "cfg_scale": args.validation_cfg_scale,
+             # the inference script's default negative prompt
+             "negative_prompt": DROPOUT_PROMPT if args.validation_negative_prompt is None
+             else args.validation_negative_prompt}
+    return [replace(s, **{k: v for k, v in flags.items() if getattr(s, k) is None}) for s in samples]
 
 
 def describe_samples(samples, args) -> list[str]:
@@ -203,9 +211,8 @@ def describe_samples(samples, args) -> list[str]:
         size = f"{s.width}x{s.height}" if s.width else "the last edit image's size" if s.edit_images else "square"
         lines.append(f"  validation/{s.folder + '/' if s.folder else ''} ({s.where}): {s.prompt!r}; "
                      f"{len(s.edit_images)} edit image(s){': ' if s.edit_images else ''}{', '.join(s.edit_images)}; "
-                     f"seed {args.seed if s.seed is None else s.seed}, {s.steps or args.validation_inference_steps} "
-                     f"steps, {size}, " + (f"true CFG {cfg:g}" if (cfg := s.cfg_scale or args.validation_cfg_scale) > 1
-                                           else "no CFG"))
+                     f"seed {s.seed}, {s.steps} steps, {size}, "
+                     + (f"true CFG {s.cfg_scale:g}" if s.cfg_scale > 1 else "no CFG"))
     return lines
 
 
@@ -214,9 +221,9 @@ class ValidationInputs:
     conditioning); the pipeline then needs only the DiT and the VAE decoder."""
 
     @torch.no_grad()
-    def __init__(self, pipe, samples, edit_image_area, cfg_scale=1.0, negative_prompt=None):
+    def __init__(self, pipe, samples, edit_image_area):
         self.samples, self.edit_images, self.prompt_embeds, self.edit_latents = list(samples), [], [], []
-        self.cfg, self.negative, self.negative_embeds = [], [], []
+        self.negative_embeds = []
         for sample in self.samples:
             images = [open_image(p) for p in sample.edit_images]
             self.edit_images.append(images)
@@ -224,21 +231,17 @@ class ValidationInputs:
             resized = [resize_edit_image(img, edit_image_area) for img in images]
             self.edit_latents.append(pipe.encode_edit_images(resized) if resized else None)
             # true CFG as the inference script runs it (its negative prompt sees the edit images too)
-            cfg = sample.cfg_scale or cfg_scale
-            negative = (sample.negative_prompt if sample.negative_prompt is not None else
-                        negative_prompt if negative_prompt is not None else DROPOUT_PROMPT)  # the inference's default
-            self.cfg.append(cfg)
-            self.negative.append(negative if cfg > 1 else None)
-            self.negative_embeds.append(pipe.encode_prompt([negative], [images] if images else None)
-                                        if cfg > 1 else None)
+            self.negative_embeds.append(pipe.encode_prompt([sample.negative_prompt], [images] if images else None)
+                                        if sample.cfg_scale > 1 else None)
 
-    def generate(self, pipe, k, seed, num_inference_steps, edit_image_area):
-        """Sample k's image; its own seed, steps and CFG, when the file gives them, before the run's."""
+    def generate(self, pipe, k, edit_image_area):
+        """Sample k's image, with its seed, steps and CFG (validation_samples() resolved them)."""
         s = self.samples[k]
+        cfg = s.cfg_scale > 1
         return pipe(s.prompt, edit_image=self.edit_images[k] or None, height=s.height, width=s.width,
-                    seed=seed if s.seed is None else s.seed, num_inference_steps=s.steps or num_inference_steps,
-                    edit_image_area=edit_image_area, progress=False, prompt_embeds=self.prompt_embeds[k],
-                    edit_latents=self.edit_latents[k], negative_prompt=self.negative[k], cfg_scale=self.cfg[k],
+                    seed=s.seed, num_inference_steps=s.steps, edit_image_area=edit_image_area, progress=False,
+                    prompt_embeds=self.prompt_embeds[k], edit_latents=self.edit_latents[k],
+                    negative_prompt=s.negative_prompt if cfg else None, cfg_scale=s.cfg_scale,
                     negative_prompt_embeds=self.negative_embeds[k])
 
 
