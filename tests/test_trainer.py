@@ -273,3 +273,33 @@ def test_lr_warmup_counts_optimizer_steps(tiny_models, data, tmp_path):
     with open(os.path.join(out, "train_log.csv")) as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # step s (from 0) uses (s + 1) / 4 of the peak
+
+
+def test_lr_warmup_as_a_fraction_of_the_run(tiny_models, data, tmp_path, capsys):
+    """musubi-tuner's --lr_warmup_steps 0.5: half of the run's optimizer steps, rounded down (5 steps: 2)."""
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_steps", "5", "--lr_warmup_steps", "0.5", "--learning_rate",
+                      "1e-3", "--cache_conditioning")) == 0
+    assert "lr warm-up: 2 of this run's 5 steps (--lr_warmup_steps 0.5)" in capsys.readouterr().out
+    with open(os.path.join(out, "train_log.csv")) as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_a_state_written_at_the_end_continues_the_run_exactly(tiny_models, data, tmp_path):
+    """--save_state_on_train_end: a 2-step run leaves checkpoints/step-2 (no --save_steps); resumed with
+    --max_steps 4 it gives the LoRA of a 4-step run to the bit, and leaves its own end state, step-4."""
+    from safetensors.torch import load_file
+
+    common = ("--cache_conditioning", "--save_state_on_train_end")
+    out, straight = str(tmp_path / "out"), str(tmp_path / "straight")
+    assert main(flags(tiny_models, data, out, "--max_steps", "2", *common)) == 0
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step-2"]
+    assert main(flags(tiny_models, data, out, "--max_steps", "4", "--resume_from_checkpoint", "latest", *common)) == 0
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-2", "step-4"]
+    assert main(flags(tiny_models, data, straight, "--max_steps", "4", "--cache_conditioning", "--save_steps", "2",
+                      "--save_state_on_train_end")) == 0
+    # --save_steps already wrote the last step's state: the end adds none
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["step-2", "step-4"]
+    a, b = (load_file(os.path.join(d, "checkpoint-final.safetensors")) for d in (out, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

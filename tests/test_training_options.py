@@ -207,6 +207,10 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--optimizer", "schedulefree.SGDScheduleFree", "--lr_scheduler", "linear"],
      "--optimizer schedulefree.SGDScheduleFree replaces the lr schedule"),
     (["--lr_min_ratio", "2"], "--lr_min_ratio must be in [0, 1]"),
+    (["--lr_warmup_steps", "1.5"], "argument --lr_warmup_steps: '1.5' is neither a whole number of steps (>= 0) "
+                                   "nor a fraction of the run's steps between 0 and 1"),
+    (["--lr_warmup_steps", "-2"], "'-2' is neither a whole number of steps"),
+    (["--lr_warmup_steps", "ten"], "'ten' is neither a whole number of steps"),
     (["--min_timestep", "600", "--max_timestep", "500"], "must be below --max_timestep"),
     (["--min_timestep", "1000"], "--min_timestep 1000.0 must be below --max_timestep 1000"),  # the default maximum
     (["--max_timestep", "0"], "--min_timestep 0 must be below --max_timestep 0.0"),

@@ -24,6 +24,20 @@ class ArgumentError(ValueError):
     """Flags that contradict each other or cannot work; the message says which and what to do."""
 
 
+def warmup_steps(text):
+    """--lr_warmup_steps: a whole number of steps (>= 0), or a fraction of the run's steps in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value == 0 or (value is not None and value.is_integer() and value > 0 and "." not in text):
+        return int(value)
+    if value is not None and 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number of steps (>= 0) nor a fraction of the "
+                                     "run's steps between 0 and 1 (e.g. 100 or 0.05)")
+
+
 def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     arch = "merged-QKV" if merged_qkv else "standard"
     p = ArgumentParser(
@@ -63,7 +77,9 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation")
     o.add_argument("--learning_rate", type=float, default=1e-4)
     o.add_argument("--weight_decay", type=float, default=0.01)
-    o.add_argument("--lr_warmup_steps", type=int, default=0)
+    o.add_argument("--lr_warmup_steps", type=warmup_steps, default=0, metavar="N|FRACTION",
+                   help="optimizer steps of linear warm-up; a fraction below 1 (e.g. 0.05, as in musubi-tuner) is "
+                        "that share of the run's steps")
     o.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient norm to this (0: no clipping, as in kohya/musubi-tuner)")
     o.add_argument("--num_epochs", type=int, default=None,
@@ -83,6 +99,9 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     s.add_argument("--save_every_n_epochs", type=int, default=1, metavar="N",
                    help="save the LoRA (or DiT) every N epochs as epoch-K.safetensors; 0: none besides "
                         "checkpoint-final (default 1). A run whose length is --max_steps alone saves no epochs")
+    s.add_argument("--save_state_on_train_end", action="store_true",
+                   help="also write a resumable training state after the last step (checkpoints/step-N), so the run "
+                        "can go on later with a larger --max_steps or --num_epochs")
     s.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the last N resumable training states")
     s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
@@ -200,8 +219,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
-    if args.dataset_num_workers < 0 or args.lr_warmup_steps < 0 or args.blocks_to_swap < 0:
-        problems.append("--dataset_num_workers, --lr_warmup_steps and --blocks_to_swap must be >= 0")
+    if args.dataset_num_workers < 0 or args.blocks_to_swap < 0:
+        problems.append("--dataset_num_workers and --blocks_to_swap must be >= 0")
     for name in ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -301,9 +320,9 @@ def check_args(args):
     elif epochs is not None and every > epochs:
         problems.append(f"--save_every_n_epochs {every} would do nothing: the run has {epochs} epoch(s) "
                         f"(--num_epochs); use 0 to save only checkpoint-final, or at most {epochs}")
-    if args.checkpoints_total_limit and not args.save_steps:
-        problems.append("--checkpoints_total_limit needs --save_steps (training states are written only every "
-                        "--save_steps; without it there are none to limit)")
+    if args.checkpoints_total_limit and not (args.save_steps or args.save_state_on_train_end):
+        problems.append("--checkpoints_total_limit needs --save_steps or --save_state_on_train_end (training states "
+                        "are written only with those; without them there are none to limit)")
     if args.validation_prompts and (args.validation_prompt or args.validation_edit_image):
         given = " / ".join(f"--{f}" for f in ("validation_prompt", "validation_edit_image") if getattr(args, f))
         problems.append(f"--validation_prompts {args.validation_prompts} and {given} are two sources of validation "

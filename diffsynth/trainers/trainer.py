@@ -148,6 +148,7 @@ class Trainer:
         # object with state_dict()/load_state_dict() whose state is tensors and json-able values. Register more
         # (EMA, ...) here by name; optimizers are saved unsharded by parameter name.
         self.checkpointed = {"train_state": self.state}
+        self.state_written_at = None  # the step of this output folder's newest training state
         self.saves = []  # (step, path) of every checkpoint file and state folder this run wrote (main process)
         self.log = self.accelerator.print
 
@@ -367,12 +368,17 @@ class Trainer:
                      f"--max_steps {args.max_steps} (leave out --num_epochs to run all {args.max_steps})")
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
-        if args.lr_warmup_steps > self.total_steps:
-            self.log(f"note: --lr_warmup_steps {args.lr_warmup_steps} is longer than this run's {self.total_steps} "
-                     f"steps: the rate ends at {self.total_steps / args.lr_warmup_steps:.0%} of --learning_rate")
+        warmup = args.lr_warmup_steps
+        if isinstance(warmup, float):  # a share of the run (musubi-tuner's rule: rounded down)
+            warmup = int(warmup * self.total_steps)
+            self.log(f"lr warm-up: {warmup} of this run's {self.total_steps} steps (--lr_warmup_steps "
+                     f"{args.lr_warmup_steps})")
+        elif warmup > self.total_steps:
+            self.log(f"note: --lr_warmup_steps {warmup} is longer than this run's {self.total_steps} "
+                     f"steps: the rate ends at {self.total_steps / warmup:.0%} of --learning_rate")
         optimizer = create_optimizer(args.optimizer, params, args.learning_rate, args.weight_decay,
                                      args.optimizer_args)
-        scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, self.total_steps,
+        scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, warmup, self.total_steps,
                                         args.lr_min_ratio, args.lr_num_cycles, args.lr_power)
         # The data loader is ours (the bucket sampler already shards by rank): accelerate must not re-shard it.
         # The lr schedule counts optimizer steps: it is stepped by hand after each real step, because accelerate's
@@ -521,6 +527,7 @@ class Trainer:
                             acc.is_main_process, acc.wait_for_everyone,
                             {"step": self.state.step, "setup": self.setup_info()})
         acc.wait_for_everyone()
+        self.state_written_at = self.state.step
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a state folder exists only once complete
@@ -596,6 +603,8 @@ class Trainer:
         if not path:
             return
         load_training_state(path, self.dit, self.checkpointed, self.accelerator.process_index)
+        if self._resumes_own_state():
+            self.state_written_at = self.state.step
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                  f"batch {self.state.batch_in_epoch})")
 
@@ -738,6 +747,8 @@ class Trainer:
                      f"(torch.cuda.max_memory_allocated; the planner predicted {predicted:.2f} GiB for these flags "
                      "at the largest image size they allow)")
         final = self.save_model("checkpoint-final")
+        if args.save_state_on_train_end and self.state_written_at != self.state.step:
+            self.save_state()  # none yet at this step: --save_steps did not fall on it
         if self.validation_samples:
             self.validate(final=True)
         if acc.is_main_process:
