@@ -99,6 +99,48 @@ def test_resume_logs_each_step_once_and_refuses_another_rank_before_loading(tiny
     assert code == 2 and "--lora_rank: state 4, this run 8" in err and "Traceback" not in err
 
 
+def test_lora_files_total_limit_keeps_the_newest_intermediate_files_across_a_resume(tiny_models, data, tmp_path):
+    out = str(tmp_path / "out[1]*")  # glob characters in the folder's name match nothing else
+    os.makedirs(out)
+    users = ["notes.txt", "step-1.safetensors.bak"]  # a user's files, not the trainer's names
+    for name in users:
+        open(os.path.join(out, name), "w").write("mine")
+    common = ["--save_steps", "1", "--lora_files_total_limit", "2", "--export_format", "diffusers",
+              "--ema_decay", "0.9", "--cache_conditioning"]
+
+    def kept(*steps):  # each save: its file, -ema, and both's export copy; checkpoint-final is never counted
+        return sorted(f"{name}{ema}{copy}.safetensors" for name in [f"step-{s}" for s in steps] + ["checkpoint-final"]
+                      for ema in ("", "-ema") for copy in ("", "-diffusers"))
+
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "4")) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == kept(3, 4)
+    # the resumed run counts the files written before the resume as its own, in step order
+    assert main(flags(tiny_models, data, out, *common, "--max_steps", "6", "--resume_from_checkpoint", "latest")) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == kept(5, 6)
+    assert all(open(os.path.join(out, name)).read() == "mine" for name in users)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [f"step-{s}" for s in range(1, 7)]  # not limited
+
+
+def test_prune_weight_files_dates_epoch_files_by_their_steps(tmp_path):
+    from diffsynth.trainers.trainer import prune_weight_files
+
+    folder = tmp_path / "a[b]?"
+    folder.mkdir()
+    files = {"step-2": "2", "step-2-standard": "2", "step-2-ema": "2", "step-2-ema-standard": "2",
+             "epoch-1": "3", "epoch-1-kohya": "3", "step-4": "4", "step-4-standard": "4",
+             "step-6": "6",  # written after the step pruned at (an earlier attempt of a resumed run): left
+             "step-2-mine": "2"}  # not a name the trainer writes
+    for name, steps in files.items():
+        save_file({"w": torch.zeros(1)}, str(folder / f"{name}.safetensors"), {"steps": steps})
+    (folder / "epoch-9.safetensors").write_bytes(b"not safetensors")  # cannot be dated: left
+    deleted = prune_weight_files(str(folder), 1, 5)
+    assert sorted(os.path.basename(p) for p in deleted) == sorted(
+        f"{n}.safetensors" for n in ("step-2", "step-2-standard", "step-2-ema", "step-2-ema-standard", "epoch-1",
+                                     "epoch-1-kohya"))
+    assert sorted(os.listdir(folder)) == sorted(f"{n}.safetensors" for n in (
+        "step-4", "step-4-standard", "step-6", "step-2-mine", "epoch-9"))
+
+
 # ---- item 7: flags that cannot train; NaN stops with the last good checkpoint ----------------------------------
 
 @pytest.mark.parametrize("bad, message", [

@@ -165,6 +165,9 @@ def test_wrong_lora_targets_fail_the_dry_run_before_models_load(tiny_models, dat
     (["--use_gradient_checkpointing", "--blocks_to_checkpoint", "1", "--blocks_to_swap", "2"],
      "--blocks_to_checkpoint 1 is fewer than --blocks_to_swap 2: a swapped block must be checkpointed"),
     (["--checkpoints_total_limit", "2"], "--checkpoints_total_limit needs --save_steps"),
+    (["--max_steps", "4", "--lora_files_total_limit", "2"],
+     "--lora_files_total_limit 2 would do nothing: this run writes no intermediate weight files"),
+    (["--save_steps", "1", "--lora_files_total_limit", "0"], "--lora_files_total_limit must be >= 1 (got 0)"),
     # a run counted in steps writes no epoch files, and a run of 2 epochs none every 3
     (["--max_steps", "4", "--save_every_n_epochs", "0"],
      "--save_every_n_epochs 0 would do nothing: a run whose length is --max_steps alone saves no epochs"),

@@ -18,6 +18,7 @@ MAX_PIXELS = 1024 * 1024  # --max_pixels' default
 VALIDATION_INFERENCE_STEPS = 20  # --validation_inference_steps' default
 VALIDATION_CFG_SCALE = 4.0  # --validation_cfg_scale's default: the inference script's --cfg_scale
 EDIT_IMAGE_AREA = 1024 * 1024  # --edit_image_area's default (the pipeline's)
+EXPORT_FORMATS = ("native", "diffusers", "comfyui", "kohya", "diffsynth", "none")  # --export_format's choices
 
 
 class ArgumentError(ValueError):
@@ -104,11 +105,16 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
                         "can go on later with a larger --max_steps or --num_epochs")
     s.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="keep only the last N resumable training states")
+    s.add_argument("--lora_files_total_limit", type=int, default=None, metavar="K",
+                   help="keep only the newest K intermediate weight files (step-N and epoch-N.safetensors, counted "
+                        "together in step order, each with its export copy and -ema file); older ones are deleted "
+                        "after each save. checkpoint-final is always kept and not counted. musubi-tuner's "
+                        "--save_last_n_steps / --save_last_n_epochs, ai-toolkit's max_step_saves_to_keep")
     s.add_argument("--resume_from_checkpoint", default=None, help="a training state folder, or 'latest'")
     s.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints, states, logs and validation images of an earlier run in "
                         "--output_path and start anew (without it, such a folder is refused; the cache is kept)")
-    s.add_argument("--export_format", choices=["native", "diffusers", "comfyui", "kohya", "diffsynth", "none"],
+    s.add_argument("--export_format", choices=EXPORT_FORMATS,
                    default=None,
                    help="key format of the standard-layout copy written beside each LoRA checkpoint of a merged-QKV "
                         "run. Default native: <name>-standard.safetensors, which ComfyUI, DiffSynth-Studio, "
@@ -215,7 +221,8 @@ def check_args(args):
                  "max_pixels", "edit_image_area"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    for name in ("lora_rank", "num_epochs", "max_steps", "save_steps", "checkpoints_total_limit", "validation_steps"):
+    for name in ("lora_rank", "num_epochs", "max_steps", "save_steps", "checkpoints_total_limit",
+                 "lora_files_total_limit", "validation_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
@@ -320,6 +327,11 @@ def check_args(args):
     elif epochs is not None and every > epochs:
         problems.append(f"--save_every_n_epochs {every} would do nothing: the run has {epochs} epoch(s) "
                         f"(--num_epochs); use 0 to save only checkpoint-final, or at most {epochs}")
+    saves_epochs = every > 0 and epochs is not None  # as the trainer decides (a run of --max_steps alone: none)
+    if args.lora_files_total_limit and not args.save_steps and not saves_epochs:
+        problems.append(f"--lora_files_total_limit {args.lora_files_total_limit} would do nothing: this run writes no "
+                        "intermediate weight files, only checkpoint-final (which is always kept); add --save_steps N, "
+                        "or --save_every_n_epochs N with --num_epochs, or leave it out")
     if args.checkpoints_total_limit and not (args.save_steps or args.save_state_on_train_end):
         problems.append("--checkpoints_total_limit needs --save_steps or --save_state_on_train_end (training states "
                         "are written only with those; without them there are none to limit)")

@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -19,7 +20,8 @@ from ..lora.adapters import KEEP_FP32
 from ..lora.convert import convert_lora_file
 from ..utils.compile import watch_compile
 from ..utils.image import SIZE_MULTIPLE
-from ..utils.io import atomic_path, save_safetensors
+from ..utils.io import atomic_path, read_metadata, save_safetensors
+from .args import EXPORT_FORMATS
 from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
 from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn, parse_file_keys
@@ -458,6 +460,12 @@ class Trainer:
                     self._save_weights(f"{name}-ema")
         return path
 
+    def save_intermediate(self, name):
+        """A step-N / epoch-N save; then, with --lora_files_total_limit, the older ones beyond the limit go."""
+        self.save_model(name)
+        if self.args.lora_files_total_limit and self.accelerator.is_main_process:
+            prune_weight_files(self.args.output_path, self.args.lora_files_total_limit, self.state.step)
+
     def _save_weights(self, name):
         args, acc = self.args, self.accelerator
         # Every process takes part: under FSDP gathering the sharded weights is a collective operation. A LoRA run
@@ -621,7 +629,8 @@ class Trainer:
         `<name>.nonfinite`, so neither a resume from 'latest' nor a user picks them up. -> what became of the
         checkpoints, naming the last good one."""
         bad = [path for step, path in self.saves if step == weights_of_step and os.path.exists(path)]
-        good = [(step, path) for step, path in self.saves if step != weights_of_step and path.endswith(".safetensors")]
+        good = [(step, path) for step, path in self.saves  # --lora_files_total_limit may have deleted some
+                if step != weights_of_step and path.endswith(".safetensors") and os.path.exists(path)]
         good = [path for step, path in good if step == good[-1][0]][:1]  # the main file of the newest good save
         text = ""
         if bad:
@@ -724,7 +733,7 @@ class Trainer:
                                                 f"{time.time() - start:.2f}"])
                 acc.log({"train/loss": loss_value, "train/lr": lr}, step=self.state.step)
                 if args.save_steps and self.state.step % args.save_steps == 0:
-                    self.save_model(f"step-{self.state.step}")
+                    self.save_intermediate(f"step-{self.state.step}")
                     self.save_state()
                 # the last step's validation is the final one, below
                 if (args.validation_steps and self.state.step % args.validation_steps == 0
@@ -737,7 +746,7 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
                 if self.save_every_n_epochs and self.state.epoch % self.save_every_n_epochs == 0:
-                    self.save_model(f"epoch-{self.state.epoch}")
+                    self.save_intermediate(f"epoch-{self.state.epoch}")
         bar.close()
         if torch.cuda.is_available():
             from ..utils.vram_planner import predicted_training_peak
@@ -841,6 +850,38 @@ def export_copy_name(name, export_format, merged_qkv) -> str | None:
     if fmt == "none" or (fmt == "native" and not merged_qkv):
         return None
     return f"{name}-{'standard' if fmt == 'native' else fmt}.safetensors"
+
+
+INTERMEDIATE = re.compile(r"(step|epoch)-(\d+)\.safetensors")  # save_intermediate's names
+
+
+def prune_weight_files(folder, keep: int, step: int) -> list[str]:
+    """--lora_files_total_limit: delete the intermediate weight files in `folder` (step-N, epoch-N) beyond the newest
+    `keep`, each with the files written beside it (-ema, export copies in any format). Only these exact names are
+    touched: a user's file never matches. Files saved after `step` (an earlier attempt of a resumed run went further)
+    are neither counted nor deleted: the run rewrites them or they stay. -> the deleted paths."""
+    saves = []
+    for name in os.listdir(folder):
+        match = INTERMEDIATE.fullmatch(name)
+        if not match:
+            continue
+        path = os.path.join(folder, name)
+        try:  # an epoch file's step is in its metadata (what a step count means depends on the run)
+            at = int(match[2]) if match[1] == "step" else int(read_metadata(path)["steps"])
+        except Exception:  # unreadable (safetensors' own error type) or no step: not dated, so not deleted
+            continue
+        if at <= step:
+            saves.append((at, name[:-len(".safetensors")]))
+    deleted = []
+    for _, name in sorted(saves)[:-keep]:
+        copies = [export_copy_name(base, fmt, True) for base in (name, f"{name}-ema") for fmt in EXPORT_FORMATS]
+        # the main file last: if the run stops midway, it still marks the rest for the next prune
+        for file in [f for f in copies if f] + [f"{name}-ema.safetensors", f"{name}.safetensors"]:
+            path = os.path.join(folder, file)
+            if os.path.isfile(path):
+                os.remove(path)
+                deleted.append(path)
+    return deleted
 
 
 def run(args) -> int:
