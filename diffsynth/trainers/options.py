@@ -51,19 +51,31 @@ def parse_optimizer_args(items) -> dict:
     """["betas=(0.9,0.99),weight_decay=0.1", "decouple=True"] -> {"betas": (0.9, 0.99), ...}.
 
     Values are Python literals (numbers, True/False/None, tuples, lists, quoted strings); anything else is kept
-    as text, so `d_coef=2` is an int and `foo=bar` the string "bar".
+    as text, so `d_coef=2` is an int and `foo=bar` the string "bar". A bare comma list of literals is a tuple, as
+    musubi-tuner writes it: `betas=0.9,0.999` is `betas=(0.9,0.999)`.
     """
     out = {}
     for item in items or []:
-        for pair in _split_top_level(item):
-            key, sep, value = pair.partition("=")
-            key = key.strip()
-            if not sep or not key.isidentifier():
-                raise OptimizerError(f"--optimizer_args {pair!r}: expected key=value, e.g. betas=(0.9,0.99)")
+        # [key, [value parts]]: a part without `key=` continues the value before it (musubi's betas=0.9,0.999)
+        pairs = []
+        for part in _split_top_level(item):
+            key, sep, value = part.partition("=")
+            if sep and key.strip().isidentifier():
+                pairs.append([key.strip(), [value.strip()]])
+            elif pairs:
+                pairs[-1][1].append(part)
+            else:
+                raise OptimizerError(f"--optimizer_args {part!r}: expected key=value, e.g. betas=(0.9,0.99)")
+        for key, parts in pairs:
+            value = ",".join(parts)
             try:
-                out[key] = ast.literal_eval(value.strip())
+                out[key] = ast.literal_eval(value)  # "0.9,0.999" is the tuple (0.9, 0.999)
             except (ValueError, SyntaxError):
-                out[key] = value.strip()
+                if len(parts) > 1:  # text is kept for one value only: "a,b" would be a guess
+                    raise OptimizerError(
+                        f"--optimizer_args {key}={value}: a comma list must be Python literals (numbers, True/False/"
+                        f"None, quoted strings), e.g. betas=0.9,0.999; quote a text value: {key}='{value}'") from None
+                out[key] = value
     return out
 
 SAMPLERS = ("diffsynth", "uniform", "logit_normal", "shift", "qwen_shift")
@@ -95,7 +107,8 @@ def add_training_options(p):
                    help=f"{' | '.join(OPTIMIZERS)} | an import path such as torch.optim.RAdam (default adamw)")
     g.add_argument("--optimizer_args", nargs="+", action="extend", default=None, metavar="K=V",
                    help="extra optimizer arguments as Python literals, comma- or space-separated, e.g. "
-                        "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay)")
+                        "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay); a bare comma "
+                        "list is a tuple, as in musubi-tuner: betas=0.9,0.999")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                    help="decay after --lr_warmup_steps, counted in optimizer steps")
     g.add_argument("--lr_min_ratio", type=float, default=SHAPE_OPTIONS["lr_min_ratio"][0],
