@@ -465,6 +465,8 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
     (["--learning_rate", "1e-5"], "--learning_rate: state 0.002, this run 1e-05"),
     (["--weight_decay", "0.5"], "--weight_decay: state 0.01, this run 0.5"),
     (["--optimizer_args", "betas=(0.5,0.6)"], "--optimizer_args: state '{}', this run '{\"betas\": [0.5, 0.6]}'"),
+    # the optimizer's groups: one rate there, two here
+    (["--loraplus_lr_ratio", "4"], "--loraplus_lr_ratio: state 1.0, this run 4.0"),
 ])
 def test_resume_with_other_settings_is_refused(tiny_models, shared, tmp_path, capsys, extra, said):
     out = run(tiny_models, shared, tmp_path / "out", "--save_steps", "2", "--num_epochs", "1", steps=2)
