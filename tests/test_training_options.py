@@ -252,6 +252,29 @@ def test_optimizer_args_are_typed():
         "betas": (0.9, 0.99), "eps": 1e-8, "decouple": True, "d_coef": 2, "name": "x", "y": None}
 
 
+def test_optimizer_args_take_musubis_bare_comma_lists():
+    """musubi-tuner's `betas=0.9,0.999` is the tuple that `betas=(0.9,0.999)` writes; a part without `key=` continues
+    the value before it, within one argument."""
+    assert parse_optimizer_args(["betas=0.9,0.999"]) == parse_optimizer_args(["betas=(0.9,0.999)"]) == {
+        "betas": (0.9, 0.999)}
+    assert parse_optimizer_args(["betas=0.9, 0.999,eps=1e-8", "d_coef=2"]) == {
+        "betas": (0.9, 0.999), "eps": 1e-8, "d_coef": 2}
+    assert parse_optimizer_args(["names='a','b'", "name=x"]) == {"names": ("a", "b"), "name": "x"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    # a comma list is literals only: text in it would be a guess at what was meant
+    (["betas=0.9,abc"], "--optimizer_args betas=0.9,abc: a comma list must be Python literals"),
+    (["0.9,betas=0.999"], "--optimizer_args '0.9': expected key=value"),  # nothing before it to continue
+    (["betas=0.9", "0.999"], "--optimizer_args '0.999': expected key=value"),  # another argument: no continuation
+])
+def test_malformed_optimizer_args_are_refused(tiny_models, data, tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags(tiny_models, data, str(tmp_path / "out"), "--optimizer_args", *bad))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ---- lr schedules --------------------------------------------------------------------------------------------
 
 def test_lr_schedules():
@@ -446,6 +469,8 @@ def test_options_together_resume_exactly(tiny_models, shared, tmp_path):
     (["--learning_rate", "1e-5"], "--learning_rate: state 0.002, this run 1e-05"),
     (["--weight_decay", "0.5"], "--weight_decay: state 0.01, this run 0.5"),
     (["--optimizer_args", "betas=(0.5,0.6)"], "--optimizer_args: state '{}', this run '{\"betas\": [0.5, 0.6]}'"),
+    # the optimizer's groups: one rate there, two here
+    (["--loraplus_lr_ratio", "4"], "--loraplus_lr_ratio: state 1.0, this run 4.0"),
 ])
 def test_resume_with_other_settings_is_refused(tiny_models, shared, tmp_path, capsys, extra, said):
     out = run(tiny_models, shared, tmp_path / "out", "--save_steps", "2", "--num_epochs", "1", steps=2)

@@ -39,6 +39,12 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64)}
 
 
+# What states written before a setup key existed ran with (other keys missing from an older state are not checked):
+# a state without loraplus_lr_ratio trained with one rate, so it resumes without LoRA+ and is refused with it (its
+# optimizer has one parameter group, the run's two)
+SETUP_BEFORE_KEYS = {"loraplus_lr_ratio": 1.0}
+
+
 class StateError(ValueError):
     """A training state folder that cannot be resumed from (incomplete, foreign, or for another setup)."""
 
@@ -277,7 +283,7 @@ def check_setup(folder, setup: dict, num_processes: int = 1):
     """Refuse, before any model loads, a state written with other flags (another rank, targets, layout, ...) or by
     another number of processes."""
     manifest = read_manifest(folder)
-    saved = manifest.get("setup", {})
+    saved = {**SETUP_BEFORE_KEYS, **manifest.get("setup", {})}
     label = {"samples": "training samples (rows x --dataset_repeat)",
              "lora_fused": "--lora_fused (content id; None: not given)"}
     differ = [f"{label.get(k, '--' + k)}: state {saved[k]!r}, this run {v!r}" for k, v in setup.items()

@@ -31,9 +31,19 @@ def resolve_optimizer(name: str):
     return cls
 
 
+def loraplus_groups(named_params, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): [(name, parameter)] -> the parameter groups of create_optimizer: LoRA's B (up)
+    matrices (peft's `lora_B`, in either DiT layout) at `ratio` times the learning rate, everything else (the A
+    matrices, a DoRA's magnitude) at it. The base group comes first: the log and the tracker show group 0's rate."""
+    named_params = list(named_params)
+    return [{"params": [p for n, p in named_params if ".lora_B." not in n]},
+            {"params": [p for n, p in named_params if ".lora_B." in n], "lr_ratio": ratio}]
+
+
 def create_optimizer(name: str, params, lr: float, weight_decay: float, optimizer_args: dict | None = None):
-    """The optimizer `name` over `params`. --learning_rate and --weight_decay are passed as lr and weight_decay;
-    --optimizer_args add to or override them (for a class that takes no weight_decay, leave it to them)."""
+    """The optimizer `name` over `params` (parameters, or groups of them: a group's `lr_ratio` multiplies the
+    resolved rate). --learning_rate and --weight_decay are passed as lr and weight_decay; --optimizer_args add to or
+    override them (for a class that takes no weight_decay, leave it to them)."""
     cls = resolve_optimizer(name)
     kwargs = {"lr": lr}
     accepted = inspect.signature(cls.__init__).parameters
@@ -43,6 +53,10 @@ def create_optimizer(name: str, params, lr: float, weight_decay: float, optimize
         # A fixed learning rate (the schedule drives it), as diffusers', ai-toolkit's and musubi's recipes use it
         kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
     kwargs.update(optimizer_args or {})
+    params = list(params)
+    if params and isinstance(params[0], dict):  # each group's rate, from the rate --optimizer_args may override
+        params = [{k: v for k, v in g.items() if k != "lr_ratio"}
+                  | ({"lr": kwargs["lr"] * g["lr_ratio"]} if "lr_ratio" in g else {}) for g in params]
     try:
         optimizer = cls(params, **kwargs)
     except TypeError as e:

@@ -4,6 +4,7 @@ before anything loads; an optional package that an option needs and that is miss
 command."""
 import ast
 import importlib.util
+import math
 
 # name -> (module, class, pip extra of this project, PyPI package); torch's and transformers' come with the install.
 OPTIMIZERS = {
@@ -51,19 +52,31 @@ def parse_optimizer_args(items) -> dict:
     """["betas=(0.9,0.99),weight_decay=0.1", "decouple=True"] -> {"betas": (0.9, 0.99), ...}.
 
     Values are Python literals (numbers, True/False/None, tuples, lists, quoted strings); anything else is kept
-    as text, so `d_coef=2` is an int and `foo=bar` the string "bar".
+    as text, so `d_coef=2` is an int and `foo=bar` the string "bar". A bare comma list of literals is a tuple, as
+    musubi-tuner writes it: `betas=0.9,0.999` is `betas=(0.9,0.999)`.
     """
     out = {}
     for item in items or []:
-        for pair in _split_top_level(item):
-            key, sep, value = pair.partition("=")
-            key = key.strip()
-            if not sep or not key.isidentifier():
-                raise OptimizerError(f"--optimizer_args {pair!r}: expected key=value, e.g. betas=(0.9,0.99)")
+        # [key, [value parts]]: a part without `key=` continues the value before it (musubi's betas=0.9,0.999)
+        pairs = []
+        for part in _split_top_level(item):
+            key, sep, value = part.partition("=")
+            if sep and key.strip().isidentifier():
+                pairs.append([key.strip(), [value.strip()]])
+            elif pairs:
+                pairs[-1][1].append(part)
+            else:
+                raise OptimizerError(f"--optimizer_args {part!r}: expected key=value, e.g. betas=(0.9,0.99)")
+        for key, parts in pairs:
+            value = ",".join(parts)
             try:
-                out[key] = ast.literal_eval(value.strip())
+                out[key] = ast.literal_eval(value)  # "0.9,0.999" is the tuple (0.9, 0.999)
             except (ValueError, SyntaxError):
-                out[key] = value.strip()
+                if len(parts) > 1:  # text is kept for one value only: "a,b" would be a guess
+                    raise OptimizerError(
+                        f"--optimizer_args {key}={value}: a comma list must be Python literals (numbers, True/False/"
+                        f"None, quoted strings), e.g. betas=0.9,0.999; quote a text value: {key}='{value}'") from None
+                out[key] = value
     return out
 
 SAMPLERS = ("diffsynth", "uniform", "logit_normal", "shift", "qwen_shift")
@@ -95,7 +108,13 @@ def add_training_options(p):
                    help=f"{' | '.join(OPTIMIZERS)} | an import path such as torch.optim.RAdam (default adamw)")
     g.add_argument("--optimizer_args", nargs="+", action="extend", default=None, metavar="K=V",
                    help="extra optimizer arguments as Python literals, comma- or space-separated, e.g. "
-                        "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay)")
+                        "\"betas=(0.9,0.99)\" d_coef=2 (override --learning_rate / --weight_decay); a bare comma "
+                        "list is a tuple, as in musubi-tuner: betas=0.9,0.999")
+    g.add_argument("--loraplus_lr_ratio", type=float, default=1.0, metavar="R",
+                   help="LoRA+ (Hayou et al. 2024; musubi-tuner's --network_args loraplus_lr_ratio=R): LoRA's B (up) "
+                        "matrices train at R x --learning_rate, the A (down) matrices and a DoRA's magnitude at it; "
+                        "the schedule scales both, the log shows the base rate. Default 1: off (the paper: 2-16). "
+                        "--lora_type lora or dora; not with Prodigy / D-Adaptation, which take one rate")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                    help="decay after --lr_warmup_steps, counted in optimizer steps")
     g.add_argument("--lr_min_ratio", type=float, default=SHAPE_OPTIONS["lr_min_ratio"][0],
@@ -190,6 +209,7 @@ def check_training_options(args) -> list[str]:
         problems.append(f"--caption_dropout_rate must be in [0, 1] (got {args.caption_dropout_rate})")
     if args.lora_type != "lora" and args.lora_base_model is None:
         problems.append(f"--lora_type {args.lora_type} needs --lora_base_model dit")
+    problems += _loraplus_problems(args)
     fp8 = [f"--{flag}" for flag in ("enable_fp8_training", "fp8_compute") if getattr(args, flag)]
     if args.lora_type == "dora" and fp8:  # --fp8_compute stores the weights in fp8 too
         problems.append(f"--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "
@@ -213,6 +233,28 @@ def check_training_options(args) -> list[str]:
         problems.append(f"--tracker_project_name {args.tracker_project_name} would do nothing: it names the project "
                         "of --report_to tensorboard, wandb or swanlab (the csv log has none); add one of them")
     return problems
+
+
+def _loraplus_problems(args) -> list[str]:
+    ratio = args.loraplus_lr_ratio
+    if not (math.isfinite(ratio) and ratio > 0):
+        return [f"--loraplus_lr_ratio must be > 0 (got {ratio}); 1 turns LoRA+ off"]
+    if ratio == 1:
+        return []
+    if args.lora_base_model is None:
+        return ["--loraplus_lr_ratio sets the rate of LoRA's B matrices: it needs --lora_base_model dit (without it "
+                "the whole DiT is fine-tuned)"]
+    if args.lora_type in ("loha", "lokr"):
+        # LyCORIS, musubi-tuner and ai-toolkit give LoHa / LoKr factors one rate: no factor is LoRA+'s "B"
+        return [f"--loraplus_lr_ratio: a {args.lora_type} has no B (up) matrix for LoRA+ to speed up (its factors "
+                "are products, and LyCORIS trains them at one rate): use --lora_type lora or dora, or leave it out"]
+    # Prodigy and D-Adaptation estimate one step size for all parameters; their step() raises on groups whose rates
+    # differ (other than 0), which would stop the run after the models loaded
+    if args.optimizer == "prodigy" or args.optimizer.startswith(("prodigyopt.", "dadaptation.")):
+        return [f"--loraplus_lr_ratio {ratio:g} gives LoRA's B matrices their own learning rate, and --optimizer "
+                f"{args.optimizer} takes one rate for all parameters (it raises on groups with different rates): "
+                "use another optimizer (adamw, adamw8bit, lion, ...), or leave out --loraplus_lr_ratio"]
+    return []
 
 
 def trackers(args) -> list[str]:

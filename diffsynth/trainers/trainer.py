@@ -29,7 +29,7 @@ from .distributed import (
     check_launch_environment, describe_sharding, ignore_frozen_in_ddp, is_fsdp, reports_errors, setup_distributed,
 )
 from .ema import create_ema, ema_weights
-from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, resolve_optimizer
+from .optim import create_lr_scheduler, create_optimizer, evaluation_weights, loraplus_groups, resolve_optimizer
 from .output_dir import OutputDirError, claim, previous_run_files, trim_log
 from .preflight import preflight
 from .timesteps import TimestepSampling
@@ -378,6 +378,12 @@ class Trainer:
         elif warmup > self.total_steps:
             self.log(f"note: --lr_warmup_steps {warmup} is longer than this run's {self.total_steps} "
                      f"steps: the rate ends at {self.total_steps / warmup:.0%} of --learning_rate")
+        if args.loraplus_lr_ratio != 1:
+            base, up = loraplus_groups(((n, p) for n, p in dit.named_parameters() if p.requires_grad),
+                                       args.loraplus_lr_ratio)
+            self.log(f"LoRA+: {len(up['params'])} B matrices train at {args.loraplus_lr_ratio:g} x the learning "
+                     f"rate, the other {len(base['params'])} trainable tensors at it")
+            params = [base, up]
         optimizer = create_optimizer(args.optimizer, params, args.learning_rate, args.weight_decay,
                                      args.optimizer_args)
         scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, warmup, self.total_steps,
@@ -561,6 +567,7 @@ class Trainer:
                 # the optimizer's state restores its hyperparameters: other values here would be silently ignored
                 "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
                 "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str),
+                "loraplus_lr_ratio": args.loraplus_lr_ratio,  # its groups' rates (states before it: 1, checkpoint.py)
                 # the base the LoRA trains on: resumed without it (or with another), it would fit other weights
                 "lora_fused": content_id(args.lora_fused) if args.lora_fused else None,
                 # what each step trains on: the prompt template, which samples drop their caption, the target and
@@ -708,7 +715,8 @@ class Trainer:
                                 "backward pass: lower --learning_rate, or use --mixed_precision bf16 instead of fp16.",
                                 weights_of_step=self.state.step)
                     self.optimizer.step()
-                    lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
+                    # the rate this step used, for the log: group 0's, the base rate (LoRA+'s B group is the second)
+                    lr = self.lr_scheduler.get_last_lr()[0]
                     if acc.sync_gradients:
                         self.lr_scheduler.step()
                         if self.ema is not None:
