@@ -154,3 +154,9 @@ def test_two_areas_train_encode_each_row_once_and_resume_only_with_the_same_list
         assert code == 2 and f"--max_pixels: state [1024, 4096], this run {shown}" in err, err
     assert main(flags(tiny_models, data, out, *common, *resume)) == 0
     assert logged_steps(out) == [1, 2, 3, 4]
+
+
+def test_two_areas_train_without_the_cache_a_batch_an_area(tiny_models, data, tmp_path):
+    out = str(tmp_path / "out")
+    assert main(flags(tiny_models, data, out, "--max_pixels", "1024,4096", "--batch_size", "2")) == 0
+    assert logged_steps(out) == [1, 2]  # 2 rows x 2 areas in batches of one size: 2 steps an epoch
