@@ -18,7 +18,7 @@ def dry_run(args) -> int:
     """--dry_run: everything that needs no model (the data, the output path, LoRA and validation files), then the
     flags and the VRAM plan for the processes the launcher started. Under `accelerate launch` every process checks,
     one per machine prints."""
-    from .dataset import DatasetError
+    from .dataset import DatasetError, area_summary
     from .distributed import launch_environment, reports_errors
     from .preflight import preflight
 
@@ -45,6 +45,8 @@ def dry_run(args) -> int:
     print(json.dumps(dict(sorted(vars(args).items())), indent=1))
     print(f"dry run: the flags, {len(samples)} training samples and the output path check out; no model was "
           "loaded", file=sys.stderr)
+    for line in area_summary(samples):
+        print(line, file=sys.stderr)
     print(plan_report(args, processes, fsdp), file=sys.stderr)
     from .validation import describe_samples, validation_samples
 

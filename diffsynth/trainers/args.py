@@ -53,8 +53,12 @@ def build_parser(merged_qkv: bool) -> argparse.ArgumentParser:
     d.add_argument("--data_file_keys", default="image,edit_image", help="columns that hold image files")
     d.add_argument("--extra_inputs", default="edit_image",
                    help="inputs besides the prompt that condition the model (edit_image for Qwen-Image-Edit)")
-    d.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
-                   help="target images scaled down to this area (unless --height/--width fix their size)")
+    d.add_argument("--max_pixels", default=MAX_PIXELS, metavar="AREA[,AREA...]",
+                   help="target images scaled down to this area in pixels, never up (default 1048576 = 1024x1024; "
+                        "unless --height/--width fix their size). A comma list, e.g. 262144,589824,1048576 "
+                        "(ai-toolkit's resolution: [512, 768, 1024]), trains every row once at each area: an epoch "
+                        "has rows x areas samples; a target smaller than an area trains at its own size in that "
+                        "area's copy too")
     d.add_argument("--height", type=int, default=None, help="fixed target height (with --width)")
     d.add_argument("--width", type=int, default=None, help="fixed target width (with --height)")
     d.add_argument("--edit_image_area", type=int, default=EDIT_IMAGE_AREA,
@@ -210,15 +214,39 @@ def parse_args(argv=None, merged_qkv=True):
     return args
 
 
+def parse_max_pixels(value):
+    """--max_pixels' text -> (one area as an int, as ever, or a list of several; the problem or None)."""
+    from ..utils.image import SIZE_MULTIPLE  # torch comes with it: not imported for --help
+
+    if not isinstance(value, str):  # the default, or set by code
+        return value, None
+    try:
+        areas = [int(part) for part in value.split(",")]
+    except ValueError:
+        return MAX_PIXELS, (f"--max_pixels {value!r}: give an area in pixels (1048576 for 1024x1024), or a comma list "
+                            "of areas such as 262144,589824,1048576 (512, 768 and 1024 squared)")
+    small = [a for a in areas if a < SIZE_MULTIPLE ** 2]
+    twice = [a for a in dict.fromkeys(areas) if areas.count(a) > 1]
+    if small:
+        return MAX_PIXELS, (f"--max_pixels {value}: {small[0]} is below {SIZE_MULTIPLE ** 2} pixels, the smallest "
+                            f"target ({SIZE_MULTIPLE}x{SIZE_MULTIPLE}); an area is width x height, e.g. 262144 for "
+                            "512x512")
+    if twice:
+        return MAX_PIXELS, (f"--max_pixels {value}: {twice[0]} is given twice; each area trains every row once, so "
+                            "give each once (--dataset_repeat repeats the data)")
+    return (areas[0] if len(areas) == 1 else areas), None
+
+
 def check_args(args):
-    problems = []
+    problems, given = [], args.max_pixels
+    args.max_pixels, problem = parse_max_pixels(given)
+    problems += [problem] if problem else []
     if (args.height is None) != (args.width is None):
         problems.append("--height and --width go together (or neither, to size by --max_pixels)")
     elif args.height is not None and args.max_pixels != MAX_PIXELS:
-        problems.append(f"--max_pixels {args.max_pixels} would do nothing: --height {args.height} --width "
-                        f"{args.width} fix every target's size; leave out one or the other")
-    for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps",
-                 "max_pixels", "edit_image_area"):
+        problems.append(f"--max_pixels {given} would do nothing: --height {args.height} --width {args.width} fix every "
+                        "target's size; leave out one or the other")
+    for name in ("batch_size", "dataset_repeat", "gradient_accumulation_steps", "edit_image_area"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
     for name in ("lora_rank", "num_epochs", "max_steps", "save_steps", "checkpoints_total_limit",

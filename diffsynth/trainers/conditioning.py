@@ -25,24 +25,28 @@ DROPOUT_PROMPT = " "
 
 
 @torch.no_grad()
-def condition_sample(pipe, item, edit_files=(), dropout_prompt=False) -> dict:
+def condition_sample(pipe, item, edit_files=(), dropout_prompt=False, same_row=None) -> dict:
     """item: one dataset item (image (3,H,W), edit_images [(3,h,w)...] sized for the VAE, prompt);
     edit_files: the edit images' files, which the text encoder sizes itself, as at inference -> CPU tensors.
-    dropout_prompt: also the embedding of DROPOUT_PROMPT with the same edit images ("empty_prompt_emb")."""
+    dropout_prompt: also the embedding of DROPOUT_PROMPT with the same edit images ("empty_prompt_emb").
+    same_row: the conditioning of the same row at another --max_pixels area: its text and edit-image tensors do not
+    depend on the target's size and are taken from it (the encoders run once a row); only the target is encoded."""
     image, edits = item["image"], list(item["edit_images"])
+    cond = {
+        "latents": pipe.encode_images(image[None])[0].cpu(),
+        "shapes": [(1, image.shape[1] // SIZE_MULTIPLE, image.shape[2] // SIZE_MULTIPLE)]
+                  + [(1, e.shape[1] // SIZE_MULTIPLE, e.shape[2] // SIZE_MULTIPLE) for e in edits],
+    }
+    if same_row is not None:
+        return {**{k: same_row.get(k) for k in ("prompt_emb", "edit_latents", "empty_prompt_emb")}, **cond}
     originals = [open_image(path) for path in edit_files]
 
     def embed(prompt):
         emb, mask = pipe.encode_prompt([prompt], [originals] if originals else None)
         return (emb if mask is None else emb[:, : int(mask[0].sum())])[0].cpu()  # one sample: padding at the end
 
-    cond = {
-        "prompt_emb": embed(item["prompt"]),
-        "latents": pipe.encode_images(image[None])[0].cpu(),
-        "edit_latents": torch.cat([pipe.encode_images(e[None])[0] for e in edits]).cpu() if edits else None,
-        "shapes": [(1, image.shape[1] // SIZE_MULTIPLE, image.shape[2] // SIZE_MULTIPLE)]
-                  + [(1, e.shape[1] // SIZE_MULTIPLE, e.shape[2] // SIZE_MULTIPLE) for e in edits],
-    }
+    cond["prompt_emb"] = embed(item["prompt"])
+    cond["edit_latents"] = torch.cat([pipe.encode_images(e[None])[0] for e in edits]).cpu() if edits else None
     if dropout_prompt:
         cond["empty_prompt_emb"] = embed(DROPOUT_PROMPT)
     return cond

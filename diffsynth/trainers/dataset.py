@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffsynth.utils.image import (
     VAE_EDIT_AREA, ImageError, check_cover, check_decoded_size, check_edit_size, decode_problem, displayed_size,
-    edit_image_size, file_problem, has_transparency, is_grey, open_header, open_image, pil_to_tensor,
+    edit_image_size, file_problem, has_transparency, is_grey, open_header, open_image, pil_to_tensor, pixel_areas,
     resize_and_center_crop, resize_edit_image, srgb_transform, target_size, to_rgb,
 )
 
@@ -56,6 +56,7 @@ class Sample:
     edit_sizes: tuple[tuple[int, int], ...]  # (w, h) of each edit tensor
     cache_key: str  # hash of file contents, prompt and sizes: what a conditioning cache depends on
     mask: str | None = None  # loss mask (white = train), sized and cropped like the target; not conditioning
+    area: int | None = None  # the --max_pixels area that sized the target (one of several: multi-resolution)
 
 
 def parse_file_keys(data_file_keys) -> list[str]:
@@ -238,15 +239,18 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
     """Check every row and file; return the samples, or raise one DatasetError listing every problem.
 
     Paths are relative to `base_path` (like DiffSynth's --dataset_base_path; "" is the working directory).
+    `max_pixels`: one area, or a list of several: then every row is one sample per area, the areas one after the
+    other (all rows at the first area, then at the second, as ai-toolkit concatenates one dataset per resolution).
     Warns, without failing, when a row's target and edit image have the same content.
     """
     keys = parse_file_keys(data_file_keys)
+    areas = pixel_areas(max_pixels)
     base_path = os.fspath(base_path or "")
     if height is not None or width is not None:
         target_size((1, 1), max_pixels, height, width)  # bad --height/--width raise here, once
     rows = read_metadata(metadata_path)
     columns = keys + ["prompt"]
-    problems, same_content, other_shape, samples, inspected = [], [], [], [], {}
+    problems, same_content, other_shape, kept, inspected = [], [], [], [], {}
 
     present = Counter(c for _, row in rows if isinstance(row, dict) for c in columns if c in row)
     if "mask" not in keys and any(isinstance(row, dict) and row.get("mask") for _, row in rows):
@@ -324,7 +328,10 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         image, edits = files["image"][0], tuple(files.get("edit_image", []))
         image_digest, image_wh = inspected[image][:2]
         try:
-            size = target_size(image_wh, max_pixels, height, width)
+            # never scaled up: a target smaller than an area keeps its own size there (as ai-toolkit's buckets take
+            # the smaller of the resolution and the image's own), a copy like a smaller area's
+            sizes = [target_size(image_wh, area, height, width) for area in areas]
+            size = sizes[0]  # the fixed size, with --height/--width
             if height is not None:  # a fixed size: the target is scaled to cover it, its centre cut
                 check_cover(f"image {row['image']}", image_wh, *size,
                             fix=f"crop it closer to {size[0]}:{size[1]}, or leave out --height/--width to size each "
@@ -364,14 +371,19 @@ def validate_metadata(metadata_path, base_path="", data_file_keys=DEFAULT_FILE_K
         if image_digest in edit_digests:
             same_content.append(f"  {where}: {row['image']}")
         (ew, eh) = inspected[edits[-1]][1] if edits else (1, 1)
+        size = max(sizes, key=lambda s: abs(math.log(s[0] * eh / (s[1] * ew))))  # the area floored furthest from it
         if edits and abs(math.log(size[0] * eh / (size[1] * ew))) > math.log(1.1):  # trained vs inferred shape
             other_shape.append(f"  {where}: {row['image']} is {image_wh[0]}x{image_wh[1]}"
-                               f"{f' (trained at {size[0]}x{size[1]})' if height is not None else ''}, "
+                               f"{f' (trained at {size[0]}x{size[1]})' if size != tuple(image_wh) else ''}, "
                                f"{names['edit_image'][-1]} {ew}x{eh}")
-        key = json.dumps([SAMPLE_FORMAT_VERSION, image_digest, edit_digests, prompt, size, edit_sizes])
-        samples.append(Sample(where, image, edits, prompt, size, edit_sizes, hashlib.sha256(key.encode()).hexdigest(),
-                              mask))
+        kept.append((where, image, edits, prompt, sizes, edit_sizes, image_digest, edit_digests, mask))
 
+    samples = []
+    for k, area in enumerate(areas):
+        for where, image, edits, prompt, sizes, edit_sizes, image_digest, edit_digests, mask in kept:
+            key = json.dumps([SAMPLE_FORMAT_VERSION, image_digest, edit_digests, prompt, sizes[k], edit_sizes])
+            samples.append(Sample(where, image, edits, prompt, sizes[k], edit_sizes,
+                                  hashlib.sha256(key.encode()).hexdigest(), mask, area))
     if problems:
         raise DatasetError(
             f"{metadata_path}: {len(problems)} problem(s) in the training data:\n" + listed_problems(problems)
@@ -463,6 +475,24 @@ def collate_fn(items):
 def _format_key(key):
     (w, h), edits = key
     return f"{w}x{h}" + (" | edit " + "+".join(f"{ew}x{eh}" for ew, eh in edits) if edits else "")
+
+
+def area_summary(samples) -> list[str]:
+    """With several --max_pixels areas: a line per area, with its samples (one per row), their size buckets and how
+    many are a copy of a smaller area's (a target smaller than the area is not scaled up). [] with one area."""
+    areas = list(dict.fromkeys(s.area for s in samples))
+    if len(areas) < 2:
+        return []
+    lines, smaller = [f"--max_pixels: {len(areas)} areas, each row trained at each (before --dataset_repeat):"], set()
+    for area in sorted(areas):
+        at = [s for s in samples if s.area == area]
+        same = sum(s.cache_key in smaller for s in at)
+        smaller |= {s.cache_key for s in at}
+        lines.append(f"  {area} px (~{math.isqrt(area)}x{math.isqrt(area)}): {len(at)} samples in "
+                     f"{len(Counter(s.target_size + s.edit_sizes for s in at))} size bucket(s)"
+                     + (f", {same} the same as at a smaller area (targets under {area} px are not scaled up)"
+                        * bool(same)))
+    return lines
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

@@ -24,7 +24,7 @@ from ..utils.io import atomic_path, read_metadata, save_safetensors
 from .args import EXPORT_FORMATS
 from .conditioning import ConditionCache, collate_conditions, condition_sample, content_id
 from .checkpoint import check_setup, list_states, load_training_state, lora_weights, save_training_state
-from .dataset import BucketBatchSampler, DatasetError, EditDataset, collate_fn, parse_file_keys
+from .dataset import BucketBatchSampler, DatasetError, EditDataset, area_summary, collate_fn, parse_file_keys
 from .distributed import (
     check_launch_environment, describe_sharding, ignore_frozen_in_ddp, is_fsdp, reports_errors, setup_distributed,
 )
@@ -204,7 +204,7 @@ class Trainer:
                                    args.max_pixels, args.height, args.width, args.edit_image_area, args.dataset_repeat)
         self.sampler = BucketBatchSampler(self.dataset, args.batch_size, shuffle=True, seed=args.seed,
                                           num_replicas=acc.num_processes, rank=acc.process_index)
-        self.log(self.sampler.bucket_summary())
+        self.log("\n".join([self.sampler.bucket_summary(), *area_summary(self.dataset.samples)]))
         self.steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         every = args.save_every_n_epochs
         if every not in (0, 1) and args.num_epochs is not None:  # an explicit N: does the run reach epoch N?
@@ -421,14 +421,22 @@ class Trainer:
     def fill_cache(self, todo):
         """Compute the conditioning of the samples in `todo`, shared out between the processes."""
         acc = self.accelerator
-        mine = todo[acc.process_index::acc.num_processes]
+        # A row's samples (one per --max_pixels area) differ in their target only: one process computes them
+        # together and encodes the prompt and edit images once for all of them.
+        rows = {}
+        for sample in todo:
+            rows.setdefault(sample.where, []).append(sample)
+        mine = [s for row in list(rows.values())[acc.process_index::acc.num_processes] for s in row]
         index_of = {s.cache_key: i for i, s in enumerate(self.dataset.samples)}
         desc = "caching conditioning" + (f" ({len(mine)} of {len(todo)} samples in this process)"
                                           if acc.num_processes > 1 else "")
+        where, cond = None, None  # the previous sample's row and conditioning: a row's samples come together
         for sample in tqdm(mine, desc=desc, disable=not acc.is_local_main_process):
             item = self.dataset[index_of[sample.cache_key]]
-            self.cache.put(sample.cache_key, condition_sample(self.pipe, item, sample.edit_images,
-                                                              bool(self.args.caption_dropout_rate)))
+            cond = condition_sample(self.pipe, item, sample.edit_images, bool(self.args.caption_dropout_rate),
+                                    cond if where == sample.where else None)
+            self.cache.put(sample.cache_key, cond)
+            where = sample.where
         acc.wait_for_everyone()
 
     def conditions(self, batch):

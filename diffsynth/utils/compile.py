@@ -18,9 +18,10 @@ How many graphs compile (each once, then shared by all blocks):
 - with and without a text-padding mask (a batch of prompts of different lengths pads them);
 - training (grad) and inference (no grad, e.g. validation images);
 - with --blocks_to_checkpoint, the blocks checkpointed inside their graph and those that are not.
-The token dims (image size, prompt length) are marked dynamic, so a new aspect bucket or prompt length does not
-recompile; a new batch size recompiles once, after which the batch dim is dynamic as well. A run therefore compiles
-at most 2 x 2 x 2 x 2 x 2 block graphs, usually 2 to 4; `CompileWatch` says each time it happens and how long it took.
+The token dims (image size, prompt length) are marked dynamic, so a new aspect bucket, --max_pixels area or prompt
+length does not recompile; a new batch size recompiles once, after which the batch dim is dynamic as well. A run
+therefore compiles at most 2 x 2 x 2 x 2 x 2 block graphs, usually 2 to 4; `CompileWatch` says each time it happens
+and how long it took.
 """
 import contextlib
 import functools

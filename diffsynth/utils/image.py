@@ -56,6 +56,12 @@ def check_edit_size(what, size, target_area, vl=True):
                              f"most 1:{VL_MAX_ASPECT}; crop it closer to square (within about 1:150)")
 
 
+def pixel_areas(max_pixels) -> list:
+    """--max_pixels as its list of areas: one value (an int, or None: no cap) is one area, a list several (every
+    target is trained once at each)."""
+    return list(max_pixels) if isinstance(max_pixels, (list, tuple)) else [max_pixels]
+
+
 def target_size(image_size, max_pixels=1024 * 1024, height=None, width=None, multiple=SIZE_MULTIPLE):
     """(w, h) of a training target: fixed `width` x `height`, else the image scaled down to at most
     `max_pixels` area (never up), sides floored to `multiple`."""

@@ -413,12 +413,15 @@ def vision_tokens(area, merge=28):
 
 
 def setup_from_args(args, counts: DiTCounts = None, processes=1, fsdp=False) -> Setup:
-    """The trainer's flags -> Setup, for the largest image the flags allow (targets of --max_pixels area or
-    --height x --width, one edit image of --edit_image_area); text tokens estimated from the prompt template."""
+    """The trainer's flags -> Setup, for the largest image the flags allow (targets of --max_pixels area, the
+    largest of several, or --height x --width, one edit image of --edit_image_area); text tokens estimated from the
+    prompt template."""
     if args.height and args.width:
         target = (args.height // 16) * (args.width // 16)
     else:
-        target = args.max_pixels // 256
+        from .image import pixel_areas
+
+        target = max(pixel_areas(args.max_pixels)) // 256
     edit = args.edit_image_area // 256
     # the VL model sees the edit image at 1024x1024 (Edit) or 384x384 (Edit-Plus); ~64 tokens of prompt and template
     text = vision_tokens(384 * 384 if args.edit_plus else 1024 * 1024) + 64
