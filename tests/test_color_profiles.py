@@ -281,7 +281,9 @@ def test_the_inference_script_converts_its_inputs_and_refuses_a_damaged_profile(
     p3_file(tmp_path / "i.png")
     args = script.parse_args(["--edit_image", str(tmp_path / "e.png"), "--input_image", str(tmp_path / "i.png"),
                               "--prompt", "x", "--output", str(tmp_path / "o.png")])
-    [edit], input_image = script.open_inputs(args)
+    _, images, input_image = script.open_inputs(args)
+    [edit] = images.values()
+    assert "--input_image" in capsys.readouterr().err  # its note on the output size
     expected = littlecms(Image.fromarray(PIXELS), P3).tobytes()
     assert edit.tobytes() == expected and input_image.tobytes() == expected
     assert as_rgb(edit).tobytes() == expected  # the pipeline, given the converted image, does not convert again

@@ -176,8 +176,8 @@ def test_trainer_adapters_pass_the_preflight(tiny_models, images, tmp_path, caps
     path = save_trained(tiny_models, str(tmp_path / f"{lora_type}.safetensors"), lora_type)
     args = script.parse_args(["--edit_image", images["edit"], "--prompt", "x", "--output", str(tmp_path / "o.png"),
                               "--lora_path", path])
-    edit_images, _ = script.open_inputs(args)
-    assert len(edit_images) == 1 and capsys.readouterr().err == ""
+    samples, images, _ = script.open_inputs(args)
+    assert len(samples) == len(images) == 1 and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("lora_type, alpha, trained", [("loha", 0.0, True), ("loha", 4.0, False),
@@ -254,3 +254,107 @@ def test_fp8_compute_on_the_cpu_does_what_help_says(tiny_models, images, merged_
                          r"matmuls", result.stdout), result.stdout
     else:
         assert problem in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_prompts_file_writes_each_row_as_its_single_image_run(tiny_models, images, merged_lora, tmp_path):
+    """--prompts: the models load once, row k is <output>/00k.png, bit-identical to a --prompt run with the row's
+    values; what a row leaves out comes from the flags, its relative paths from the file's folder."""
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    Image.open(images["input"]).save(rows / "edit2.png")
+    (rows / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "make the sky blue", "seed": 3},
+        {"prompt": "add a dog", "edit_image": "edit2.png", "steps": 1, "cfg_scale": 1},
+        {"prompt": "a red car", "width": 32, "height": 48, "negative_prompt": "blurry"},
+    ]))
+    model = ["--lora_path", merged_lora, "--model_id_with_origin_paths", TINY_MODEL_IDS, "--models_dir", tiny_models]
+    out = tmp_path / "out"
+    result = run("--prompts", str(rows / "prompts.jsonl"), "--edit_image", images["edit"], "--output", str(out),
+                 "--seed", "5", *model, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["001.png", "002.png", "003.png"]  # no temporary file left
+    assert result.stdout.count("fused ") == 1  # the LoRA (and the models) loaded once
+    assert f"[2/3] row 2 (line 2) (seed 5): saved {out / '002.png'} (64x64)" in result.stdout
+    assert f"wrote 3 images to {out}" in result.stdout
+    sizes = {}
+    for name in os.listdir(out):
+        with Image.open(out / name) as img:
+            sizes[name] = img.size
+    # row 1: --edit_image (80x48) at --edit_image_area 4096; row 2: its own 64x64 edit image; row 3: its width/height
+    assert sizes == {"001.png": (96, 64), "002.png": (64, 64), "003.png": (32, 48)}
+    single = tmp_path / "single.png"
+    script = load_script()  # in this process: no second interpreter start
+    for name, flags in (("002.png", ["--edit_image", str(rows / "edit2.png"), "--prompt", "add a dog", "--seed", "5",
+                                     "--cfg_scale", "1", *FAST, "--num_steps", "1"]),
+                        ("003.png", ["--edit_image", images["edit"], "--prompt", "a red car", "--seed", "5",
+                                     "--width", "32", "--height", "48", "--negative_prompt", "blurry", *FAST])):
+        assert script.main([*flags, "--output", str(single), *model]) == 0
+        assert single.read_bytes() == (out / name).read_bytes(), name
+
+
+class NoLoading(Exception):
+    pass
+
+
+def test_prompts_rows_checked_before_models_load(images, tmp_path, capsys, monkeypatch):
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    def no_loading(*args, **kwargs):
+        raise NoLoading("a model loaded")
+
+    monkeypatch.setattr(QwenImagePipeline, "from_pretrained", no_loading)
+    script = load_script()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fine --d 1\n# a comment\nbad seed --d x --s 0\nmissing --ci nope.png\nvideo --f 9\n")
+    out = tmp_path / "out"
+    assert script.main(["--prompts", str(prompts), "--edit_image", images["edit"], "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {prompts}:" in err and "Traceback" not in err
+    for problem in ("line 5: --f is not supported here (a frame count is for video models)",):
+        assert problem in err, err
+    prompts.write_text("fine --d 1\n# a comment\nbad seed --d x --s 0\nmissing --ci nope.png\n")
+    assert script.main(["--prompts", str(prompts), "--edit_image", images["edit"], "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {prompts}: 3 problem(s):" in err, err
+    for problem in ("line 3: --d 'x' must be a whole number >= 0", "line 3: --s '0' must be a whole number >= 1",
+                    f"line 4: --ci nope.png file not found (looked at {tmp_path / 'nope.png'})"):
+        assert problem in err, err
+    # a row without an edit image needs --edit_image
+    prompts.write_text("fine --ci " + images["edit"] + "\nno image --d 2\n")
+    assert script.main(["--prompts", str(prompts), "--output", str(out)]) == 2
+    assert f"--prompts {prompts}: line 2: no edit image" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_prompts_flag_conflicts(images, tmp_path, capsys):
+    script = load_script()
+    prompts = tmp_path / "evals.txt"
+    prompts.write_text(f"one --ci {images['edit']}\n")
+    args = script.parse_args(["--prompts", str(prompts)])
+    assert args.output == os.path.join("outputs", "evals") and args.prompt is None
+    refused = [
+        (["--prompt", "x"], "argument --prompt: not allowed with argument --prompts"),
+        (["--input_image", images["input"]], "--input_image with --prompts"),
+        (["--denoising_strength", "0.5"], "--denoising_strength with --prompts"),
+        (["--output", str(tmp_path / "o.png")], f"--output {tmp_path / 'o.png'} names an image file; with --prompts "
+                                                "it is the folder"),
+    ]
+    for flags, message in refused:
+        with pytest.raises(SystemExit) as e:
+            script.main(["--prompts", str(prompts), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.main(["--edit_image", images["edit"]])
+    assert e.value.code == 2 and "one of the arguments --prompt --prompts is required" in capsys.readouterr().err
+    taken = tmp_path / "results"
+    taken.write_text("a file")
+    assert script.main(["--prompts", str(prompts), "--output", str(taken), "--models_dir", str(tmp_path / "m")]) == 2
+    assert f"--output {taken} is a file; with --prompts it is the folder" in capsys.readouterr().err
+    # the folder holds a row's edit image under an output name: refused, not overwritten
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.open(images["edit"]).save(out / "001.png")
+    prompts.write_text(f"one --ci {out / '001.png'}\n")
+    assert script.main(["--prompts", str(prompts), "--output", str(out), "--models_dir", str(tmp_path / "m")]) == 2
+    assert f"--output {out / '001.png'} is also an input image" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def _integer(value):
     return int(text) if re.fullmatch(r"-?\d+", text) else None
 
 
-def _txt_rows(path) -> list[tuple[str, dict]]:
+def _txt_rows(path, flag) -> list[tuple[str, dict]]:
     """musubi-tuner's sample-prompt file as rows: a prompt per line, options split off at " --" as musubi-tuner
     splits them; "#" lines are comments. A refused or unknown option raises, naming its line."""
     check_utf8(path)
@@ -86,28 +86,29 @@ def _txt_rows(path) -> list[tuple[str, dict]]:
                                     + ", ".join(f"--{o} ({c})" for o, c in TXT_OPTIONS.items()))
             rows.append((where, row))
     if problems:
-        raise ValidationPromptsError(f"--validation_prompts {path}:\n" + listed_problems(problems))
+        raise ValidationPromptsError(f"{flag} {path}:\n" + listed_problems(problems))
     return rows
 
 
-def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
+def read_validation_prompts(path, edit_image_area, flag="--validation_prompts") -> list[ValidationSample]:
     """Every sample of a --validation_prompts file, each row and image checked as training checks its data (before
-    any model loads); one ValidationPromptsError lists every problem with its row and column."""
+    any model loads); one ValidationPromptsError lists every problem with its row and column. `flag` names the file
+    in messages: the inference script reads the same files as --prompts."""
     if os.path.isdir(path):
-        raise ValidationPromptsError(f"--validation_prompts {path} is a folder; name the prompts file in it (.json, "
+        raise ValidationPromptsError(f"{flag} {path} is a folder; name the prompts file in it (.json, "
                                      ".jsonl, .csv or .txt)")
     if not os.path.isfile(path):
-        raise ValidationPromptsError(f"--validation_prompts {path}: file not found")
+        raise ValidationPromptsError(f"{flag} {path}: file not found")
     base = os.path.dirname(os.path.abspath(path))  # relative paths: next to the file, wherever the run starts
     txt = path.lower().endswith(".txt")
     try:
-        rows = _txt_rows(path) if txt else read_metadata(path)
+        rows = _txt_rows(path, flag) if txt else read_metadata(path)
     except DatasetError as e:  # the dataset's reader: its text names the file already
         text = (str(e).replace("metadata file", "file").replace("image,edit_image,prompt", "prompt,edit_image")
                 .replace("use .csv, .json or .jsonl", "use .json, .jsonl, .csv or .txt"))
-        raise ValidationPromptsError(f"--validation_prompts {text}") from None
+        raise ValidationPromptsError(f"{flag} {text}") from None
     if not rows:
-        raise ValidationPromptsError(f"--validation_prompts {path}: the file holds no prompt")
+        raise ValidationPromptsError(f"{flag} {path}: the file holds no prompt")
     names = {c: f"--{o}" for o, c in TXT_OPTIONS.items()} if txt else {c: c for c in COLUMNS}
     problems, samples, unknown = [], [], set()
     for k, (where, row) in enumerate(rows, 1):
@@ -178,7 +179,7 @@ def read_validation_prompts(path, edit_image_area) -> list[ValidationSample]:
                                         values.get("width"), values.get("height"), values.get("steps"), str(k),
                                         where, negative, values.get("cfg_scale")))
     if problems:
-        raise ValidationPromptsError(f"--validation_prompts {path}: {len(problems)} problem(s):\n" + listed_problems(problems))
+        raise ValidationPromptsError(f"{flag} {path}: {len(problems)} problem(s):\n" + listed_problems(problems))
     return samples
 
 
@@ -193,11 +194,17 @@ def validation_samples(args) -> list[ValidationSample]:
         samples = [ValidationSample(args.validation_prompt, tuple(args.validation_edit_image or ()))]
     else:
         return []
-    flags = {"seed": args.seed, "steps": args.validation_inference_steps, "cfg_scale": args.validation_cfg_scale,
-             # the inference script's default negative prompt
-             "negative_prompt": DROPOUT_PROMPT if args.validation_negative_prompt is None
-             else args.validation_negative_prompt}
-    return [replace(s, **{k: v for k, v in flags.items() if getattr(s, k) is None}) for s in samples]
+    return with_defaults(samples, seed=args.seed, steps=args.validation_inference_steps,
+                         cfg_scale=args.validation_cfg_scale,
+                         # the inference script's default negative prompt
+                         negative_prompt=DROPOUT_PROMPT if args.validation_negative_prompt is None
+                         else args.validation_negative_prompt)
+
+
+def with_defaults(samples, **flags) -> list[ValidationSample]:
+    """The samples with each field a row leaves out (None, or no edit image) set to `flags`' value for it."""
+    return [replace(s, **{k: v for k, v in flags.items() if getattr(s, k) is None or getattr(s, k) == ()})
+            for s in samples]
 
 
 def describe_samples(samples, args) -> list[str]:

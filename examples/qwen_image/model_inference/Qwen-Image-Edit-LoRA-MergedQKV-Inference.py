@@ -12,6 +12,15 @@ image's aspect ratio at --edit_image_area pixels (a 128x128 edit image gives 102
 The LoRA may be in either layout (to_qkv or to_q/to_k/to_v) and any common format; it is fused into the DiT.
 Models are found under --models_dir (default ./models, or $DIFFSYNTH_MODELS_DIR) and downloaded from ModelScope
 when missing. Every input (images, LoRA, flags, output path, model files) is checked before the models load.
+
+Several images in one run (the models load once; musubi-tuner's --from_file): --prompts FILE instead of --prompt,
+a file as the trainer's --validation_prompts reads it (.json list, .jsonl, .csv, or musubi-tuner's .txt with --d seed,
+--ci edit image, --w/--h size, --s steps, --l CFG scale, --n negative prompt; relative paths from the file's folder).
+What a row leaves out comes from --seed, --num_steps, --cfg_scale, --negative_prompt, --edit_image, --height/--width;
+row k is written to --output/<k>.png (001.png, 002.png, ...; --output defaults to outputs/<FILE's name>/):
+
+    python examples/qwen_image/model_inference/Qwen-Image-Edit-LoRA-MergedQKV-Inference.py \\
+        --prompts prompts.txt --lora_path ./models/my_merged_qkv_lora/checkpoint-final.safetensors
 """
 import argparse
 import math
@@ -30,15 +39,23 @@ def parse_args(argv=None):
                         help="image to edit; repeat for several (Edit-2509/2511)")
     parser.add_argument("--input_image", default=None, metavar="PATH",
                         help="init image: sets the output's aspect ratio, and its pixels are the starting point with "
-                             "--denoising_strength < 1")
+                             "--denoising_strength < 1 (not with --prompts)")
     parser.add_argument("--denoising_strength", type=float, default=1.0,
                         help="1.0 starts from pure noise; lower keeps more of --input_image (0 < strength <= 1)")
-    parser.add_argument("--prompt", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the editing prompt (one image)")
+    source.add_argument("--prompts", metavar="FILE",
+                        help="one image per row of FILE (.json, .jsonl, .csv, or musubi-tuner's .txt: the trainer's "
+                             "--validation_prompts format), the models loaded once; a row's missing seed, steps, "
+                             "cfg_scale, negative_prompt, edit_image, width/height come from the flags")
     parser.add_argument("--negative_prompt", default=" ",
                         help="true CFG runs with a negative prompt (default ' ', as the official examples)")
     parser.add_argument("--cfg_scale", type=float, default=None,
                         help="1 turns CFG off (half the DiT passes); default 4, or 1 with --scheduler_preset lightning")
-    parser.add_argument("--output", default="output.png", help="image file to write (.png, .jpg, ...; default output.png in the current folder)")
+    parser.add_argument("--output", default=None,
+                        help="image file to write (.png, .jpg, ...; default output.png in the current folder); with "
+                             "--prompts the folder row k's <k>.png goes to (001.png, ...; default outputs/<FILE's "
+                             "name>/), created if missing; existing images of the same names are replaced")
     parser.add_argument("--lora_path", action="append", default=[],
                         help="LoRA .safetensors to fuse into the DiT; repeat to stack several (e.g. yours and a "
                              "Lightning LoRA)")
@@ -85,7 +102,8 @@ def parse_args(argv=None):
                              "just ahead of its use; QUICKSTART.md has values per GPU size")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the DiT blocks: the first step compiles (about a minute), the others run "
-                             "faster; worth it from a few images on")
+                             "faster; worth it from a few images on: --prompts, whose rows share the compiled "
+                             "blocks (other sizes and prompt lengths included)")
     parser.add_argument("--fp8_compute", action="store_true",
                         help="DiT weights in fp8 (half the DiT's weight memory) and fp8 matmuls: fast on GPUs with "
                              "compute capability 8.9+ (Ada, Hopper); older GPUs get fp8 storage only (it says "
@@ -106,15 +124,29 @@ def parse_args(argv=None):
     if args.num_steps is None:
         args.num_steps = 8 if lightning else 30
     args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if lightning else 4.0)
-    if not args.edit_image:
+    if not args.edit_image and not args.prompts:
         parser.error("--edit_image is required: the image to edit (--input_image is only the init image, see --help)")
-    problems = [f"--{name} must be a finite number (got {value})"
-                for name in ("lora_scale", "cfg_scale", "denoising_strength")
-                for value in (scales if name == "lora_scale" else [getattr(args, name)])
-                if not math.isfinite(value)]
+    problems = []
+    if args.prompts:
+        stem = os.path.splitext(os.path.basename(args.prompts.rstrip(os.sep)))[0]
+        args.output = args.output or os.path.join("outputs", stem)
+        if os.path.splitext(args.output)[1].lower() in Image.registered_extensions():
+            problems.append(f"--output {args.output} names an image file; with --prompts it is the folder the images "
+                            f"go to (e.g. {os.path.splitext(args.output)[0]})")
+        given = [f for f, on in (("--input_image", args.input_image), ("--denoising_strength",
+                                                                         args.denoising_strength != 1)) if on]
+        if given:  # one init image fixes one size, while rows have their own
+            problems.append(f"{' and '.join(given)} with --prompts: each row's output size is its width/height or "
+                            "its last edit image's, and it starts from noise; run one image at a time (--prompt) to "
+                            "start from an init image")
+    args.output = args.output or "output.png"
+    problems += [f"--{name} must be a finite number (got {value})"
+                 for name in ("lora_scale", "cfg_scale", "denoising_strength")
+                 for value in (scales if name == "lora_scale" else [getattr(args, name)])
+                 if not math.isfinite(value)]
     if math.isfinite(args.denoising_strength) and not 0 < args.denoising_strength <= 1:
         problems.append(f"--denoising_strength must be in (0, 1] (got {args.denoising_strength})")
-    elif args.denoising_strength < 1 and args.input_image is None:
+    elif args.denoising_strength < 1 and args.input_image is None and not args.prompts:
         problems.append(f"--denoising_strength {args.denoising_strength} needs --input_image (the image it starts "
                         "from); without one generation starts from pure noise")
     if scale_without_lora:
@@ -125,6 +157,8 @@ def parse_args(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < low:
             problems.append(f"--{name} must be >= {low} (got {getattr(args, name)})")
     for name in ("prompt", "negative_prompt"):
+        if getattr(args, name) is None:  # --prompts: the file's text is checked as it is read
+            continue
         try:
             getattr(args, name).encode("utf-8")
         except UnicodeEncodeError as e:  # undecodable bytes on the command line arrive as surrogates
@@ -187,34 +221,67 @@ def resolve_edit_image_area(args):
                   "at (its metadata)", file=sys.stderr)
 
 
+def output_path(args, sample, rows):
+    """Where a sample's image goes: --output, or with --prompts <--output>/<row>.png, zero-padded so they sort."""
+    if not args.prompts:
+        return args.output
+    return os.path.join(args.output, f"{int(sample.folder):0{max(3, len(str(rows)))}d}.png")
+
+
 def open_inputs(args):
-    """Check every input and decode the images before the heavy imports and model loading: a wrong path, a bad
-    image or a damaged LoRA fails in seconds, not after minutes of loading."""
-    from diffsynth.utils.image import MAX_EDIT_AREA, check_cover, check_edit_size, open_image
+    """Check every input and decode the flags' images before the heavy imports and model loading: a wrong path, a
+    bad image, row or a damaged LoRA fails in seconds, not after minutes of loading. -> (the samples to generate,
+    each with its values resolved; {--edit_image path: image}; the --input_image or None)."""
+    from diffsynth.trainers.validation import ValidationSample, read_validation_prompts, with_defaults
+    from diffsynth.utils.image import MAX_EDIT_AREA, check_cover, check_edit_size, edit_image_size, open_image
 
     resolve_edit_image_area(args)
     if args.edit_image_area > MAX_EDIT_AREA:  # checked here: the image module imports torch, parse_args does not
         raise ValueError(f"--edit_image_area must be <= {MAX_EDIT_AREA} (4096x4096; the models were trained at "
                          f"1024x1024 = 1048576), got {args.edit_image_area}")
-    check_output(args.output, [*args.edit_image, *([args.input_image] if args.input_image else [])])
-    edit_images = [open_image(p) for p in args.edit_image]
+    images = {p: open_image(p) for p in args.edit_image}  # with --prompts: the images of rows that name none
     input_image = open_image(args.input_image) if args.input_image else None
     # the VAE sees each edit image at --edit_image_area, the VL text encoder at its template's area
-    for path, img in zip(args.edit_image, edit_images):
+    for path, img in images.items():
         check_edit_size(f"--edit_image {path}", img.size, args.edit_image_area)
+    size_note = None  # printed once every check passed: a refused run says one line
     if input_image is not None and (args.height is None or args.width is None):  # it sets the output size
         check_edit_size(f"--input_image {args.input_image}", input_image.size, args.edit_image_area, vl=False)
+        w, h = edit_image_size(*input_image.size, target_area=args.edit_image_area)
+        args.height, args.width = args.height or h, args.width or w
+        note = ("its pixels start the denoising" if args.denoising_strength < 1.0 else
+                "its pixels are not used at --denoising_strength 1.0 (pure noise; pass e.g. 0.7 to start from it)")
+        size_note = (f"note: --input_image {args.input_image} sets the output size {args.width // 16 * 16}x"
+                     f"{args.height // 16 * 16}; {note}")
     elif input_image is not None and args.denoising_strength < 1:  # its pixels, cut to --width x --height
         check_cover(f"--input_image {args.input_image}", input_image.size, args.width // 16 * 16,
                     args.height // 16 * 16, fix=f"crop it closer to {args.width}:{args.height}, or leave out --height "
                     "and --width (the output then takes its aspect ratio)")
+    # every row, value and file of --prompts checked as the trainer checks --validation_prompts
+    samples = (read_validation_prompts(args.prompts, args.edit_image_area, flag="--prompts") if args.prompts
+               else [ValidationSample(args.prompt, where="--prompt")])
+    samples = with_defaults(samples, edit_images=tuple(args.edit_image), seed=args.seed, steps=args.num_steps,
+                            cfg_scale=args.cfg_scale, negative_prompt=args.negative_prompt, height=args.height,
+                            width=args.width)
+    bare = [s.where for s in samples if not s.edit_images]
+    if bare:
+        raise ValueError(f"--prompts {args.prompts}: {', '.join(bare)}: no edit image; give the row an edit_image "
+                         "(--ci in a .txt), or pass --edit_image for the rows that name none")
+    if args.prompts and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output} is a file; with --prompts it is the folder the images go to (created "
+                         "if missing): name a folder")
+    inputs = [*images, *([args.input_image] if args.input_image else []), *(p for s in samples for p in s.edit_images)]
+    for sample in samples:
+        check_output(output_path(args, sample, len(samples)), inputs)
     from diffsynth.lora.adapters import check_any
 
     for path in args.lora_path:  # exists, is a Qwen-Image LoRA / LoHa / LoKr / DoRA, holds no NaN/inf
         if check_any(path):  # the output would be the base model's while the run reports the LoRA fused
             raise ValueError(f"--lora_path {path}: every delta is zero (alpha 0, or an untrained LoRA whose up "
                              "weights are 0): fusing it would change nothing; pass a trained LoRA")
-    return edit_images, input_image
+    if size_note:
+        print(size_note, file=sys.stderr)
+    return samples, images, input_image
 
 
 def peak_memory_line(device):
@@ -231,21 +298,11 @@ def peak_memory_line(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    from diffsynth.utils.image import NonFiniteOutputError
+    from diffsynth.utils.image import NonFiniteOutputError, open_image
 
+    saved = []  # with --prompts: the rows written before an error
     try:
-        edit_images, input_image = open_inputs(args)
-        height, width = args.height, args.width
-        if input_image is not None and (height is None or width is None):
-            from diffsynth.utils.image import edit_image_size
-
-            w, h = edit_image_size(*input_image.size, target_area=args.edit_image_area)
-            height, width = height or h, width or w
-            note = ("its pixels start the denoising" if args.denoising_strength < 1.0 else
-                    "its pixels are not used at --denoising_strength 1.0 (pure noise; pass e.g. 0.7 to start from it)")
-            print(f"note: --input_image {args.input_image} sets the output size {width // 16 * 16}x"
-                  f"{height // 16 * 16}; {note}", file=sys.stderr)
-
+        samples, images, input_image = open_inputs(args)
         import torch
 
         from diffsynth.pipelines.qwen_image import QwenImagePipeline, host_memory_note, parse_dtype
@@ -273,24 +330,33 @@ def main(argv=None):
             print(pipe.enable_fp8(compute=True))
         if args.compile:
             print(f"--compile: {pipe.compile()} DiT blocks compile on the first denoising step")
-        image = pipe(
-            args.prompt, edit_image=edit_images,
-            negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, num_inference_steps=args.num_steps,
-            height=height, width=width, seed=args.seed, input_image=input_image,
-            denoising_strength=args.denoising_strength, edit_image_area=args.edit_image_area,
-        )
-        replaced = os.path.exists(args.output)  # an earlier output: check_output refused the input images
-        with atomic_path(args.output) as tmp:
-            image.save(tmp)  # the temporary name keeps the extension, which picks the format
+        for i, sample in enumerate(samples, 1):  # the text encoder and the DiT run per row; the models loaded once
+            image = pipe(
+                sample.prompt, edit_image=[images[p] if p in images else open_image(p) for p in sample.edit_images],
+                negative_prompt=sample.negative_prompt, cfg_scale=sample.cfg_scale, num_inference_steps=sample.steps,
+                height=sample.height, width=sample.width, seed=sample.seed, input_image=input_image,
+                denoising_strength=args.denoising_strength, edit_image_area=args.edit_image_area,
+            )
+            path = output_path(args, sample, len(samples))
+            replaced = os.path.exists(path)  # an earlier output: check_output refused the input images
+            with atomic_path(path) as tmp:
+                image.save(tmp)  # the temporary name keeps the extension, which picks the format
+            saved.append(path)
+            row = f"[{i}/{len(samples)}] {sample.where} (seed {sample.seed}): " if args.prompts else ""
+            note = "; replaced the existing file" if replaced else ""
+            print(f"{row}saved {path} ({image.width}x{image.height}{note})", flush=True)
     except NonFiniteOutputError as e:  # nothing is written: a NaN image would be a black PNG
         loras = ", ".join(f"{p} at --lora_scale {s}" for p, s in zip(args.lora_path, args.lora_scale))
         lora = f" with the LoRA {loras}" if loras else ""
-        print(f"error: {e}{lora}; no image written", file=sys.stderr)
+        row = f"--prompts {args.prompts} {sample.where}: " if args.prompts else ""
+        kept = f" ({len(saved)} earlier row(s) saved in {args.output})" if saved else ""
+        print(f"error: {row}{e}{lora}; no image written{kept}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:  # bad paths, files, flags, images, LoRAs: one line, no traceback
+    except (ValueError, OSError) as e:  # bad paths, files, flags, images, rows, LoRAs: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"saved {args.output} ({image.width}x{image.height}{'; replaced the existing file' if replaced else ''})")
+    if args.prompts:
+        print(f"wrote {len(saved)} images to {args.output}")
     print(peak_memory_line(device))
     return 0
 
