@@ -860,7 +860,9 @@ def export_copy_name(name, export_format, merged_qkv) -> str | None:
     return f"{name}-{'standard' if fmt == 'native' else fmt}.safetensors"
 
 
-INTERMEDIATE = re.compile(r"(step|epoch)-(\d+)\.safetensors")  # save_intermediate's names
+# save_intermediate's names exactly as it writes them: ASCII digits, no leading zero. A user's step-007, or a step
+# number in other scripts' digits (which \d and int() accept), is no name of ours and must not be deleted
+INTERMEDIATE = re.compile(r"(step|epoch)-([1-9][0-9]*)\.safetensors")
 
 
 def prune_weight_files(folder, keep: int, step: int) -> list[str]:
