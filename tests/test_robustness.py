@@ -142,6 +142,17 @@ def test_prune_weight_files_dates_epoch_files_by_their_steps(tmp_path):
         "step-4", "step-4-standard", "step-6", "step-2-mine", "step-02", "epoch-01", "step-\u0662", "epoch-9"))
 
 
+def test_prune_weight_files_keeps_the_epoch_file_just_written_at_a_step_file_s_step(tmp_path):
+    """At an epoch's last step the loop saves step-N, then epoch-K: with --lora_files_total_limit 1 the epoch file,
+    written last, is the newest (name order deleted it right after its save)."""
+    from diffsynth.trainers.trainer import prune_weight_files
+
+    for name, steps in (("step-2", "2"), ("step-4", "4"), ("epoch-2", "4")):  # epoch-2 ends at step 4
+        save_file({"w": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"), {"steps": steps})
+    prune_weight_files(str(tmp_path), 1, 4)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-2.safetensors"]
+
+
 # ---- item 7: flags that cannot train; NaN stops with the last good checkpoint ----------------------------------
 
 @pytest.mark.parametrize("bad, message", [
