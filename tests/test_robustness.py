@@ -129,7 +129,8 @@ def test_prune_weight_files_dates_epoch_files_by_their_steps(tmp_path):
     files = {"step-2": "2", "step-2-standard": "2", "step-2-ema": "2", "step-2-ema-standard": "2",
              "epoch-1": "3", "epoch-1-kohya": "3", "step-4": "4", "step-4-standard": "4",
              "step-6": "6",  # written after the step pruned at (an earlier attempt of a resumed run): left
-             "step-2-mine": "2"}  # not a name the trainer writes
+             "step-2-mine": "2",  # not a name the trainer writes, nor are a leading zero and non-ASCII digits
+             "step-02": "2", "epoch-01": "2", "step-\u0662": "2"}
     for name, steps in files.items():
         save_file({"w": torch.zeros(1)}, str(folder / f"{name}.safetensors"), {"steps": steps})
     (folder / "epoch-9.safetensors").write_bytes(b"not safetensors")  # cannot be dated: left
@@ -138,7 +139,18 @@ def test_prune_weight_files_dates_epoch_files_by_their_steps(tmp_path):
         f"{n}.safetensors" for n in ("step-2", "step-2-standard", "step-2-ema", "step-2-ema-standard", "epoch-1",
                                      "epoch-1-kohya"))
     assert sorted(os.listdir(folder)) == sorted(f"{n}.safetensors" for n in (
-        "step-4", "step-4-standard", "step-6", "step-2-mine", "epoch-9"))
+        "step-4", "step-4-standard", "step-6", "step-2-mine", "step-02", "epoch-01", "step-\u0662", "epoch-9"))
+
+
+def test_prune_weight_files_keeps_the_epoch_file_just_written_at_a_step_file_s_step(tmp_path):
+    """At an epoch's last step the loop saves step-N, then epoch-K: with --lora_files_total_limit 1 the epoch file,
+    written last, is the newest (name order deleted it right after its save)."""
+    from diffsynth.trainers.trainer import prune_weight_files
+
+    for name, steps in (("step-2", "2"), ("step-4", "4"), ("epoch-2", "4")):  # epoch-2 ends at step 4
+        save_file({"w": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"), {"steps": steps})
+    prune_weight_files(str(tmp_path), 1, 4)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-2.safetensors"]
 
 
 # ---- item 7: flags that cannot train; NaN stops with the last good checkpoint ----------------------------------

@@ -267,6 +267,12 @@ def test_optimizer_args_take_musubis_bare_comma_lists():
     (["betas=0.9,abc"], "--optimizer_args betas=0.9,abc: a comma list must be Python literals"),
     (["0.9,betas=0.999"], "--optimizer_args '0.9': expected key=value"),  # nothing before it to continue
     (["betas=0.9", "0.999"], "--optimizer_args '0.999': expected key=value"),  # another argument: no continuation
+    # kept as text, these failed only in the optimizer, after the models loaded: two pairs in one quoted argument,
+    # a stray bracket (it hid the comma after it)
+    (["betas=0.9,0.999 eps=1e-8"], "betas=... and eps=... are two arguments: separate them with a space outside"),
+    (["lr=1e-3 weight_decay=0.1"], "--optimizer_args lr=1e-3 weight_decay=0.1: not a Python literal"),
+    (["betas=(0.9,0.99)),eps=1e-8"], "betas=(0.9,0.99)),eps=1e-8: not a Python literal (numbers, True/False/None, "
+                                     "quoted strings, tuples), e.g. betas=0.9,0.999; check its brackets and quotes"),
 ])
 def test_malformed_optimizer_args_are_refused(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:

@@ -5,6 +5,7 @@ command."""
 import ast
 import importlib.util
 import math
+import re
 
 # name -> (module, class, pip extra of this project, PyPI package); torch's and transformers' come with the install.
 OPTIMIZERS = {
@@ -51,8 +52,8 @@ def _split_top_level(text: str) -> list[str]:
 def parse_optimizer_args(items) -> dict:
     """["betas=(0.9,0.99),weight_decay=0.1", "decouple=True"] -> {"betas": (0.9, 0.99), ...}.
 
-    Values are Python literals (numbers, True/False/None, tuples, lists, quoted strings); anything else is kept
-    as text, so `d_coef=2` is an int and `foo=bar` the string "bar". A bare comma list of literals is a tuple, as
+    Values are Python literals (numbers, True/False/None, tuples, lists, quoted strings); a plain word is kept as
+    text, so `d_coef=2` is an int and `foo=bar` the string "bar" (brackets or quotes that do not parse are refused). A bare comma list of literals is a tuple, as
     musubi-tuner writes it: `betas=0.9,0.999` is `betas=(0.9,0.999)`.
     """
     out = {}
@@ -72,10 +73,17 @@ def parse_optimizer_args(items) -> dict:
             try:
                 out[key] = ast.literal_eval(value)  # "0.9,0.999" is the tuple (0.9, 0.999)
             except (ValueError, SyntaxError):
-                if len(parts) > 1:  # text is kept for one value only: "a,b" would be a guess
-                    raise OptimizerError(
-                        f"--optimizer_args {key}={value}: a comma list must be Python literals (numbers, True/False/"
-                        f"None, quoted strings), e.g. betas=0.9,0.999; quote a text value: {key}='{value}'") from None
+                # Text is kept for a plain word only (name=x). "a,b" would be a guess; brackets or quotes that do not
+                # parse, or a second key= after a space (two pairs in one quoted argument), are typos the optimizer
+                # would reject only once the models have loaded
+                two = re.search(r"\s([A-Za-z_]\w*)\s*=", value)
+                if len(parts) > 1 or two or re.search(r"[()\[\]{}'\"]", value):
+                    fix = (f"{key}=... and {two[1]}=... are two arguments: separate them with a space outside the "
+                           "quotes, or a comma" if two else f"check its brackets and quotes; quote a text value: "
+                           f"{key}='...'")
+                    what = "a comma list must be Python literals" if len(parts) > 1 else "not a Python literal"
+                    raise OptimizerError(f"--optimizer_args {key}={value}: {what} (numbers, True/False/None, quoted "
+                                         f"strings, tuples), e.g. betas=0.9,0.999; {fix}") from None
                 out[key] = value
     return out
 

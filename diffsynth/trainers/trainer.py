@@ -868,7 +868,9 @@ def export_copy_name(name, export_format, merged_qkv) -> str | None:
     return f"{name}-{'standard' if fmt == 'native' else fmt}.safetensors"
 
 
-INTERMEDIATE = re.compile(r"(step|epoch)-(\d+)\.safetensors")  # save_intermediate's names
+# save_intermediate's names exactly as it writes them: ASCII digits, no leading zero. A user's step-007, or a step
+# number in other scripts' digits (which \d and int() accept), is no name of ours and must not be deleted
+INTERMEDIATE = re.compile(r"(step|epoch)-([1-9][0-9]*)\.safetensors")
 
 
 def prune_weight_files(folder, keep: int, step: int) -> list[str]:
@@ -887,9 +889,10 @@ def prune_weight_files(folder, keep: int, step: int) -> list[str]:
         except Exception:  # unreadable (safetensors' own error type) or no step: not dated, so not deleted
             continue
         if at <= step:
-            saves.append((at, name[:-len(".safetensors")]))
+            # in write order: at an epoch's last step the step file is saved first, the epoch file after it
+            saves.append((at, match[1] == "epoch", name[:-len(".safetensors")]))
     deleted = []
-    for _, name in sorted(saves)[:-keep]:
+    for *_, name in sorted(saves)[:-keep]:
         copies = [export_copy_name(base, fmt, True) for base in (name, f"{name}-ema") for fmt in EXPORT_FORMATS]
         # the main file last: if the run stops midway, it still marks the rest for the next prune
         for file in [f for f in copies if f] + [f"{name}-ema.safetensors", f"{name}.safetensors"]:
