@@ -228,6 +228,24 @@ def test_a_non_finite_gradient_stops_before_the_update(tiny_models, data, tmp_pa
     assert steps_logged(out) == [1, 2]
 
 
+def test_a_non_finite_gradient_after_pruned_saves_says_none_is_left(tiny_models, data, tmp_path):
+    """With --lora_files_total_limit 1 the file before the one that gave the NaN is gone: the message says so rather
+    than that earlier checkpoints are kept."""
+    out = str(tmp_path / "out")
+    trainer = Trainer(parse_args(flags(tiny_models, data, out, "--max_steps", "5", "--save_steps", "1",
+                                       "--lora_files_total_limit", "1", "--dataset_repeat", "3",
+                                       "--cache_conditioning")))
+    trainer.setup()
+    calls = []
+    trainer.params[0].register_hook(lambda g: (calls.append(1), g * float("inf") if len(calls) == 3 else g)[1])
+    with pytest.raises(NonFiniteError, match="renamed to \\*.nonfinite .*No earlier weight file of this run is left: "
+                                             "--lora_files_total_limit 1 deleted the older ones"):
+        trainer.train()
+    trainer.release()
+    assert not os.path.exists(os.path.join(out, "step-1.safetensors"))
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step-1"))  # the states are not limited: resumable
+
+
 def test_a_non_finite_update_stops_without_saving_it(tiny_models, data, tmp_path):
     out = str(tmp_path / "out")
     trainer = Trainer(parse_args(flags(tiny_models, data, out, "--max_steps", "5", "--save_steps", "2",

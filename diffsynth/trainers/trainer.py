@@ -657,6 +657,9 @@ class Trainer:
                     "from 'latest' skips them). ")
         if good:
             return text + f"The last good checkpoint is {good[-1]}."
+        if self.args.lora_files_total_limit and any(step != weights_of_step for step, _ in self.saves):
+            return text + (f"No earlier weight file of this run is left: --lora_files_total_limit "
+                           f"{self.args.lora_files_total_limit} deleted the older ones.")
         return text + f"Checkpoints written before in {self.args.output_path} are kept."
 
     def _train(self):
@@ -897,9 +900,11 @@ def prune_weight_files(folder, keep: int, step: int) -> list[str]:
         # the main file last: if the run stops midway, it still marks the rest for the next prune
         for file in [f for f in copies if f] + [f"{name}-ema.safetensors", f"{name}.safetensors"]:
             path = os.path.join(folder, file)
-            if os.path.isfile(path):
+            try:
                 os.remove(path)
                 deleted.append(path)
+            except FileNotFoundError:  # not written (another format), or removed by the user meanwhile
+                pass
     return deleted
 
 
