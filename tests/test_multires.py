@@ -152,6 +152,8 @@ def test_two_areas_train_encode_each_row_once_and_resume_only_with_the_same_list
                           str(tmp_path / "no-models")))  # refused before any model loads
         err = capsys.readouterr().err
         assert code == 2 and f"--max_pixels: state [1024, 4096], this run {shown}" in err, err
+        if other == "4096":  # the sample count a state records is rows x areas: the message says so
+            assert "training samples (rows x --max_pixels areas x --dataset_repeat): state 4, this run 2" in err, err
     assert main(flags(tiny_models, data, out, *common, *resume)) == 0
     assert logged_steps(out) == [1, 2, 3, 4]
 

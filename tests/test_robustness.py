@@ -343,7 +343,7 @@ def test_lora_checkpoint_that_does_not_fit_is_refused_before_loading(tiny_models
 @pytest.mark.parametrize("change, message", [
     (["--lora_alpha", "16"], "--lora_alpha: state 4, this run 16"),
     (["--batch_size", "2"], "--batch_size: state 1, this run 2"),
-    (["--dataset_repeat", "3"], "training samples (rows x --dataset_repeat): state 4, this run 6"),
+    (["--dataset_repeat", "3"], "training samples (rows x --max_pixels areas x --dataset_repeat): state 4, this run 6"),
     (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps: state 1, this run 2"),
     # what each step trains on: resumed with another value, the run would not continue the state's
     (["--timestep_sampling", "uniform"], "--timestep_sampling: state 'diffsynth', this run 'uniform'"),

@@ -284,7 +284,7 @@ def check_setup(folder, setup: dict, num_processes: int = 1):
     another number of processes."""
     manifest = read_manifest(folder)
     saved = {**SETUP_BEFORE_KEYS, **manifest.get("setup", {})}
-    label = {"samples": "training samples (rows x --dataset_repeat)",
+    label = {"samples": "training samples (rows x --max_pixels areas x --dataset_repeat)",
              "lora_fused": "--lora_fused (content id; None: not given)"}
     differ = [f"{label.get(k, '--' + k)}: state {saved[k]!r}, this run {v!r}" for k, v in setup.items()
               if k in saved and saved[k] != v]
