@@ -306,12 +306,16 @@ def test_prompts_rows_checked_before_models_load(images, tmp_path, capsys, monke
     monkeypatch.setattr(QwenImagePipeline, "from_pretrained", no_loading)
     script = load_script()
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("fine --d 1\n# a comment\nbad seed --d x --s 0\nmissing --ci nope.png\nvideo --f 9\n")
+    prompts.write_text("fine --d 1\n# a comment\nbad seed --d x --s 0\nmissing --ci nope.png\nvideo --f 9\ncfg --g 4\n")
     out = tmp_path / "out"
     assert script.main(["--prompts", str(prompts), "--edit_image", images["edit"], "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"--prompts {prompts}:" in err and "Traceback" not in err
-    for problem in ("line 5: --f is not supported here (a frame count is for video models)",):
+    for problem in ("line 5: --f is not supported here (a frame count is for video models)",
+                    # musubi's Qwen-Image --from_file takes --g as its CFG scale: the message points to --l
+                    "line 6: --g is not supported here (an embedded guidance scale does not exist in Qwen-Image; "
+                    "musubi-tuner's qwen_image_generate_image.py --from_file reads --g as the CFG scale: write --l "
+                    "for that)"):
         assert problem in err, err
     prompts.write_text("fine --d 1\n# a comment\nbad seed --d x --s 0\nmissing --ci nope.png\n")
     assert script.main(["--prompts", str(prompts), "--edit_image", images["edit"], "--output", str(out)]) == 2

@@ -19,7 +19,8 @@ COLUMNS = ("prompt", "edit_image", "seed", "width", "height", "steps", "negative
 TXT_OPTIONS = {"d": "seed", "ci": "edit_image", "w": "width", "h": "height", "s": "steps", "n": "negative_prompt",
                "l": "cfg_scale"}
 # musubi-tuner options with no counterpart here, and why
-TXT_REFUSED = {"g": "an embedded guidance scale does not exist in Qwen-Image",
+TXT_REFUSED = {"g": "an embedded guidance scale does not exist in Qwen-Image; musubi-tuner's "
+                    "qwen_image_generate_image.py --from_file reads --g as the CFG scale: write --l for that",
                "fs": "the flow shift follows the scheduler's resolution-dependent shift",
                "f": "a frame count is for video models", "i": "an I2V start image is for video models",
                "ei": "an end image is for video models", "cn": "a control video is for video models",
