@@ -362,3 +362,21 @@ def test_prompts_flag_conflicts(images, tmp_path, capsys):
     prompts.write_text(f"one --ci {out / '001.png'}\n")
     assert script.main(["--prompts", str(prompts), "--output", str(out), "--models_dir", str(tmp_path / "m")]) == 2
     assert f"--output {out / '001.png'} is also an input image" in capsys.readouterr().err
+
+
+def test_prompts_rows_cfg_above_one_with_lightning_are_warned_of_as_the_flag(images, tmp_path, capsys):
+    """--scheduler_preset lightning runs at cfg 1; a row's own cfg_scale overrides that as --cfg_scale does, and
+    is warned of as the flag is."""
+    script = load_script()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"one --ci {images['edit']} --l 4\ntwo --ci {images['edit']}\nthree --l 1\n")
+    args = script.parse_args(["--prompts", str(prompts), "--edit_image", images["edit"], "--scheduler_preset",
+                              "lightning", "--output", str(tmp_path / "out")])
+    samples, _, _ = script.open_inputs(args)
+    assert [s.cfg_scale for s in samples] == [4.0, 1.0, 1.0]
+    assert (f"warning: --prompts {prompts}: cfg_scale above 1 with --scheduler_preset lightning in line 1 (4): the "
+            "Lightning LoRAs are distilled to run without CFG (cfg 1)") in capsys.readouterr().err
+    args = script.parse_args(["--prompts", str(prompts), "--edit_image", images["edit"], "--output",
+                              str(tmp_path / "out")])
+    script.open_inputs(args)  # the default scheduler: CFG 4 is its default, nothing to warn of
+    assert "warning" not in capsys.readouterr().err

@@ -32,6 +32,8 @@ from PIL import Image
 
 from diffsynth.utils.cli import ArgumentParser
 
+LIGHTNING_CFG = "the Lightning LoRAs are distilled to run without CFG (cfg 1); expect overcooked images"
+
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,8 +121,8 @@ def parse_args(argv=None):
     args.lora_scale = scales * len(args.lora_path) if len(scales) == 1 else scales
     lightning = args.scheduler_preset == "lightning"
     if lightning and args.cfg_scale is not None and args.cfg_scale > 1:
-        print(f"warning: --cfg_scale {args.cfg_scale} with --scheduler_preset lightning: the Lightning LoRAs are "
-              "distilled to run without CFG (cfg 1); expect overcooked images", file=sys.stderr)
+        print(f"warning: --cfg_scale {args.cfg_scale} with --scheduler_preset lightning: {LIGHTNING_CFG}",
+              file=sys.stderr)
     if args.num_steps is None:
         args.num_steps = 8 if lightning else 30
     args.cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if lightning else 4.0)
@@ -260,6 +262,9 @@ def open_inputs(args):
     # every row, value and file of --prompts checked as the trainer checks --validation_prompts
     samples = (read_validation_prompts(args.prompts, args.edit_image_area, flag="--prompts") if args.prompts
                else [ValidationSample(args.prompt, where="--prompt")])
+    # a row's own cfg_scale overrides the preset's 1 as --cfg_scale would: warned of as the flag is (parse_args)
+    cfg_rows = [f"{s.where} ({s.cfg_scale:g})" for s in samples if args.scheduler_preset == "lightning"
+                and s.cfg_scale is not None and s.cfg_scale > 1]
     samples = with_defaults(samples, edit_images=tuple(args.edit_image), seed=args.seed, steps=args.num_steps,
                             cfg_scale=args.cfg_scale, negative_prompt=args.negative_prompt, height=args.height,
                             width=args.width)
@@ -281,6 +286,9 @@ def open_inputs(args):
                              "weights are 0): fusing it would change nothing; pass a trained LoRA")
     if size_note:
         print(size_note, file=sys.stderr)
+    if cfg_rows:
+        print(f"warning: --prompts {args.prompts}: cfg_scale above 1 with --scheduler_preset lightning in "
+              f"{', '.join(cfg_rows[:5])}{' ...' * (len(cfg_rows) > 5)}: {LIGHTNING_CFG}", file=sys.stderr)
     return samples, images, input_image
 
 
