@@ -77,6 +77,11 @@ def test_a_row_without_a_target_at_an_area_is_named_once(tmp_path):
     ("4096,-5", "--max_pixels 4096,-5: -5 is below 256 pixels"),
     ("1024,255", "--max_pixels 1024,255: 255 is below 256 pixels"),
     ("4096,1024,4096", "--max_pixels 4096,1024,4096: 4096 is given twice"),
+    # ai-toolkit's resolution list typed as it is: side lengths, which as areas would train ~22-32 px targets
+    ("512,768,1024", "--max_pixels 512,768,1024: these are areas in pixels, not side lengths: 1024 trains targets "
+                     "of about 32x32 pixels. For sides 512,768,1024 give their squares: --max_pixels "
+                     "262144,589824,1048576"),
+    ("1024", "--max_pixels 1024: these are areas in pixels, not side lengths"),
 ])
 def test_bad_areas_are_refused_naming_the_value(tiny_models, data, tmp_path, capsys, value, message):
     with pytest.raises(SystemExit) as e:

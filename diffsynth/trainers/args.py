@@ -214,6 +214,11 @@ def parse_args(argv=None, merged_qkv=True):
     return args
 
 
+# --max_pixels values this small are side lengths typed as areas (ai-toolkit's resolution list), not a real target area
+# (45x45 px); the tiny test models train at 32x32 and 64x64, so one larger value in a list still passes
+SIDE_LIKE = 2048
+
+
 def parse_max_pixels(value):
     """--max_pixels' text -> (one area as an int, as ever, or a list of several; the problem or None)."""
     from ..utils.image import SIZE_MULTIPLE  # torch comes with it: not imported for --help
@@ -231,6 +236,10 @@ def parse_max_pixels(value):
         return MAX_PIXELS, (f"--max_pixels {value}: {small[0]} is below {SIZE_MULTIPLE ** 2} pixels, the smallest "
                             f"target ({SIZE_MULTIPLE}x{SIZE_MULTIPLE}); an area is width x height, e.g. 262144 for "
                             "512x512")
+    if max(areas) <= SIDE_LIKE:  # ai-toolkit's `resolution: [512, 768, 1024]` typed as it is: ~22-32 px targets
+        return MAX_PIXELS, (f"--max_pixels {value}: these are areas in pixels, not side lengths: {max(areas)} trains "
+                            f"targets of about {math.isqrt(max(areas))}x{math.isqrt(max(areas))} pixels. For sides "
+                            f"{value} give their squares: --max_pixels {','.join(str(a * a) for a in areas)}")
     if twice:
         return MAX_PIXELS, (f"--max_pixels {value}: {twice[0]} is given twice; each area trains every row once, so "
                             "give each once (--dataset_repeat repeats the data)")
