@@ -684,8 +684,12 @@ class Trainer:
         while not done and self.state.epoch < args.num_epochs:
             self.sampler.set_epoch(self.state.epoch)
             self.sampler.set_start(self.state.batch_in_epoch)
+            # The loader's own generator: each iterator draws its workers' seed from it, by default from torch's
+            # global generator, which --network_dropout's masks come from. A resumed run starts a new iterator
+            # mid-epoch, so that draw would shift every later mask
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_fn,
-                                                 num_workers=args.dataset_num_workers)
+                                                 num_workers=args.dataset_num_workers,
+                                                 generator=torch.Generator().manual_seed(args.seed + self.state.epoch))
             for batch in loader:
                 # Conditioning outside autocast, exactly as the cache computes it: cached == uncached.
                 cond = self.conditions(batch)
