@@ -467,3 +467,29 @@ def test_checkpoint_inside_the_compiled_graph(keep_attention):
     assert relative(out_i, out) < 1e-5 and relative(out_p, out) < 1e-5
     for name in grads:
         assert relative(grads_i[name], grads[name]) < 1e-4, name
+
+
+def test_compiled_network_dropout_equals_eager_with_the_same_random_numbers(monkeypatch):
+    """--network_dropout in a compiled block with the checkpoint inside its graph: with inductor drawing its random
+    numbers as eager does (fallback_random; by default it draws its own, other masks), the output and gradients are
+    eager's: the mask is applied where eager applies it and the backward uses the forward's mask. Eval: no dropout."""
+    from diffsynth.lora.fused_linear import fuse_lora_forward
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    batch = edit_batch(batch=1, pad=False)
+    eager, compiled = lora_dit(QwenImageDiT, 1), lora_dit(QwenImageDiT, 1)
+    for model in (eager, compiled):
+        fuse_lora_forward(model, 0.3)
+    compile_blocks(compiled)
+    torch.manual_seed(3)
+    out, grads = step(eager, batch)
+    torch.manual_seed(3)
+    out_c, grads_c = step(compiled, batch)
+    assert relative(out_c, out) < 1e-5
+    assert grads.keys() == grads_c.keys()
+    for name in grads:
+        assert relative(grads_c[name], grads[name]) < 1e-4, name
+    torch.manual_seed(3)
+    assert relative(step(lora_dit(QwenImageDiT, 1), batch)[0], out) > 1e-4  # it dropped something
+    with torch.no_grad():
+        assert relative(compiled.eval()(*batch), lora_dit(QwenImageDiT, 1).eval()(*batch)) < 1e-5

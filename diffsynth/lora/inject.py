@@ -61,14 +61,18 @@ def check_target_modules(target_modules, names) -> list[str]:
 
 
 def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None = None,
-                adapter_name: str = "default", lora_type: str = "lora") -> nn.Module:
+                adapter_name: str = "default", lora_type: str = "lora", network_dropout: float = 0.0) -> nn.Module:
     """Add LoRA adapters (peft; plain LoRA layers get the forward of `fused_linear.py`) to the linear layers named
     by `target_modules`; only LoRA weights stay trainable.
     `lora_type` loha, lokr or dora injects peft's LoHa, LoKr or DoRA instead (scale alpha / rank for all).
 
     Targets match like peft matches a list of names: a module whose path equals a target or ends with
     "." + target. Every target must match at least one nn.Linear, checked before anything is changed.
+    `network_dropout`: dropout on the LoRA's rank activations in training (kohya's / musubi-tuner's; fused_linear.py),
+    plain LoRA only.
     """
+    if network_dropout and lora_type != "lora":
+        raise ValueError(f"network dropout is implemented for lora_type lora only, not {lora_type}")
     targets = check_target_modules(target_modules, list(linear_layers(model)))
     from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
@@ -80,7 +84,7 @@ def inject_lora(model: nn.Module, target_modules, rank: int, alpha: float | None
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     from .fused_linear import fuse_lora_forward
 
-    fuse_lora_forward(model)  # peft's layers with a forward that makes fewer passes over the activations
+    fuse_lora_forward(model, network_dropout)  # a forward that makes fewer passes over the activations
     for name, param in model.named_parameters():
         adapter = f".{adapter_name}." in name or name.endswith(f".{adapter_name}")  # LoHa/LoKr: ParameterDicts
         param.requires_grad_(adapter and any(p in name for p in (".lora_", ".hada_", ".lokr_")))

@@ -41,8 +41,8 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 # What states written before a setup key existed ran with (other keys missing from an older state are not checked):
 # a state without loraplus_lr_ratio trained with one rate, so it resumes without LoRA+ and is refused with it (its
-# optimizer has one parameter group, the run's two)
-SETUP_BEFORE_KEYS = {"loraplus_lr_ratio": 1.0}
+# optimizer has one parameter group, the run's two); one without network_dropout trained without it
+SETUP_BEFORE_KEYS = {"loraplus_lr_ratio": 1.0, "network_dropout": 0.0}
 
 
 class StateError(ValueError):

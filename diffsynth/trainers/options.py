@@ -123,6 +123,11 @@ def add_training_options(p):
                         "matrices train at R x --learning_rate, the A (down) matrices and a DoRA's magnitude at it; "
                         "the schedule scales both, the log shows the base rate. Default 1: off (the paper: 2-16). "
                         "--lora_type lora or dora; not with Prodigy / D-Adaptation, which take one rate")
+    g.add_argument("--network_dropout", type=float, default=0.0, metavar="P",
+                   help="dropout on the LoRA's rank activations in training (musubi-tuner's --network_dropout, "
+                        "ai-toolkit's network.dropout; kohya's LoRA): each step zeroes that share of lora_down(x) and "
+                        "scales the rest by 1/(1-P) before lora_up; validation and inference run without it. In "
+                        "[0, 1), e.g. 0.1; default 0: off. --lora_type lora only")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
                    help="decay after --lr_warmup_steps, counted in optimizer steps")
     g.add_argument("--lr_min_ratio", type=float, default=SHAPE_OPTIONS["lr_min_ratio"][0],
@@ -218,6 +223,17 @@ def check_training_options(args) -> list[str]:
     if args.lora_type != "lora" and args.lora_base_model is None:
         problems.append(f"--lora_type {args.lora_type} needs --lora_base_model dit")
     problems += _loraplus_problems(args)
+    p = args.network_dropout
+    if not (math.isfinite(p) and 0 <= p < 1):
+        problems.append(f"--network_dropout must be in [0, 1) (got {p}): the share of the LoRA's rank activations "
+                        "dropped in each step, e.g. 0.1; 0 turns it off")
+    elif p and args.lora_base_model is None:
+        problems.append("--network_dropout drops LoRA activations: it needs --lora_base_model dit (without it the whole "
+                        "DiT is fine-tuned)")
+    elif p and args.lora_type != "lora":
+        problems.append(f"--network_dropout is implemented for --lora_type lora only, not {args.lora_type}: the "
+                        f"trainer's own LoRA forward applies it, and peft's {args.lora_type} layers run peft's forward "
+                        "(which would skip it): use --lora_type lora, or leave it out")
     fp8 = [f"--{flag}" for flag in ("enable_fp8_training", "fp8_compute") if getattr(args, flag)]
     if args.lora_type == "dora" and fp8:  # --fp8_compute stores the weights in fp8 too
         problems.append(f"--lora_type dora reads the base weights' norms in every step; it does not work with the fp8 "

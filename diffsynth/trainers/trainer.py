@@ -289,7 +289,8 @@ class Trainer:
             self.log(f"fused {len(fused)} LoRA deltas from {args.lora_fused}")
         if args.lora_base_model == "dit":
             dit.requires_grad_(False)
-            inject_lora(dit, args.lora_target_modules, args.lora_rank, args.lora_alpha, lora_type=args.lora_type)
+            inject_lora(dit, args.lora_target_modules, args.lora_rank, args.lora_alpha, lora_type=args.lora_type,
+                        network_dropout=args.network_dropout)
             if args.lora_checkpoint and args.lora_type != "lora":
                 from ..lora.adapters import load_adapter_weights
 
@@ -576,6 +577,7 @@ class Trainer:
                 "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
                 "optimizer_args": json.dumps(args.optimizer_args, sort_keys=True, default=str),
                 "loraplus_lr_ratio": args.loraplus_lr_ratio,  # its groups' rates (states before it: 1, checkpoint.py)
+                "network_dropout": args.network_dropout,  # what each step's forward drops (states before it: 0)
                 # the base the LoRA trains on: resumed without it (or with another), it would fit other weights
                 "lora_fused": content_id(args.lora_fused) if args.lora_fused else None,
                 # what each step trains on: the prompt template, which samples drop their caption, the target and
