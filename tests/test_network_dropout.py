@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from diffsynth.lora.fused_linear import FusedLoraLinear, fuse_lora_forward
 from diffsynth.models import QwenImageDiT, QwenImageDiTMergedQKV
 from diffsynth.trainers import main, parse_args
-from diffsynth.trainers.checkpoint import StateError, check_setup
 from test_compile import lora_dit, step
 from test_dit import edit_batch
 from test_fused_lora import pair
 from test_trainer import flags
-from test_training_options import assert_resumes_exactly, run, weights
+from test_training_options import assert_older_state_resumes_as, assert_resumes_exactly, run, weights
 
 
 def layer_with_dropout(p):
@@ -109,31 +108,7 @@ def test_a_run_with_dropout_trains_otherwise_resumes_exactly_and_refuses_another
     assert main(argv + ["--network_dropout", "0.2"]) == 2
     assert "--network_dropout: state 0.1, this run 0.2" in capsys.readouterr().err
     # a state written before the key existed trained without dropout: it resumes without, not with it
-    state = os.path.join(without, "checkpoints", "step-2")
-    with open(os.path.join(state, "state.json")) as f:
-        manifest = json.load(f)
-    del manifest["setup"]["network_dropout"]
-    with open(os.path.join(state, "state.json"), "w") as f:
-        json.dump(manifest, f)
-    check_setup(state, {"network_dropout": 0.0})
-    with pytest.raises(StateError, match=r"--network_dropout: state 0.0, this run 0.1"):
-        check_setup(state, {"network_dropout": 0.1})
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--network_dropout", "1"], "--network_dropout must be in [0, 1) (got 1.0)"),
-    (["--network_dropout", "-0.1"], "--network_dropout must be in [0, 1) (got -0.1)"),
-    (["--network_dropout", "nan"], "--network_dropout must be in [0, 1) (got nan)"),
-    (["--network_dropout", "0.1", "--lora_type", "loha"], "--network_dropout is implemented for --lora_type lora only, "
-                                                         "not loha"),
-    (["--network_dropout", "0.1", "--lora_type", "lokr"], "--lora_type lora only, not lokr"),
-    (["--network_dropout", "0.1", "--lora_type", "dora"], "--lora_type lora only, not dora"),
-])
-def test_dropout_that_cannot_work_is_refused(tiny_models, data, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as e:
-        parse_args(flags(tiny_models, data, str(tmp_path / "out"), *extra))
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_older_state_resumes_as(os.path.join(without, "checkpoints", "step-2"), "network_dropout", 0.0, 0.1)
 
 
 def test_dropout_needs_a_lora_and_dry_run_shows_it(tiny_models, data, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffsynth.trainers import Trainer, main, parse_args
+from diffsynth.trainers.checkpoint import StateError, check_setup
 from diffsynth.trainers.optim import create_lr_scheduler, create_optimizer, lr_lambda, unwrap_optimizer
 from diffsynth.trainers.options import parse_optimizer_args
 from diffsynth.trainers.timesteps import TimestepSampling
@@ -72,6 +73,19 @@ def assert_resumes_exactly(tiny_models, shared, tmp_path, *extra, names=("checkp
         assert_equal_weights(weights(full, name), weights(part, name))
     assert losses(part)[-2:] == losses(full)[-2:]
     return full
+
+
+def assert_older_state_resumes_as(state, key, before, other):
+    """A state written before setup key `key` existed resumes as the value runs had then (`before`), and is refused
+    with another (`other`), naming both."""
+    with open(os.path.join(state, "state.json")) as f:
+        manifest = json.load(f)
+    del manifest["setup"][key]
+    with open(os.path.join(state, "state.json"), "w") as f:
+        json.dump(manifest, f)
+    check_setup(state, {key: before})
+    with pytest.raises(StateError, match=rf"--{key}: state {before!r}, this run {other!r}"):
+        check_setup(state, {key: other})
 
 
 # ---- the default run is today's scheme -----------------------------------------------------------------------
@@ -225,6 +239,20 @@ def test_missing_optimizer_package_names_the_pip_command(tiny_models, data, tmp_
     (["--timestep_sampling", "uniform", "--logit_std", "0.5"], "--logit_std 0.5 would do nothing here"),
     (["--tracker_project_name", "mine"], "--tracker_project_name mine would do nothing: it names the project of"),
     (["--report_to", "csv", "--tracker_project_name", "mine"], "--tracker_project_name mine would do nothing"),
+    # LoRA+ and network dropout that cannot work
+    (["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be > 0 (got 0.0); 1 turns LoRA+ off"),
+    (["--loraplus_lr_ratio", "nan"], "--loraplus_lr_ratio must be > 0 (got nan)"),
+    (["--loraplus_lr_ratio", "4", "--lora_type", "loha"], "--loraplus_lr_ratio: a loha has no B (up) matrix"),
+    (["--loraplus_lr_ratio", "4", "--lora_type", "lokr"], "--loraplus_lr_ratio: a lokr has no B (up) matrix"),
+    (["--loraplus_lr_ratio", "4", "--optimizer", "prodigy"], "--optimizer prodigy takes one rate for all parameters"),
+    (["--loraplus_lr_ratio", "4", "--optimizer", "prodigyopt.Prodigy"], "--optimizer prodigyopt.Prodigy takes one"),
+    (["--network_dropout", "1"], "--network_dropout must be in [0, 1) (got 1.0)"),
+    (["--network_dropout", "-0.1"], "--network_dropout must be in [0, 1) (got -0.1)"),
+    (["--network_dropout", "nan"], "--network_dropout must be in [0, 1) (got nan)"),
+    (["--network_dropout", "0.1", "--lora_type", "loha"], "--network_dropout is implemented for --lora_type lora only, "
+                                                         "not loha"),
+    (["--network_dropout", "0.1", "--lora_type", "lokr"], "--lora_type lora only, not lokr"),
+    (["--network_dropout", "0.1", "--lora_type", "dora"], "--lora_type lora only, not dora"),
 ])
 def test_bad_option_flags(tiny_models, data, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as e:
